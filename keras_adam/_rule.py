@@ -1,0 +1,70 @@
+"""Small pure pieces of Adam's rule, shared by every update path.
+
+Written with `keras.ops` only, so they run on any Keras backend. The names
+follow Kingma & Ba (2014), Algorithm 1: `t` is the 1-based step, `c1` and `c2`
+are the bias factors 1 - beta_1^t and 1 - beta_2^t.
+"""
+
+from keras import ops
+
+EPSILON_PLACEMENTS = ("hat", "paper")
+
+
+def compute_dtype(dtype):
+    """The dtype in which to evaluate beta^t for a variable of `dtype`.
+
+    beta_2^t rounds to exactly 1 in bfloat16 (and badly in float16) for the
+    whole useful range of t, which would make c2 zero, so powers are taken in
+    float32 at least and cast afterwards.
+    """
+    return "float64" if dtype == "float64" else "float32"
+
+
+def bias_factors(t, beta_1, beta_2, bias_correction, dtype):
+    """Returns (c1, c2, c1_next) as scalars of `dtype`.
+
+        c1 = 1 - beta_1^t,  c2 = 1 - beta_2^t,  c1_next = 1 - beta_1^(t+1)
+
+    All three are 1 when `bias_correction` is False. `c1_next` is only used by
+    the Nesterov estimate of m_hat.
+    """
+    if not bias_correction:
+        one = ops.ones((), dtype=dtype)
+        return one, one, one
+    wide = compute_dtype(dtype)
+    t = ops.cast(t, wide)
+    b1 = ops.cast(beta_1, wide)
+    b2 = ops.cast(beta_2, wide)
+    c1 = 1.0 - ops.power(b1, t)
+    c2 = 1.0 - ops.power(b2, t)
+    c1_next = 1.0 - ops.power(b1, t + 1.0)
+    return ops.cast(c1, dtype), ops.cast(c2, dtype), ops.cast(c1_next, dtype)
+
+
+def first_moment_estimate(m, g, beta_1, c1, c1_next, nesterov):
+    """m_hat, the bias-corrected first moment.
+
+    Plain Adam:  m_hat = m / c1
+    Nesterov:    m_hat = beta_1 * m / c1_next + (1 - beta_1) * g / c1
+    (Dozat 2016, NAdam without the momentum schedule: the look-ahead uses the
+    momentum that step t+1 would apply, each term corrected by its own factor.)
+    """
+    if not nesterov:
+        return m / c1
+    return beta_1 * m / c1_next + (1.0 - beta_1) * g / c1
+
+
+def denominator(v, c2, epsilon, epsilon_placement):
+    """D, the divisor of m_hat, for the chosen placement of epsilon.
+
+    "hat"   (Keras, TensorFlow kernels; the epsilon-hat of section 2):
+            D = (sqrt(v) + epsilon) / sqrt(c2)
+    "paper" (Algorithm 1; PyTorch, optax):
+            D = sqrt(v / c2) + epsilon
+
+    The two agree when epsilon = 0; otherwise "hat" acts as a larger epsilon
+    early in training, epsilon / sqrt(c2).
+    """
+    if epsilon_placement == "hat":
+        return (ops.sqrt(v) + epsilon) / ops.sqrt(c2)
+    return ops.sqrt(v / c2) + epsilon

@@ -1,0 +1,256 @@
+"""`keras_adam.Adam` and `keras_adam.AdamW`: Adam as a Keras 3 optimizer.
+
+`Adam.update_step` below is the specification of the update. Any faster path
+added elsewhere in the package must be shown equal to it.
+"""
+
+from keras import ops
+from keras.optimizers import Optimizer
+
+from keras_adam import _rule
+from keras_adam import _validation as check
+from keras_adam import serialization
+
+
+@serialization.register
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2014) with AMSGrad, Nesterov and bias-correction switches.
+
+    At step t = iterations + 1, with gradient g, each variable theta is updated:
+
+        m      <- beta_1 * m + (1 - beta_1) * g
+        v      <- beta_2 * v + (1 - beta_2) * g^2
+        v_max  <- max(v_max, v); v_max replaces v below        (amsgrad=True)
+        c1     =  1 - beta_1^t,   c2 = 1 - beta_2^t            (1, 1 if bias_correction=False)
+        m_hat  =  m / c1
+               or beta_1 * m / (1 - beta_1^(t+1)) + (1 - beta_1) * g / c1   (nesterov=True)
+        D      =  (sqrt(v) + epsilon) / sqrt(c2)               (epsilon_placement="hat")
+               or sqrt(v / c2) + epsilon                       (epsilon_placement="paper")
+        theta  <- theta - lr * m_hat / D
+
+    `learning_rate` is lr (alpha in the paper), `beta_1` and `beta_2` are the
+    decay rates beta_1, beta_2, and `epsilon` is the paper's epsilon-hat or
+    epsilon according to `epsilon_placement`. The slots m, v (and v_max) are
+    created by `build`, one of each per model variable, named
+    `<variable path>_m`, `<variable path>_v` and `<variable path>_v_max`.
+
+    Note (where epsilon goes):
+        "hat" (the default) divides by (sqrt(v) + epsilon) / sqrt(c2): the
+        epsilon-hat of section 2 of the paper. It matches
+        `keras.optimizers.Adam` and TensorFlow's `ResourceApplyAdam` kernels.
+        "paper" divides by sqrt(v / c2) + epsilon: Algorithm 1 of the paper,
+        and what `torch.optim.Adam` and `optax.adam` compute. The two agree
+        when epsilon = 0. Porting a PyTorch recipe? Use "paper" and
+        epsilon=1e-8.
+
+    With `nesterov=True` the first-moment estimate looks one step ahead,
+    as in Dozat's NAdam without its momentum schedule (the variant optax's
+    `adam(nesterov=True)` computes). Decoupled weight decay
+    (theta <- theta - lr * weight_decay * theta, applied before the step),
+    gradient clipping, EMA of the weights, loss scaling and gradient
+    accumulation are inherited from `keras.optimizers.Optimizer` and behave
+    exactly as they do for `keras.optimizers.Adam`.
+
+    Args:
+        learning_rate: A float >= 0, a
+            `keras.optimizers.schedules.LearningRateSchedule`, or a callable
+            taking no arguments that returns the value to use. The step size
+            lr. Defaults to `0.001`.
+        beta_1: Float in [0, 1). Decay rate of the first-moment estimate m.
+            Defaults to `0.9`.
+        beta_2: Float in [0, 1). Decay rate of the second-moment estimate v.
+            Defaults to `0.999`.
+        epsilon: Float >= 0. The small constant added to the denominator;
+            where it is added is set by `epsilon_placement`. Defaults to
+            `1e-7` (Keras's default; the paper and PyTorch use `1e-8`).
+        amsgrad: Bool. Use the running maximum of v in place of v (Reddi et
+            al., 2018). Adds one slot, v_max, per variable. Defaults to `False`.
+        nesterov: Bool. Use the Nesterov look-ahead estimate of m_hat (Dozat,
+            2016). Defaults to `False`.
+        bias_correction: Bool. Divide by c1 = 1 - beta_1^t and
+            c2 = 1 - beta_2^t (section 3 of the paper). Without it, early
+            steps are smaller by about c1 / sqrt(c2). Defaults to `True`.
+        epsilon_placement: `"hat"` or `"paper"`; see the note above. Defaults
+            to `"hat"`.
+        weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
+        ema_momentum, ema_overwrite_frequency, loss_scale_factor,
+        gradient_accumulation_steps, name: as for
+            `keras.optimizers.Optimizer`. `name` defaults to `"adam"`.
+
+    Raises:
+        ValueError: if learning_rate is negative or NaN, beta_1 or beta_2 is
+            outside [0, 1), epsilon or weight_decay is negative, or
+            epsilon_placement is unknown.
+        TypeError: if learning_rate is not a number, schedule or callable, or
+            amsgrad, nesterov or bias_correction is not a bool.
+
+    Example:
+
+    >>> import keras, keras_adam
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer=keras_adam.Adam(learning_rate=1e-3), loss="mse")
+
+    References:
+        - Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2014,
+          arXiv:1412.6980 (Algorithm 1; epsilon-hat at the end of section 2).
+        - Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", 2018.
+        - Dozat, "Incorporating Nesterov Momentum into Adam", 2016.
+        - Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        nesterov=False,
+        bias_correction=True,
+        epsilon_placement="hat",
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="adam",
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=check.learning_rate(learning_rate),
+            weight_decay=check.non_negative("weight_decay", weight_decay, optional=True),
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name,
+            **kwargs,
+        )
+        self.beta_1 = check.unit_interval("beta_1", beta_1)
+        self.beta_2 = check.unit_interval("beta_2", beta_2)
+        self.epsilon = check.non_negative("epsilon", epsilon)
+        self.amsgrad = check.boolean("amsgrad", amsgrad)
+        self.nesterov = check.boolean("nesterov", nesterov)
+        self.bias_correction = check.boolean("bias_correction", bias_correction)
+        self.epsilon_placement = check.choice(
+            "epsilon_placement", epsilon_placement, _rule.EPSILON_PLACEMENTS
+        )
+
+    def build(self, var_list):
+        """Creates the slots m and v (and v_max with amsgrad) for `var_list`.
+
+        The order (all m, then all v, then all v_max, after the base class's
+        own variables) is the order of `keras.optimizers.Adam`, since `.keras`
+        files store optimizer variables by position.
+        """
+        if self.built:
+            return
+        super().build(var_list)
+        self._m = self.add_optimizer_variables(var_list, "m")
+        self._v = self.add_optimizer_variables(var_list, "v")
+        self._v_max = (
+            self.add_optimizer_variables(var_list, "v_max") if self.amsgrad else None
+        )
+
+    def slots(self, variable):
+        """The (m, v, v_max) slots of a model variable; v_max is None without amsgrad."""
+        i = self._get_variable_index(variable)
+        return self._m[i], self._v[i], (self._v_max[i] if self.amsgrad else None)
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Applies one Adam step to `variable` (the rule in the class docstring)."""
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        g = ops.cast(_dense(gradient), dtype)
+        m, v, v_max = self.slots(variable)
+        beta_1 = ops.cast(self.beta_1, dtype)
+        beta_2 = ops.cast(self.beta_2, dtype)
+        t = self.iterations + 1
+
+        self.assign(m, beta_1 * m + (1.0 - beta_1) * g)
+        self.assign(v, beta_2 * v + (1.0 - beta_2) * ops.square(g))
+        if self.amsgrad:
+            self.assign(v_max, ops.maximum(v_max, v))
+            v = v_max
+
+        c1, c2, c1_next = _rule.bias_factors(
+            t, self.beta_1, self.beta_2, self.bias_correction, dtype
+        )
+        m_hat = _rule.first_moment_estimate(m, g, beta_1, c1, c1_next, self.nesterov)
+        denom = _rule.denominator(v, c2, self.epsilon, self.epsilon_placement)
+        self.assign_sub(variable, lr * m_hat / denom)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
+                "nesterov": self.nesterov,
+                "bias_correction": self.bias_correction,
+                "epsilon_placement": self.epsilon_placement,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Rebuilds the optimizer from `get_config()` output, after checking it.
+
+        Unknown fields raise ValueError; a wrong type or out-of-range value
+        raises the constructor's error naming the field. The caller's dict is
+        not modified.
+        """
+        serialization.check_config(cls, config)
+        return super().from_config(dict(config), custom_objects=custom_objects)
+
+
+@serialization.register
+class AdamW(Adam):
+    """Adam with decoupled weight decay on by default (Loshchilov & Hutter, 2019).
+
+    Exactly `keras_adam.Adam` with `weight_decay=0.004` and `name="adamw"` by
+    default, as `keras.optimizers.AdamW`. Before each Adam step,
+
+        theta <- theta - lr * weight_decay * theta
+
+    Args:
+        learning_rate: as for `Adam`. Defaults to `0.001`.
+        weight_decay: Float >= 0. Defaults to `0.004`.
+        name: Defaults to `"adamw"`.
+        **kwargs: every other argument of `keras_adam.Adam`.
+    """
+
+    def __init__(self, learning_rate=0.001, weight_decay=0.004, name="adamw", **kwargs):
+        if weight_decay is None:
+            raise ValueError(
+                "`weight_decay` must be a float >= 0 for AdamW; use keras_adam.Adam "
+                "for no weight decay. Received: weight_decay=None"
+            )
+        super().__init__(
+            learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs
+        )
+
+
+def _dense(gradient):
+    """A dense tensor for `gradient`, which may be sparse (tf.IndexedSlices).
+
+    Duplicate indices are summed *before* g^2 is taken, so the update equals
+    that of the dense gradient. (keras.optimizers.Adam squares each duplicate
+    slice and then sums, which differs from its own dense update.)
+    `ops.convert_to_tensor` leaves IndexedSlices as they are, hence the scatter.
+    """
+    if hasattr(gradient, "indices") and hasattr(gradient, "dense_shape"):
+        indices = ops.expand_dims(gradient.indices, -1)
+        return ops.scatter(indices, gradient.values, gradient.dense_shape)
+    return gradient

@@ -1,0 +1,131 @@
+"""Adam in plain NumPy float64: the test oracle, to read beside the paper.
+
+This module imports no Keras and no framework. It applies the same rule as
+`keras_adam.Adam` with every option, one step at a time, in float64, so that a
+float32 implementation can be judged against it. The steps appear in the order
+of Algorithm 1 of Kingma & Ba (2014):
+
+    t       <- t + 1
+    g       <- gradient at step t
+    m       <- beta_1 * m + (1 - beta_1) * g              (1st moment)
+    v       <- beta_2 * v + (1 - beta_2) * g^2            (2nd raw moment)
+    v_max   <- max(v_max, v); use v_max as v below        (amsgrad only)
+    c1, c2  =  1 - beta_1^t, 1 - beta_2^t                 (1, 1 if no bias correction)
+    m_hat   =  m / c1
+            or beta_1 * m / (1 - beta_1^(t+1)) + (1 - beta_1) * g / c1   (nesterov)
+    D       =  (sqrt(v) + epsilon) / sqrt(c2)             (placement "hat")
+            or sqrt(v / c2) + epsilon                     (placement "paper")
+    theta   <- theta - lr * m_hat / D
+
+Decoupled weight decay (Loshchilov & Hutter 2019), as Keras applies it before
+the Adam step: theta <- theta - lr * weight_decay * theta.
+
+Example:
+
+>>> import numpy as np
+>>> from keras_adam import reference
+>>> theta, state = np.zeros(3), reference.init_state(np.zeros(3))
+>>> theta, state = reference.step(theta, np.array([1.0, -2.0, 0.5]), state)
+>>> np.round(theta, 6)   # the first step moves each coordinate by lr * sign(g)
+array([-0.001,  0.001, -0.001])
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class State:
+    """Adam's state for one parameter array: the step count and the moments."""
+
+    t: int
+    m: np.ndarray
+    v: np.ndarray
+    v_max: np.ndarray
+
+
+def init_state(theta):
+    """Zero moments and t = 0 for a parameter array shaped like `theta`."""
+    zeros = np.zeros(np.shape(theta), dtype=np.float64)
+    return State(t=0, m=zeros, v=zeros.copy(), v_max=zeros.copy())
+
+
+def step(
+    theta,
+    g,
+    state,
+    *,
+    learning_rate=0.001,
+    beta_1=0.9,
+    beta_2=0.999,
+    epsilon=1e-7,
+    amsgrad=False,
+    nesterov=False,
+    bias_correction=True,
+    epsilon_placement="hat",
+    weight_decay=None,
+):
+    """One Adam step in float64. Returns (new theta, new state); inputs unchanged.
+
+    The keyword arguments mean exactly what they mean for `keras_adam.Adam`;
+    `learning_rate` is the value at this step (a float).
+    """
+    theta = np.asarray(theta, dtype=np.float64)
+    g = np.asarray(g, dtype=np.float64)
+    lr = float(learning_rate)
+    t = state.t + 1
+
+    if weight_decay is not None:
+        theta = theta - lr * weight_decay * theta
+
+    m = beta_1 * state.m + (1.0 - beta_1) * g
+    v = beta_2 * state.v + (1.0 - beta_2) * g**2
+    v_max = np.maximum(state.v_max, v) if amsgrad else state.v_max
+    v_used = v_max if amsgrad else v
+
+    if bias_correction:
+        c1, c2 = 1.0 - beta_1**t, 1.0 - beta_2**t
+        c1_next = 1.0 - beta_1 ** (t + 1)
+    else:
+        c1 = c2 = c1_next = 1.0
+
+    if nesterov:
+        m_hat = beta_1 * m / c1_next + (1.0 - beta_1) * g / c1
+    else:
+        m_hat = m / c1
+
+    if epsilon_placement == "hat":
+        denom = (np.sqrt(v_used) + epsilon) / np.sqrt(c2)
+    elif epsilon_placement == "paper":
+        denom = np.sqrt(v_used / c2) + epsilon
+    else:
+        raise ValueError(
+            "`epsilon_placement` must be one of ('hat', 'paper'). "
+            f"Received: epsilon_placement={epsilon_placement!r}"
+        )
+
+    theta = theta - lr * m_hat / denom
+    return theta, State(t=t, m=m, v=v, v_max=v_max)
+
+
+def run(theta, gradients, learning_rates=None, **options):
+    """Applies `step` for each gradient in `gradients`, in order.
+
+    Args:
+        theta: initial parameters (array-like).
+        gradients: a sequence of gradient arrays shaped like `theta`.
+        learning_rates: optional sequence of per-step learning rates (to follow
+            a schedule); otherwise `options["learning_rate"]` or 0.001 is used.
+        **options: the keyword arguments of `step`.
+
+    Returns:
+        (final theta, final State).
+    """
+    state = init_state(theta)
+    theta = np.asarray(theta, dtype=np.float64)
+    for i, g in enumerate(gradients):
+        if learning_rates is not None:
+            options["learning_rate"] = learning_rates[i]
+        theta, state = step(theta, g, state, **options)
+    return theta, state
