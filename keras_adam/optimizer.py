@@ -147,15 +147,15 @@ class Adam(Optimizer):
     def build(self, var_list):
         """Creates the slots m and v (and v_max with amsgrad) for `var_list`.
 
-        The order (all m, then all v, then all v_max, after the base class's
-        own variables) is the order of `keras.optimizers.Adam`, since `.keras`
-        files store optimizer variables by position.
+        The order (after the base class's own variables, m and v interleaved
+        per model variable, then all v_max) is that of `keras.optimizers.Adam`
+        in Keras 3.15. `.keras` files store optimizer variables by position,
+        so this order is part of the file format.
         """
         if self.built:
             return
         super().build(var_list)
-        self._m = self.add_optimizer_variables(var_list, "m")
-        self._v = self.add_optimizer_variables(var_list, "v")
+        self._m, self._v = self.add_optimizer_variables(var_list, ["m", "v"])
         self._v_max = (
             self.add_optimizer_variables(var_list, "v_max") if self.amsgrad else None
         )
@@ -171,8 +171,10 @@ class Adam(Optimizer):
         lr = ops.cast(learning_rate, dtype)
         g = ops.cast(_dense(gradient), dtype)
         m, v, v_max = self.slots(variable)
-        beta_1 = ops.cast(self.beta_1, dtype)
-        beta_2 = ops.cast(self.beta_2, dtype)
+        # Python floats on purpose: 1 - beta is then taken in float64 before it
+        # meets the float32 tensors. Casting beta_2 = 0.999 to float32 first
+        # would make 1 - beta_2 wrong by 1.3e-5 relative, biasing v.
+        beta_1, beta_2 = self.beta_1, self.beta_2
         t = self.iterations + 1
 
         self.assign(m, beta_1 * m + (1.0 - beta_1) * g)

@@ -1,0 +1,127 @@
+"""The option grid, tolerances and small helpers shared by the tests.
+
+Every configuration the suite runs is listed here, with an id, so that one
+table answers "what is tested?". `test_grid_covers_every_switch` fails when a
+new constructor argument is added without a row here.
+"""
+
+import itertools
+
+import keras
+import numpy as np
+
+# --- Tolerances -----------------------------------------------------------
+# float32's unit roundoff is u = 6e-8. One Adam step is about ten float32
+# operations, so the update itself agrees with float64 to ~1e-6 relative, and
+# each step moves theta by at most ~lr (a few lr with nesterov or without bias
+# correction). Rounding theta after the subtraction adds up to |theta| * u.
+# Over N steps the absolute difference is therefore bounded by
+#     N * (step_bound * 1e-6 + max|theta| * 6e-8).
+UPDATE_REL_ERR = 1e-6
+UNIT_ROUNDOFF = 6e-8
+
+
+def float32_drift_bound(steps, step_bound, max_abs_theta):
+    """The accumulated float32-vs-exact bound described above."""
+    return steps * (step_bound * UPDATE_REL_ERR + max_abs_theta * UNIT_ROUNDOFF)
+
+
+# --- The option grid ------------------------------------------------------
+# Arguments that keras.optimizers.Optimizer owns; parity with the built-in
+# (test_parity_builtin.py) covers them. Everything else must appear below.
+KERAS_BASE_ARGUMENTS = {
+    "weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema",
+    "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
+    "gradient_accumulation_steps", "name",
+}
+SWITCHES = {
+    "amsgrad": (False, True),
+    "nesterov": (False, True),
+    "bias_correction": (True, False),
+    "epsilon_placement": ("hat", "paper"),
+}
+
+
+def _switch_rows():
+    names = list(SWITCHES)
+    for values in itertools.product(*(SWITCHES[n] for n in names)):
+        kwargs = dict(zip(names, values))
+        ident = "-".join(
+            f"{n}={v}" for n, v in kwargs.items() if v != SWITCHES[n][0]
+        )
+        yield (ident or "defaults", kwargs)
+
+
+HYPERPARAMETER_ROWS = [
+    # Fast decay rates: c1 and c2 both reach ~1 inside the run, so the run
+    # crosses from the bias-corrected regime into the steady state.
+    ("fast-betas", dict(beta_1=0.5, beta_2=0.95)),
+    ("large-epsilon-paper", dict(epsilon=1e-2, epsilon_placement="paper")),
+    ("large-epsilon-hat", dict(epsilon=1e-2, epsilon_placement="hat")),
+    ("lr-0.01-weight-decay", dict(learning_rate=0.01, weight_decay=0.05)),
+    ("beta_1-zero-amsgrad", dict(beta_1=0.0, amsgrad=True)),
+]
+
+GRID = list(_switch_rows()) + HYPERPARAMETER_ROWS
+GRID_IDS = [ident for ident, _ in GRID]
+GRID_KWARGS = [kwargs for _, kwargs in GRID]
+
+
+# --- Problems and runners -------------------------------------------------
+SHAPES = [(7, 5), (11,)]
+
+
+def gradient_sequence(steps, shapes=SHAPES, seed=0):
+    """Fixed random gradients, one list per step.
+
+    Each column gets its own scale from 1e-4 to 1e2 (Adam is meant to be
+    invariant to it), and about 10% of entries are exactly zero (so some
+    coordinates see g = 0 steps, where only momentum moves them).
+    """
+    rng = np.random.default_rng(seed)
+    sequence = []
+    scales = [10.0 ** rng.uniform(-4, 2, size=shape[-1:]) for shape in shapes]
+    for _ in range(steps):
+        grads = []
+        for shape, scale in zip(shapes, scales):
+            g = rng.normal(size=shape) * scale
+            g[rng.random(size=shape) < 0.1] = 0.0
+            grads.append(g.astype("float32"))
+        sequence.append(grads)
+    return sequence
+
+
+def initial_values(shapes=SHAPES, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=shape).astype("float32") for shape in shapes]
+
+
+def run_optimizer(optimizer, x0, sequence, compiled=True):
+    """Applies `sequence` with `optimizer` to fresh variables; returns the variables.
+
+    With `compiled` on TensorFlow, each step runs inside one `tf.function`
+    (graph mode, as `model.fit` runs it); eager steps cost ~10 ms each, which
+    would make the 1,000-step parity runs slow.
+    """
+    variables = [keras.Variable(x) for x in x0]
+    optimizer.build(variables)
+
+    def step(grads):
+        optimizer.apply(grads, variables)
+
+    if compiled and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        step = tf.function(step, jit_compile=False)
+    for grads in sequence:
+        step(grads)
+    return variables
+
+
+def reference_options(kwargs):
+    """The subset of constructor kwargs that `keras_adam.reference.step` takes."""
+    keys = (
+        "learning_rate beta_1 beta_2 epsilon amsgrad nesterov bias_correction "
+        "epsilon_placement weight_decay"
+    ).split()
+    return {k: kwargs[k] for k in keys if k in kwargs}
