@@ -69,6 +69,11 @@ def boolean(name, value):
     return bool(value)
 
 
+def optional_boolean(name, value):
+    """None (meaning: choose automatically) or a real bool."""
+    return None if value is None else boolean(name, value)
+
+
 def choice(name, value, allowed):
     """One of the strings in `allowed`."""
     if not isinstance(value, str) or value not in allowed:

@@ -9,6 +9,7 @@ from keras.optimizers import Optimizer
 
 from keras_adam import _rule
 from keras_adam import _validation as check
+from keras_adam import backends
 from keras_adam import serialization
 
 
@@ -72,6 +73,16 @@ class Adam(Optimizer):
             steps are smaller by about c1 / sqrt(c2). Defaults to `True`.
         epsilon_placement: `"hat"` or `"paper"`; see the note above. Defaults
             to `"hat"`.
+        fused: `None`, `True` or `False`. Whether to update each variable with
+            TensorFlow's fused kernel (`ResourceApplyAdam`), one pass over
+            memory instead of about ten. `None` uses it wherever it computes
+            this rule exactly (TensorFlow backend, float32/float64 variables,
+            dense gradients, no Nesterov unless bias_correction=False, and not
+            amsgrad inside XLA, which has no AMSGrad kernel) and the portable
+            `keras.ops` path elsewhere. `True` requires it: ValueError at
+            construction or build where it cannot apply (under XLA, amsgrad
+            still falls back, since XLA fuses the portable ops itself).
+            `False` always uses the portable path. Defaults to `None`.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for
@@ -108,6 +119,7 @@ class Adam(Optimizer):
         nesterov=False,
         bias_correction=True,
         epsilon_placement="hat",
+        fused=None,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -143,6 +155,9 @@ class Adam(Optimizer):
         self.epsilon_placement = check.choice(
             "epsilon_placement", epsilon_placement, _rule.EPSILON_PLACEMENTS
         )
+        self.fused = check.optional_boolean("fused", fused)
+        # None selects the portable path (and raises if fused=True cannot hold).
+        self._fused_path = backends.fused_path(self)
 
     def build(self, var_list):
         """Creates the slots m and v (and v_max with amsgrad) for `var_list`.
@@ -154,6 +169,11 @@ class Adam(Optimizer):
         """
         if self.built:
             return
+        if self.fused and self._fused_path is not None:
+            for variable in var_list:
+                reason = self._fused_path.unsupported_dtype_reason(variable)
+                if reason is not None:
+                    raise ValueError(f"`fused=True` is not possible: {reason}.")
         super().build(var_list)
         self._m, self._v = self.add_optimizer_variables(var_list, ["m", "v"])
         self._v_max = (
@@ -166,10 +186,23 @@ class Adam(Optimizer):
         return self._m[i], self._v[i], (self._v_max[i] if self.amsgrad else None)
 
     def update_step(self, gradient, variable, learning_rate):
-        """Applies one Adam step to `variable` (the rule in the class docstring)."""
+        """Applies one Adam step to `variable`, by a fused kernel where one is exact."""
+        gradient = _dense(gradient)
+        path = self._fused_path
+        if path is not None and path.applies(self, gradient, variable):
+            path.update(self, gradient, variable, learning_rate)
+        else:
+            self.portable_update_step(gradient, variable, learning_rate)
+
+    def portable_update_step(self, gradient, variable, learning_rate):
+        """One Adam step in `keras.ops`: the specification of the rule.
+
+        Implements the equations of the class docstring, in their order, on
+        any Keras backend. Every fast path is tested equal to this method.
+        """
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
-        g = ops.cast(_dense(gradient), dtype)
+        g = ops.cast(gradient, dtype)
         m, v, v_max = self.slots(variable)
         # Python floats on purpose: 1 - beta is then taken in float64 before it
         # meets the float32 tensors. Casting beta_2 = 0.999 to float32 first
@@ -201,6 +234,7 @@ class Adam(Optimizer):
                 "nesterov": self.nesterov,
                 "bias_correction": self.bias_correction,
                 "epsilon_placement": self.epsilon_placement,
+                "fused": self.fused,
             }
         )
         return config

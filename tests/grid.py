@@ -60,6 +60,11 @@ HYPERPARAMETER_ROWS = [
     ("large-epsilon-hat", dict(epsilon=1e-2, epsilon_placement="hat")),
     ("lr-0.01-weight-decay", dict(learning_rate=0.01, weight_decay=0.05)),
     ("beta_1-zero-amsgrad", dict(beta_1=0.0, amsgrad=True)),
+    # On TensorFlow the rows above take the fused kernel wherever it is exact;
+    # these force the portable path for the same options.
+    ("portable", dict(fused=False)),
+    ("portable-amsgrad-paper", dict(fused=False, amsgrad=True, epsilon_placement="paper")),
+    ("fused-nesterov-uncorrected", dict(fused=None, nesterov=True, bias_correction=False)),
 ]
 
 GRID = list(_switch_rows()) + HYPERPARAMETER_ROWS

@@ -43,7 +43,9 @@ def test_matches_reference(kwargs):
 
         m, v, v_max = optimizer.slots(variable)
         # v is a sum of non-negative terms: each step's multiply and add round
-        # by u each, so its relative error grows at most ~2u per step.
+        # by u each, so its relative error grows at most ~2u per step. The
+        # fused TF kernel adds a constant 1.3e-5 (it forms 1 - beta_2 from
+        # float32 beta_2), inside this 2.4e-5 for 200 steps.
         np.testing.assert_allclose(v.numpy(), state.v, rtol=2 * STEPS * UNIT_ROUNDOFF)
         # m mixes signs, so its error is relative to the gradient scale, not m.
         m_atol = 2 * STEPS * UNIT_ROUNDOFF * np.abs(grads).max()

@@ -1,0 +1,96 @@
+"""TensorFlow's fused Adam kernels, used beneath `Adam.update_step`.
+
+`tf.raw_ops.ResourceApplyAdam` (and `...WithAmsgrad`) update var, m, v (and
+v_max) in one pass over memory. With beta1_power = beta2_power = 0 the kernel
+computes, for inputs lr', beta_1, beta_2, epsilon', g:
+
+    m <- m + (g - m) * (1 - beta_1)           (= beta_1 * m + (1 - beta_1) * g)
+    v <- v + (g^2 - v) * (1 - beta_2)
+    [v_max <- max(v_max, v), used as v below]
+    var <- var - lr' * m / (sqrt(v) + epsilon')
+    (use_nesterov: m in the last line is replaced by beta_1 * m + (1 - beta_1) * g)
+
+Our rule is var <- var - lr * (m / c1) / D. For D = (sqrt(v) + eps) / sqrt(c2)
+("hat") this is lr' = lr * sqrt(c2) / c1 with epsilon' = eps; for
+D = sqrt(v / c2) + eps ("paper"), multiplying through by sqrt(c2) gives the
+same lr' with epsilon' = eps * sqrt(c2). c1 and c2 come from `_rule` (accurate
+in float32); the kernel's own 1 - beta^t is bypassed by passing powers of 0.
+
+The kernels take beta_1 and beta_2 as tensors of the variable's dtype, so
+1 - beta_2 is formed from float32(0.999), 1.3e-5 relative away from 0.001.
+v therefore differs from the portable path's by up to that much, and steps by
+half of it. In float16 and bfloat16 the same rounding is 2% or total (beta_2
+rounds to 1), so those dtypes use the portable path.
+"""
+
+import tensorflow as tf
+from keras import ops
+
+# A private seam, used here only: tf.function(jit_compile=True) marks its
+# graph as an XLA context, and ResourceApplyAdamWithAmsgrad has no XLA kernel
+# in TF 2.21. tests/test_backend_tensorflow.py runs amsgrad under
+# jit_compile=True and fails if this stops detecting it.
+from tensorflow.python.ops import control_flow_util
+
+from keras_adam import _rule
+
+DTYPES = ("float32", "float64")
+
+
+def _in_xla_context():
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def unsupported_dtype_reason(variable):
+    """Why the kernel cannot update `variable`, judged by dtype, or None."""
+    dtype = tf.as_dtype(variable.dtype).name
+    if dtype not in DTYPES:
+        return (
+            f"the fused kernels are exact only for {DTYPES}; variable "
+            f"{getattr(variable, 'path', variable.name)!r} is {dtype}"
+        )
+    return None
+
+
+def applies(optimizer, gradient, variable):
+    """True when the fused kernel computes the rule exactly for this update."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return False
+    if optimizer.amsgrad and _in_xla_context():
+        return False
+    return unsupported_dtype_reason(variable) is None
+
+
+def update(optimizer, gradient, variable, learning_rate):
+    """One fused Adam step on `variable` (see the module docstring for the identity)."""
+    dtype = variable.dtype
+    m, v, v_max = optimizer.slots(variable)
+    c1, c2, _ = _rule.bias_factors(
+        optimizer.iterations + 1,
+        optimizer.beta_1,
+        optimizer.beta_2,
+        optimizer.bias_correction,
+        dtype,
+    )
+    sqrt_c2 = ops.sqrt(c2)
+    lr = ops.cast(learning_rate, dtype) * sqrt_c2 / c1
+    epsilon = ops.cast(optimizer.epsilon, dtype)
+    if optimizer.epsilon_placement == "paper":
+        epsilon = epsilon * sqrt_c2
+    zero = tf.zeros((), dtype)
+    common = dict(
+        var=variable.handle,
+        m=m.handle,
+        v=v.handle,
+        beta1_power=zero,
+        beta2_power=zero,
+        lr=lr,
+        beta1=tf.constant(optimizer.beta_1, dtype),
+        beta2=tf.constant(optimizer.beta_2, dtype),
+        epsilon=epsilon,
+        grad=tf.cast(gradient, dtype),
+    )
+    if optimizer.amsgrad:
+        tf.raw_ops.ResourceApplyAdamWithAmsgrad(vhat=v_max.handle, **common)
+    else:
+        tf.raw_ops.ResourceApplyAdam(use_nesterov=optimizer.nesterov, **common)
