@@ -74,7 +74,9 @@ def update(optimizer, gradient, variable, learning_rate):
     )
     sqrt_c2 = ops.sqrt(c2)
     lr = ops.cast(learning_rate, dtype) * sqrt_c2 / c1
-    epsilon = ops.cast(optimizer.epsilon, dtype)
+    # tf.constant, not ops.cast: keras.ops.cast(1e-7, "float64") passes the
+    # Python float through float32 first (measured: 1.2e-8 relative error).
+    epsilon = tf.constant(optimizer.epsilon, dtype)
     if optimizer.epsilon_placement == "paper":
         epsilon = epsilon * sqrt_c2
     zero = tf.zeros((), dtype)
