@@ -8,6 +8,7 @@ from keras import ops
 from keras.optimizers import Optimizer
 
 from keras_adam import _rule
+from keras_adam._per_step import PerStepCache
 from keras_adam import _validation as check
 from keras_adam import backends
 from keras_adam import serialization
@@ -156,6 +157,7 @@ class Adam(Optimizer):
             "epsilon_placement", epsilon_placement, _rule.EPSILON_PLACEMENTS
         )
         self.fused = check.optional_boolean("fused", fused)
+        self._per_step = PerStepCache()
         # None selects the portable path (and raises if fused=True cannot hold).
         self._fused_path = backends.fused_path(self)
 
@@ -185,6 +187,25 @@ class Adam(Optimizer):
         i = self._get_variable_index(variable)
         return self._m[i], self._v[i], (self._v_max[i] if self.amsgrad else None)
 
+    def apply(self, grads, trainable_variables=None):
+        """As `keras.optimizers.Optimizer.apply`; step-only scalars are shared meanwhile."""
+        self._per_step.open()
+        try:
+            return super().apply(grads, trainable_variables)
+        finally:
+            self._per_step.close()
+
+    def step_scalars(self, name, dtype, compute):
+        """`compute()` once per step, dtype and graph (see `keras_adam._per_step`)."""
+        key = (name, dtype, backends.trace_key())
+        return self._per_step.get(key, compute)
+
+    def bias_factors(self, dtype):
+        """(c1, c2, c1_next) of the current step t = iterations + 1, in `dtype`."""
+        return self.step_scalars("bias_factors", dtype, lambda: _rule.bias_factors(
+            self.iterations + 1, self.beta_1, self.beta_2, self.bias_correction, dtype
+        ))
+
     def update_step(self, gradient, variable, learning_rate):
         """Applies one Adam step to `variable`, by a fused kernel where one is exact."""
         gradient = _dense(gradient)
@@ -208,7 +229,6 @@ class Adam(Optimizer):
         # meets the float32 tensors. Casting beta_2 = 0.999 to float32 first
         # would make 1 - beta_2 wrong by 1.3e-5 relative, biasing v.
         beta_1, beta_2 = self.beta_1, self.beta_2
-        t = self.iterations + 1
 
         self.assign(m, beta_1 * m + (1.0 - beta_1) * g)
         self.assign(v, beta_2 * v + (1.0 - beta_2) * ops.square(g))
@@ -216,9 +236,7 @@ class Adam(Optimizer):
             self.assign(v_max, ops.maximum(v_max, v))
             v = v_max
 
-        c1, c2, c1_next = _rule.bias_factors(
-            t, self.beta_1, self.beta_2, self.bias_correction, dtype
-        )
+        c1, c2, c1_next = self.bias_factors(dtype)
         m_hat = _rule.first_moment_estimate(m, g, beta_1, c1, c1_next, self.nesterov)
         denom = _rule.denominator(v, c2, self.epsilon, self.epsilon_placement)
         self.assign_sub(variable, lr * m_hat / denom)

@@ -56,3 +56,16 @@ def fused_path(optimizer):
     from keras_adam.backends import tensorflow
 
     return tensorflow
+
+
+def trace_key():
+    """An identity for the graph being built, or None outside graph building.
+
+    On TensorFlow, tf.function and each tf.cond branch build a separate graph;
+    a tensor from one must not be used in another.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from keras_adam.backends import tensorflow
+
+    return tensorflow.trace_key()

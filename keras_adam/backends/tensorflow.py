@@ -32,7 +32,6 @@ from keras import ops
 # jit_compile=True and fails if this stops detecting it.
 from tensorflow.python.ops import control_flow_util
 
-from keras_adam import _rule
 
 DTYPES = ("float32", "float64")
 
@@ -61,17 +60,32 @@ def applies(optimizer, gradient, variable):
     return unsupported_dtype_reason(variable) is None
 
 
+def trace_key():
+    """The graph under construction (in eager mode, TF's global default graph)."""
+    return id(tf.compat.v1.get_default_graph())
+
+
 def update(optimizer, gradient, variable, learning_rate):
     """One fused Adam step on `variable` (see the module docstring for the identity)."""
-    dtype = variable.dtype
     m, v, v_max = optimizer.slots(variable)
-    c1, c2, _ = _rule.bias_factors(
-        optimizer.iterations + 1,
-        optimizer.beta_1,
-        optimizer.beta_2,
-        optimizer.bias_correction,
-        dtype,
+    lr, epsilon, beta_1, beta_2, zero = optimizer.step_scalars(
+        "fused", variable.dtype, lambda: _kernel_scalars(optimizer, learning_rate, variable.dtype)
     )
+    common = dict(
+        var=variable.handle, m=m.handle, v=v.handle,
+        beta1_power=zero, beta2_power=zero,
+        lr=lr, beta1=beta_1, beta2=beta_2, epsilon=epsilon,
+        grad=tf.cast(gradient, variable.dtype),
+    )
+    if optimizer.amsgrad:
+        tf.raw_ops.ResourceApplyAdamWithAmsgrad(vhat=v_max.handle, **common)
+    else:
+        tf.raw_ops.ResourceApplyAdam(use_nesterov=optimizer.nesterov, **common)
+
+
+def _kernel_scalars(optimizer, learning_rate, dtype):
+    """lr' = lr * sqrt(c2) / c1 and epsilon' (eps, or eps * sqrt(c2) for "paper")."""
+    c1, c2, _ = optimizer.bias_factors(dtype)
     sqrt_c2 = ops.sqrt(c2)
     lr = ops.cast(learning_rate, dtype) * sqrt_c2 / c1
     # tf.constant, not ops.cast: keras.ops.cast(1e-7, "float64") passes the
@@ -79,20 +93,5 @@ def update(optimizer, gradient, variable, learning_rate):
     epsilon = tf.constant(optimizer.epsilon, dtype)
     if optimizer.epsilon_placement == "paper":
         epsilon = epsilon * sqrt_c2
-    zero = tf.zeros((), dtype)
-    common = dict(
-        var=variable.handle,
-        m=m.handle,
-        v=v.handle,
-        beta1_power=zero,
-        beta2_power=zero,
-        lr=lr,
-        beta1=tf.constant(optimizer.beta_1, dtype),
-        beta2=tf.constant(optimizer.beta_2, dtype),
-        epsilon=epsilon,
-        grad=tf.cast(gradient, dtype),
-    )
-    if optimizer.amsgrad:
-        tf.raw_ops.ResourceApplyAdamWithAmsgrad(vhat=v_max.handle, **common)
-    else:
-        tf.raw_ops.ResourceApplyAdam(use_nesterov=optimizer.nesterov, **common)
+    return (lr, epsilon, tf.constant(optimizer.beta_1, dtype),
+            tf.constant(optimizer.beta_2, dtype), tf.zeros((), dtype))
