@@ -1,11 +1,11 @@
 """keras_adam: Kingma & Ba's Adam for Keras 3.
 
-Public API: `Adam`, `AdamW`, `__version__`. The float64 NumPy oracle is
+Public API: `Adam`, `AdamW`, `LazyAdam`, `__version__`. The float64 NumPy oracle is
 `keras_adam.reference`.
 """
 
-from keras_adam.optimizer import Adam, AdamW
+from keras_adam.optimizer import Adam, AdamW, LazyAdam
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "__version__"]
+__all__ = ["Adam", "AdamW", "LazyAdam", "__version__"]

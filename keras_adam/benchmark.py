@@ -12,7 +12,11 @@ measured on this machine in the same run.
 
 Adam's roofline: per float32 parameter a step reads g, theta, m, v and writes
 theta, m, v: 7 x 4 = 28 bytes. A step can be no faster than
-28 * parameters / bandwidth.
+28 * parameters / bandwidth (for lazy sparse updates: 28 bytes per element of
+the rows in the gradient).
+
+The "embedding" case (1,000,000 x 64 table, a tf.IndexedSlices gradient of
+~1,000 rows) compares keras_adam's exact and lazy sparse modes.
 """
 
 import argparse
@@ -28,7 +32,15 @@ CASES = {
     "large": [(2000, 2000)] * 4,
     "many-small": [(100, 200)] * 200,
     "mlp": [(784, 512), (512,), (512, 512), (512,), (512, 10), (10,)],
+    # One embedding table; its gradient is a tf.IndexedSlices of ~1,000 rows.
+    "embedding": [(1_000_000, 64)],
 }
+EMBEDDING_ROWS = 1000
+# The variants of keras_adam each case compares with the built-in.
+VARIANTS = {
+    "embedding": {"exact": {}, "lazy": {"sparse_updates": "lazy"}},
+}
+DEFAULT_VARIANTS = {"keras_adam": {}}
 
 
 def parse_args(argv=None):
@@ -108,10 +120,19 @@ def measure_bandwidth(tf, repeats, min_seconds):
     return 3 * 4 * n / (ms / 1e3) / 1e9
 
 
-def optimizer_step(tf, keras, optimizer, shapes, jit_compile):
+def gradients(tf, case, shapes):
+    """Precomputed gradients: dense, or for "embedding" ~1,000 random rows (repeats included)."""
+    if case == "embedding":
+        rows, dim = shapes[0]
+        indices = tf.random.uniform((EMBEDDING_ROWS,), 0, rows, dtype=tf.int64, seed=7)
+        values = tf.random.normal((EMBEDDING_ROWS, dim), seed=8)
+        return [tf.IndexedSlices(values, indices, tf.constant(shapes[0], tf.int64))]
+    return [tf.random.normal(s, seed=100 + i) for i, s in enumerate(shapes)]
+
+
+def optimizer_step(tf, keras, optimizer, shapes, grads, jit_compile):
     """A compiled function applying one step of `optimizer` to fresh variables."""
     variables = [keras.Variable(tf.random.normal(s, seed=i)) for i, s in enumerate(shapes)]
-    grads = [tf.random.normal(s, seed=100 + i) for i, s in enumerate(shapes)]
     optimizer.build(variables)
 
     @tf.function(jit_compile=jit_compile)
@@ -137,24 +158,37 @@ def run(args):
     for case in args.cases:
         shapes = CASES[case]
         params = sum(int(_prod(s)) for s in shapes)
-        for xla in xla_modes:
+        grads = gradients(tf, case, shapes)
+        variants = VARIANTS.get(case, DEFAULT_VARIANTS)
+        # The sparse case is about the default (non-XLA) path that model.fit
+        # takes for embeddings on CPU; it runs without XLA only.
+        for xla in xla_modes if case != "embedding" else [False]:
             progress(f"{case:>10} xla={'on' if xla else 'off'} ...")
-            steps = {
-                "keras_adam": optimizer_step(tf, keras, keras_adam.Adam(), shapes, xla),
-                "builtin": optimizer_step(tf, keras, keras.optimizers.Adam(), shapes, xla),
-            }
+            steps = {name: optimizer_step(tf, keras, keras_adam.Adam(**kwargs), shapes, grads, xla)
+                     for name, kwargs in variants.items()}
+            steps["builtin"] = optimizer_step(
+                tf, keras, keras.optimizers.Adam(), shapes, grads, xla)
             timings = time_interleaved(steps, args.repeats, args.min_seconds)
-            ours, builtin = (statistics.median(timings[k]) for k in ("keras_adam", "builtin"))
-            gbps = params * BYTES_PER_PARAMETER / (ours / 1e3) / 1e9
-            results.append({
-                "case": case, "xla": xla, "parameters": params, "variables": len(shapes),
-                "keras_adam_ms": _summary(timings["keras_adam"]),
-                "builtin_ms": _summary(timings["builtin"]),
-                "speedup": builtin / ours,
-                "keras_adam_gb_per_s": gbps,
-                "fraction_of_bandwidth": gbps / bandwidth,
-                "roofline_ms": params * BYTES_PER_PARAMETER / bandwidth / 1e6,
-            })
+            builtin = statistics.median(timings["builtin"])
+            for name, kwargs in variants.items():
+                ours = statistics.median(timings[name])
+                # Bytes the variant must move: the whole table, or for lazy
+                # updates only the rows in the gradient.
+                touched = params
+                if kwargs.get("sparse_updates") == "lazy":
+                    touched = EMBEDDING_ROWS * shapes[0][1]
+                traffic = touched * BYTES_PER_PARAMETER
+                gbps = traffic / (ours / 1e3) / 1e9
+                results.append({
+                    "case": case, "variant": name, "xla": xla, "parameters": params,
+                    "variables": len(shapes),
+                    "keras_adam_ms": _summary(timings[name]),
+                    "builtin_ms": _summary(timings["builtin"]),
+                    "speedup": builtin / ours,
+                    "keras_adam_gb_per_s": gbps,
+                    "fraction_of_bandwidth": gbps / bandwidth,
+                    "roofline_ms": traffic / bandwidth / 1e6,
+                })
     return {
         "backend": args.backend, "bandwidth_gb_per_s": bandwidth, "repeats": args.repeats,
         "cpus": os.cpu_count(), "keras": keras.__version__, "tensorflow": tf.__version__,
@@ -179,14 +213,14 @@ def format_table(report):
         f"tensorflow {report['tensorflow']}; measured bandwidth "
         f"{report['bandwidth_gb_per_s']:.1f} GB/s; {report['repeats']} repeats",
         "",
-        "| case | XLA | params | keras_adam ms (min-max) | built-in ms (min-max) "
+        "| case | variant | XLA | params | keras_adam ms (min-max) | built-in ms (min-max) "
         "| speed-up | keras_adam GB/s | % of bandwidth | roofline ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         ours, builtin = r["keras_adam_ms"], r["builtin_ms"]
         lines.append(
-            f"| {r['case']} | {'on' if r['xla'] else 'off'} | {r['parameters']:,} "
+            f"| {r['case']} | {r['variant']} | {'on' if r['xla'] else 'off'} | {r['parameters']:,} "
             f"| {ours['median']:.2f} ({ours['min']:.2f}-{ours['max']:.2f}) "
             f"| {builtin['median']:.2f} ({builtin['min']:.2f}-{builtin['max']:.2f}) "
             f"| {r['speedup']:.2f}x | {r['keras_adam_gb_per_s']:.1f} "

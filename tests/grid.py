@@ -65,6 +65,8 @@ HYPERPARAMETER_ROWS = [
     ("portable", dict(fused=False)),
     ("portable-amsgrad-paper", dict(fused=False, amsgrad=True, epsilon_placement="paper")),
     ("fused-nesterov-uncorrected", dict(fused=None, nesterov=True, bias_correction=False)),
+    # Dense gradients get the standard update in either sparse mode.
+    ("lazy-dense-gradients", dict(sparse_updates="lazy")),
 ]
 
 GRID = list(_switch_rows()) + HYPERPARAMETER_ROWS

@@ -12,19 +12,20 @@ import keras_adam
 NON_DEFAULT = dict(
     learning_rate=0.02, beta_1=0.8, beta_2=0.99, epsilon=1e-5, amsgrad=True, nesterov=True,
     bias_correction=False, epsilon_placement="paper", weight_decay=0.01, clipnorm=2.0,
+    sparse_updates="lazy", fused=False,
     use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=5, loss_scale_factor=8.0,
     gradient_accumulation_steps=2, name="my_adam",
 )
 
 
-@pytest.mark.parametrize("cls", [keras_adam.Adam, keras_adam.AdamW])
+@pytest.mark.parametrize("cls", [keras_adam.Adam, keras_adam.AdamW, keras_adam.LazyAdam])
 def test_config_holds_every_constructor_argument(cls):
     params = set(inspect.signature(keras_adam.Adam.__init__).parameters) - {"self", "kwargs"}
     config = cls().get_config()
     assert params <= set(config), f"missing from get_config: {params - set(config)}"
 
 
-@pytest.mark.parametrize("cls", [keras_adam.Adam, keras_adam.AdamW])
+@pytest.mark.parametrize("cls", [keras_adam.Adam, keras_adam.AdamW, keras_adam.LazyAdam])
 def test_from_config_round_trip(cls):
     optimizer = cls(**NON_DEFAULT)
     config = optimizer.get_config()
@@ -45,7 +46,8 @@ def test_schedule_round_trip():
 
 
 @pytest.mark.parametrize("name,cls", [("keras_adam>Adam", keras_adam.Adam),
-                                      ("keras_adam>AdamW", keras_adam.AdamW)])
+                                      ("keras_adam>AdamW", keras_adam.AdamW),
+                                      ("keras_adam>LazyAdam", keras_adam.LazyAdam)])
 def test_string_lookup(name, cls):
     assert type(keras.optimizers.get(name)) is cls
 

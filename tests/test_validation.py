@@ -31,6 +31,9 @@ ERRORS = [
     ("nesterov-none", dict(nesterov=None), TypeError, r"`nesterov` must be a bool"),
     ("bias_correction-int", dict(bias_correction=0), TypeError, r"`bias_correction` must be a bool"),
     ("weight_decay-negative", dict(weight_decay=-0.1), ValueError, r"`weight_decay`"),
+    ("sparse-unknown", dict(sparse_updates="dense"), ValueError,
+     r"`sparse_updates` must be one of \('exact', 'lazy'\)\. Received: sparse_updates='dense'"),
+    ("fused-string", dict(fused="auto"), TypeError, r"`fused` must be a bool"),
     ("unknown-kwarg", dict(betas=(0.9, 0.999)), ValueError, r"betas"),
     ("two-clips", dict(clipnorm=1.0, clipvalue=1.0), ValueError, r"clipnorm.*clipvalue"),
 ]

@@ -69,3 +69,28 @@ def trace_key():
     from keras_adam.backends import tensorflow
 
     return tensorflow.trace_key()
+
+
+def is_sparse(gradient):
+    """True for a row-sparse gradient (tf.IndexedSlices; only TensorFlow makes them)."""
+    return hasattr(gradient, "indices") and hasattr(gradient, "dense_shape")
+
+
+def deduplicate(grads):
+    """`grads` with each sparse gradient's repeated indices summed into one row.
+
+    After this, clipping by norm or value sees the same numbers as it would on
+    the dense gradient.
+    """
+    if not any(is_sparse(g) for g in grads):
+        return list(grads)
+    from keras_adam.backends import tensorflow
+
+    return [tensorflow.deduplicate(g) if is_sparse(g) else g for g in grads]
+
+
+def lazy_update(optimizer, gradient, variable, learning_rate):
+    """The lazy sparse update (rows present in `gradient` only); TensorFlow only."""
+    from keras_adam.backends import tensorflow
+
+    tensorflow.lazy_update(optimizer, gradient, variable, learning_rate)

@@ -26,6 +26,8 @@ rounds to 1), so those dtypes use the portable path.
 import tensorflow as tf
 from keras import ops
 
+from keras_adam import _rule
+
 # A private seam, used here only: tf.function(jit_compile=True) marks its
 # graph as an XLA context, and ResourceApplyAdamWithAmsgrad has no XLA kernel
 # in TF 2.21. tests/test_backend_tensorflow.py runs amsgrad under
@@ -95,3 +97,47 @@ def _kernel_scalars(optimizer, learning_rate, dtype):
         epsilon = epsilon * sqrt_c2
     return (lr, epsilon, tf.constant(optimizer.beta_1, dtype),
             tf.constant(optimizer.beta_2, dtype), tf.zeros((), dtype))
+
+
+def deduplicate(gradient):
+    """IndexedSlices with each row index once; the values of repeated indices summed."""
+    rows, position = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(gradient.values, position, tf.shape(rows)[0])
+    return tf.IndexedSlices(values, rows, gradient.dense_shape)
+
+
+def lazy_update(optimizer, gradient, variable, learning_rate):
+    """Adam on the rows present in `gradient`; every other row is left as it is.
+
+    For the rows r of the (deduplicated) gradient, with the global step t:
+
+        theta_r <- theta_r - lr * weight_decay * theta_r   (if weight decay applies)
+        m_r, v_r, v_max_r and theta_r: the rule of Adam.update_step on row r
+
+    Rows absent from the gradient keep theta, m, v and v_max bit for bit (their
+    moments do not decay: that is what makes the update lazy).
+    """
+    gradient = deduplicate(gradient)  # again: an all-reduce may concatenate replicas' rows
+    rows = gradient.indices
+    dtype = variable.dtype
+    g = tf.cast(gradient.values, dtype)
+    m, v, v_max = optimizer.slots(variable)
+    beta_1, beta_2 = optimizer.beta_1, optimizer.beta_2
+
+    m_rows = beta_1 * tf.gather(m.value, rows) + (1.0 - beta_1) * g
+    v_rows = beta_2 * tf.gather(v.value, rows) + (1.0 - beta_2) * tf.square(g)
+    optimizer.assign(m, tf.IndexedSlices(m_rows, rows))
+    optimizer.assign(v, tf.IndexedSlices(v_rows, rows))
+    if optimizer.amsgrad:
+        v_rows = tf.maximum(tf.gather(v_max.value, rows), v_rows)
+        optimizer.assign(v_max, tf.IndexedSlices(v_rows, rows))
+
+    c1, c2, c1_next = optimizer.bias_factors(dtype)
+    m_hat = _rule.first_moment_estimate(m_rows, g, beta_1, c1, c1_next, optimizer.nesterov)
+    denom = _rule.denominator(v_rows, c2, optimizer.epsilon, optimizer.epsilon_placement)
+    lr = ops.cast(learning_rate, dtype)
+    step = lr * m_hat / denom
+    if optimizer.decays(variable):
+        # Keras decays before the step; both are subtracted from the same theta_r.
+        step += tf.gather(variable, rows) * ops.cast(optimizer.weight_decay, dtype) * lr
+    optimizer.assign_sub(variable, tf.IndexedSlices(step, rows))
