@@ -22,6 +22,20 @@ def compute_dtype(dtype):
     return "float64" if dtype == "float64" else "float32"
 
 
+def coefficients(beta_1, beta_2, epsilon, dtype):
+    """(beta_1, 1 - beta_1, beta_2, 1 - beta_2, epsilon) as scalars of `dtype`.
+
+    1 - beta is formed from the Python floats (float64) before conversion:
+    from float32(0.999) it would be 1.3e-5 relative off. The conversion names
+    the dtype because `python_float * tensor` goes through float32 on some
+    backends (torch), which would cost a float64 variable its precision.
+    """
+    return tuple(
+        ops.convert_to_tensor(x, dtype=dtype)
+        for x in (beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2, epsilon)
+    )
+
+
 def bias_factors(t, beta_1, beta_2, bias_correction, dtype):
     """Returns (c1, c2, c1_next) as scalars of `dtype`.
 
@@ -39,10 +53,12 @@ def bias_factors(t, beta_1, beta_2, bias_correction, dtype):
     if not bias_correction:
         one = ops.ones((), dtype=dtype)
         return one, one, one
-    t = ops.cast(t, compute_dtype(dtype))
-    log_beta_1 = _log(beta_1)
+    wide = compute_dtype(dtype)
+    t = ops.cast(t, wide)
+    log_beta_1 = ops.convert_to_tensor(_log(beta_1), dtype=wide)
+    log_beta_2 = ops.convert_to_tensor(_log(beta_2), dtype=wide)
     c1 = -ops.expm1(t * log_beta_1)
-    c2 = -ops.expm1(t * _log(beta_2))
+    c2 = -ops.expm1(t * log_beta_2)
     c1_next = -ops.expm1((t + 1.0) * log_beta_1)
     return ops.cast(c1, dtype), ops.cast(c2, dtype), ops.cast(c1_next, dtype)
 
@@ -53,7 +69,7 @@ def _log(beta):
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
-def first_moment_estimate(m, g, beta_1, c1, c1_next, nesterov):
+def first_moment_estimate(m, g, beta_1, one_minus_beta_1, c1, c1_next, nesterov):
     """m_hat, the bias-corrected first moment.
 
     Plain Adam:  m_hat = m / c1
@@ -63,7 +79,7 @@ def first_moment_estimate(m, g, beta_1, c1, c1_next, nesterov):
     """
     if not nesterov:
         return m / c1
-    return beta_1 * m / c1_next + (1.0 - beta_1) * g / c1
+    return beta_1 * m / c1_next + one_minus_beta_1 * g / c1
 
 
 def denominator(v, c2, epsilon, epsilon_placement):

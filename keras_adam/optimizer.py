@@ -189,9 +189,9 @@ class Adam(Optimizer):
         """
         if self.built:
             return
-        if self.fused and self._fused_path is not None:
+        if self.fused:
             for variable in var_list:
-                reason = self._fused_path.unsupported_dtype_reason(variable)
+                reason = backends.unsupported_dtype_reason(variable)
                 if reason is not None:
                     raise ValueError(f"`fused=True` is not possible: {reason}.")
         super().build(var_list)
@@ -209,7 +209,7 @@ class Adam(Optimizer):
         """As `keras.optimizers.Optimizer.apply`; step-only scalars are shared meanwhile."""
         self._per_step.open()
         try:
-            grads = backends.deduplicate(grads)
+            grads = backends.canonical_gradients(grads)
             if self.sparse_updates == "lazy":
                 variables = (
                     self._trainable_variables
@@ -250,6 +250,22 @@ class Adam(Optimizer):
             self.iterations + 1, self.beta_1, self.beta_2, self.bias_correction, dtype
         ))
 
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # A private seam of keras' BaseOptimizer, touched here only: on torch,
+        # one multi-tensor kernel updates every eligible variable at once,
+        # which a per-variable update_step cannot do. Elsewhere nothing is
+        # taken and Keras's own method (tf.distribute-aware on TensorFlow)
+        # runs unchanged. tests/test_backend_torch.py checks the kernel runs.
+        rest = backends.multi_tensor_update(self, grads, trainable_variables, learning_rate)
+        if rest:
+            super()._backend_update_step(*map(list, zip(*rest)), learning_rate)
+
+    def coefficients(self, dtype):
+        """(beta_1, 1 - beta_1, beta_2, 1 - beta_2, epsilon) in `dtype`, once per step."""
+        return self.step_scalars("coefficients", dtype, lambda: _rule.coefficients(
+            self.beta_1, self.beta_2, self.epsilon, dtype
+        ))
+
     def update_step(self, gradient, variable, learning_rate):
         """Applies one Adam step to `variable`, by a fused kernel where one is exact."""
         if self.sparse_updates == "lazy" and backends.is_sparse(gradient):
@@ -272,20 +288,19 @@ class Adam(Optimizer):
         lr = ops.cast(learning_rate, dtype)
         g = ops.cast(gradient, dtype)
         m, v, v_max = self.slots(variable)
-        # Python floats on purpose: 1 - beta is then taken in float64 before it
-        # meets the float32 tensors. Casting beta_2 = 0.999 to float32 first
-        # would make 1 - beta_2 wrong by 1.3e-5 relative, biasing v.
-        beta_1, beta_2 = self.beta_1, self.beta_2
+        beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon = self.coefficients(dtype)
 
-        self.assign(m, beta_1 * m + (1.0 - beta_1) * g)
-        self.assign(v, beta_2 * v + (1.0 - beta_2) * ops.square(g))
+        self.assign(m, beta_1 * m + one_minus_beta_1 * g)
+        self.assign(v, beta_2 * v + one_minus_beta_2 * ops.square(g))
         if self.amsgrad:
             self.assign(v_max, ops.maximum(v_max, v))
             v = v_max
 
         c1, c2, c1_next = self.bias_factors(dtype)
-        m_hat = _rule.first_moment_estimate(m, g, beta_1, c1, c1_next, self.nesterov)
-        denom = _rule.denominator(v, c2, self.epsilon, self.epsilon_placement)
+        m_hat = _rule.first_moment_estimate(
+            m, g, beta_1, one_minus_beta_1, c1, c1_next, self.nesterov
+        )
+        denom = _rule.denominator(v, c2, epsilon, self.epsilon_placement)
         self.assign_sub(variable, lr * m_hat / denom)
 
     def get_config(self):

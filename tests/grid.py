@@ -106,12 +106,15 @@ def initial_values(shapes=SHAPES, seed=1):
 def run_optimizer(optimizer, x0, sequence, compiled=True):
     """Applies `sequence` with `optimizer` to fresh variables; returns the variables.
 
-    With `compiled` on TensorFlow, each step runs inside one `tf.function`
-    (graph mode, as `model.fit` runs it); eager steps cost ~10 ms each, which
-    would make the 1,000-step parity runs slow.
+    With `compiled`, each step runs as `model.fit` runs it: inside one
+    `tf.function` on TensorFlow; on JAX as `jax.jit` of `stateless_apply`
+    (the JAX trainer's path). Eager steps cost ~10 ms each, which would make
+    the 1,000-step parity runs slow.
     """
     variables = [keras.Variable(x) for x in x0]
     optimizer.build(variables)
+    if compiled and keras.backend.backend() == "jax":
+        return _run_jax_stateless(optimizer, variables, sequence)
 
     def step(grads):
         optimizer.apply(grads, variables)
@@ -121,7 +124,23 @@ def run_optimizer(optimizer, x0, sequence, compiled=True):
 
         step = tf.function(step, jit_compile=False)
     for grads in sequence:
-        step(grads)
+        step([keras.ops.convert_to_tensor(g) for g in grads])
+    return variables
+
+
+def _run_jax_stateless(optimizer, variables, sequence):
+    import jax
+
+    @jax.jit
+    def step(trainable, optimizer_state, grads):
+        return optimizer.stateless_apply(optimizer_state, grads, trainable)
+
+    trainable = [v.value for v in variables]
+    state = [v.value for v in optimizer.variables]
+    for grads in sequence:
+        trainable, state = step(trainable, state, grads)
+    for variable, value in zip(variables + optimizer.variables, trainable + state):
+        variable.assign(value)
     return variables
 
 

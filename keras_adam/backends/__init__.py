@@ -10,6 +10,21 @@ Every fast path computes exactly the rule of `keras_adam.Adam.update_step`
 """
 
 import keras
+import numpy as np
+
+# Both fused kernels (TensorFlow's and torch's) are exact for these dtypes only:
+# TensorFlow's takes beta_2 in the variable's dtype, and bfloat16 rounds 0.999
+# to 1 (v would stay 0).
+FUSED_DTYPES = ("float32", "float64")
+
+
+def unsupported_dtype_reason(variable):
+    """Why no fused kernel may update `variable`, judged by dtype, or None."""
+    dtype = keras.backend.standardize_dtype(variable.dtype)
+    if dtype not in FUSED_DTYPES:
+        name = getattr(variable, "path", None) or getattr(variable, "name", "?")
+        return f"the fused kernels are exact only for {FUSED_DTYPES}; variable {name!r} is {dtype}"
+    return None
 
 
 def fused_unavailable_reason(optimizer):
@@ -19,10 +34,14 @@ def fused_unavailable_reason(optimizer):
     (dtype, XLA) are checked by the backend module at each step.
     """
     backend = keras.backend.backend()
+    if backend == "torch":
+        if optimizer.nesterov:
+            return "torch._fused_adam_ has no Nesterov option"
+        return None
     if backend != "tensorflow":
         return (
-            "the fused kernels are TensorFlow's (ResourceApplyAdam), "
-            f"but the Keras backend is {backend!r}"
+            "fused kernels exist for TensorFlow (ResourceApplyAdam) and torch "
+            f"(torch._fused_adam_), but the Keras backend is {backend!r}"
         )
     if optimizer.nesterov and optimizer.amsgrad:
         return "ResourceApplyAdamWithAmsgrad has no Nesterov option"
@@ -38,7 +57,10 @@ def fused_unavailable_reason(optimizer):
 
 
 def fused_path(optimizer):
-    """The fused-kernel module to use for `optimizer`, or None for the portable path.
+    """The per-variable fused-kernel module for `optimizer`, or None.
+
+    On torch the fused kernel is multi-tensor (see `multi_tensor_update`), so
+    there is no per-variable module and this returns None.
 
     Raises:
         ValueError: if `optimizer.fused` is True and no fused path applies.
@@ -52,6 +74,8 @@ def fused_path(optimizer):
                 f"`fused=True` is not possible: {reason}. "
                 "Use fused=None to choose automatically, or fused=False."
             )
+        return None
+    if keras.backend.backend() != "tensorflow":
         return None
     from keras_adam.backends import tensorflow
 
@@ -76,14 +100,16 @@ def is_sparse(gradient):
     return hasattr(gradient, "indices") and hasattr(gradient, "dense_shape")
 
 
-def deduplicate(grads):
-    """`grads` with each sparse gradient's repeated indices summed into one row.
+def canonical_gradients(grads):
+    """`grads` as backend tensors, each sparse gradient's repeated indices summed.
 
-    After this, clipping by norm or value sees the same numbers as it would on
-    the dense gradient.
+    NumPy arrays become tensors (Keras's global-norm clipping and the torch
+    kernel need them). After deduplication, clipping by norm or value sees the
+    same numbers as it would on the dense gradient.
     """
+    grads = [keras.ops.convert_to_tensor(g) if isinstance(g, np.ndarray) else g for g in grads]
     if not any(is_sparse(g) for g in grads):
-        return list(grads)
+        return grads
     from keras_adam.backends import tensorflow
 
     return [tensorflow.deduplicate(g) if is_sparse(g) else g for g in grads]
@@ -94,3 +120,21 @@ def lazy_update(optimizer, gradient, variable, learning_rate):
     from keras_adam.backends import tensorflow
 
     tensorflow.lazy_update(optimizer, gradient, variable, learning_rate)
+
+
+def multi_tensor_update(optimizer, grads, variables, learning_rate):
+    """Updates what a multi-tensor kernel can in one call; returns the rest.
+
+    Only torch has one here (`torch._fused_adam_`); elsewhere, or with
+    `fused=False`, every (gradient, variable) pair is returned untouched for
+    the per-variable `update_step`.
+    """
+    pairs = list(zip(grads, variables))
+    if optimizer.fused is False or keras.backend.backend() != "torch":
+        return pairs
+    from keras_adam.backends import torch
+
+    mine = [(g, v) for g, v in pairs if torch.eligible(optimizer, v)]
+    if mine:
+        torch.fused_update(optimizer, *zip(*mine), learning_rate)
+    return [(g, v) for g, v in pairs if not torch.eligible(optimizer, v)]

@@ -27,6 +27,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_adam import _rule
+from keras_adam import backends
 
 # A private seam, used here only: tf.function(jit_compile=True) marks its
 # graph as an XLA context, and ResourceApplyAdamWithAmsgrad has no XLA kernel
@@ -35,22 +36,8 @@ from keras_adam import _rule
 from tensorflow.python.ops import control_flow_util
 
 
-DTYPES = ("float32", "float64")
-
-
 def _in_xla_context():
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-def unsupported_dtype_reason(variable):
-    """Why the kernel cannot update `variable`, judged by dtype, or None."""
-    dtype = tf.as_dtype(variable.dtype).name
-    if dtype not in DTYPES:
-        return (
-            f"the fused kernels are exact only for {DTYPES}; variable "
-            f"{getattr(variable, 'path', variable.name)!r} is {dtype}"
-        )
-    return None
 
 
 def applies(optimizer, gradient, variable):
@@ -59,7 +46,7 @@ def applies(optimizer, gradient, variable):
         return False
     if optimizer.amsgrad and _in_xla_context():
         return False
-    return unsupported_dtype_reason(variable) is None
+    return backends.unsupported_dtype_reason(variable) is None
 
 
 def trace_key():
@@ -122,10 +109,10 @@ def lazy_update(optimizer, gradient, variable, learning_rate):
     dtype = variable.dtype
     g = tf.cast(gradient.values, dtype)
     m, v, v_max = optimizer.slots(variable)
-    beta_1, beta_2 = optimizer.beta_1, optimizer.beta_2
+    beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon = optimizer.coefficients(dtype)
 
-    m_rows = beta_1 * tf.gather(m.value, rows) + (1.0 - beta_1) * g
-    v_rows = beta_2 * tf.gather(v.value, rows) + (1.0 - beta_2) * tf.square(g)
+    m_rows = beta_1 * tf.gather(m.value, rows) + one_minus_beta_1 * g
+    v_rows = beta_2 * tf.gather(v.value, rows) + one_minus_beta_2 * tf.square(g)
     optimizer.assign(m, tf.IndexedSlices(m_rows, rows))
     optimizer.assign(v, tf.IndexedSlices(v_rows, rows))
     if optimizer.amsgrad:
@@ -133,8 +120,10 @@ def lazy_update(optimizer, gradient, variable, learning_rate):
         optimizer.assign(v_max, tf.IndexedSlices(v_rows, rows))
 
     c1, c2, c1_next = optimizer.bias_factors(dtype)
-    m_hat = _rule.first_moment_estimate(m_rows, g, beta_1, c1, c1_next, optimizer.nesterov)
-    denom = _rule.denominator(v_rows, c2, optimizer.epsilon, optimizer.epsilon_placement)
+    m_hat = _rule.first_moment_estimate(
+        m_rows, g, beta_1, one_minus_beta_1, c1, c1_next, optimizer.nesterov
+    )
+    denom = _rule.denominator(v_rows, c2, epsilon, optimizer.epsilon_placement)
     lr = ops.cast(learning_rate, dtype)
     step = lr * m_hat / denom
     if optimizer.decays(variable):

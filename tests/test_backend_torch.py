@@ -1,0 +1,90 @@
+"""torch's fused multi-tensor kernel (torch._fused_adam_): equal to the portable rule.
+
+Skips only where the torch backend is not the active one.
+"""
+
+import keras
+import numpy as np
+import pytest
+from grid import float32_drift_bound, gradient_sequence, initial_values, run_optimizer
+
+import keras_adam
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch backend only")
+torch = pytest.importorskip("torch")
+
+# 100 steps: c1 ~ 1 by the end while c2 = 0.095, both regimes crossed.
+STEPS = 100
+SEQUENCE = gradient_sequence(STEPS, seed=5)
+X0 = initial_values(seed=6)
+
+FUSED_OPTIONS = [
+    ("defaults", {}),
+    ("amsgrad", dict(amsgrad=True)),
+    ("paper", dict(epsilon_placement="paper", epsilon=1e-3)),
+    ("hat-large-epsilon", dict(epsilon=1e-3)),
+    ("uncorrected", dict(bias_correction=False)),
+    ("weight-decay", dict(weight_decay=0.1, learning_rate=1e-2)),
+    ("zero-beta_1", dict(beta_1=0.0)),
+]
+
+
+@pytest.mark.parametrize("kwargs", [o[1] for o in FUSED_OPTIONS], ids=[o[0] for o in FUSED_OPTIONS])
+def test_fused_matches_portable(kwargs):
+    fused = keras_adam.Adam(fused=True, **kwargs)
+    portable = keras_adam.Adam(fused=False, **kwargs)
+    a = run_optimizer(fused, X0, SEQUENCE)
+    b = run_optimizer(portable, X0, SEQUENCE)
+    lr = kwargs.get("learning_rate", 1e-3)
+    for i, (x, y) in enumerate(zip(a, b)):
+        # Both compute the rule with accurate float32 coefficients in a
+        # different order: each is within the drift bound of the exact result.
+        bound = 2 * float32_drift_bound(STEPS, 4 * lr, np.abs(y.numpy()).max())
+        np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=0, atol=bound)
+        # EMAs: ~2u relative per step for each path. m mixes signs, so its
+        # error is relative to each column's gradient scale, not to m itself.
+        g_scale = np.abs(np.stack([step[i] for step in SEQUENCE])).max(axis=0)
+        for s, t, atol in zip(fused.slots(x), portable.slots(y),
+                              [4 * STEPS * 6e-8 * g_scale, 1e-12, 1e-12]):
+            if t is None:
+                assert s is None
+                continue
+            error = np.abs(s.numpy() - t.numpy())
+            allowed = atol + 4 * STEPS * 6e-8 * np.abs(t.numpy())
+            assert np.all(error <= allowed), f"worst excess {np.max(error - allowed):.3g}"
+
+
+def test_float64_fused_matches_portable():
+    x0 = [x.astype("float64") for x in X0]
+    seq = [[g.astype("float64") for g in step] for step in SEQUENCE]
+    a = run_optimizer(keras_adam.Adam(fused=True), x0, seq)
+    b = run_optimizer(keras_adam.Adam(fused=False), x0, seq)
+    for x, y in zip(a, b):
+        # float64 roundoff (1e-16) accumulated over 100 steps, generously.
+        np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=0, atol=1e-12)
+
+
+def test_the_kernel_runs_once_per_step_for_all_variables(monkeypatch):
+    # Fails if Keras stops routing apply() through _backend_update_step (the
+    # private seam overridden in keras_adam/optimizer.py).
+    calls = []
+    real = torch._fused_adam_
+
+    def counting(params, *args, **kwargs):
+        calls.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adam_", counting)
+    run_optimizer(keras_adam.Adam(), X0, SEQUENCE[:3])
+    assert calls == [len(X0)] * 3
+    calls.clear()
+    run_optimizer(keras_adam.Adam(fused=False), X0, SEQUENCE[:3])
+    run_optimizer(keras_adam.Adam(nesterov=True), X0, SEQUENCE[:3])  # no Nesterov kernel
+    assert calls == []
+
+
+def test_fused_true_refuses_nesterov_and_bfloat16():
+    with pytest.raises(ValueError, match="`fused=True` is not possible: .*Nesterov"):
+        keras_adam.Adam(fused=True, nesterov=True)
+    with pytest.raises(ValueError, match="`fused=True` is not possible: .*bfloat16"):
+        keras_adam.Adam(fused=True).build([keras.Variable(np.ones(3), dtype="bfloat16")])

@@ -1,0 +1,78 @@
+"""A .keras file saved under one backend resumes under another; JAX DataParallel.
+
+The helper processes (tests/backend_run.py) run with an explicit
+KERAS_BACKEND. Each backend pair runs once, in the suite of its source
+backend, rather than three times (once per backend suite).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from grid import float32_drift_bound
+
+SCRIPT = Path(__file__).with_name("backend_run.py")
+TIMEOUT = 240
+
+
+def _need(*backends):
+    for backend in backends:
+        if importlib.util.find_spec(backend) is None:
+            pytest.skip(f"{backend} is not installed")
+
+
+def _run(backend, mode, out, **env):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), mode, str(out)],
+        env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", **env},
+        capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _arrays(path):
+    with np.load(path) as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+@pytest.mark.parametrize("source,target", [("tensorflow", "jax"), ("jax", "torch")],
+                         ids=["tensorflow-to-jax", "jax-to-torch"])
+def test_keras_file_moves_between_backends(tmp_path, source, target):
+    if keras.backend.backend() != source:
+        pytest.skip(f"runs once, in the {source} suite")
+    _need(source, target)
+    _run(source, "save", tmp_path)
+    _run(target, "resume", tmp_path)
+
+    saved, loaded = _arrays(tmp_path / "saved.npz"), _arrays(tmp_path / "loaded.npz")
+    assert len(saved) == len(loaded)
+    for a, b in zip(saved, loaded):
+        np.testing.assert_array_equal(a, b)  # the state itself is carried over exactly
+
+    continued, resumed = _arrays(tmp_path / "continued.npz"), _arrays(tmp_path / "resumed.npz")
+    assert int(resumed[4]) == int(continued[4]) == 9  # the step counter, after 4 weights
+    # The same 4 steps of the same rule under two backends: their kernels
+    # (matmul, tanh) differ by float32 roundoff, Adam's update by ~1e-6
+    # relative; 4 steps of lr = 1e-2 on |w| < 2 bound the difference.
+    atol = 2 * float32_drift_bound(4, 1e-2, 2.0) + 1e-6
+    for a, b in zip(continued[:4], resumed[:4]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+    assert not np.array_equal(resumed[0], loaded[0])  # training did continue
+
+
+def test_jax_data_parallel_matches_a_single_device(tmp_path):
+    if keras.backend.backend() != "jax":
+        pytest.skip("keras.distribution.DataParallel runs in the jax suite")
+    _run("jax", "data_parallel", tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    single, parallel = _arrays(tmp_path / "single.npz"), _arrays(tmp_path / "parallel.npz")
+    assert len(single) == len(parallel)
+    # 16 steps; the two devices' gradients are summed by a collective instead
+    # of in one reduction (~1e-7 relative); Adam is scale-invariant, so each
+    # step changes by ~1e-7 relative: far inside the float32 drift bound.
+    atol = 2 * float32_drift_bound(16, 1e-2, 2.0)
+    for a, b in zip(single, parallel):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol)
