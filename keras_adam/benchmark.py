@@ -1,10 +1,12 @@
 """Times one optimizer step of keras_adam.Adam beside keras.optimizers.Adam.
 
-Run:  python -m keras_adam.benchmark [--cases large,many-small,mlp] [--repeats 15]
-                                      [--xla both|off|on] [--backend tensorflow] [--json]
+Run:  python -m keras_adam.benchmark [--cases large,many-small,mlp,embedding] [--repeats 15]
+                                      [--xla both|off|on] [--backend tensorflow|jax|torch] [--json]
 
 Both optimizers run in the same process on the same variables' shapes, with
-gradients precomputed, so only the update is timed. Each repeat times a batch
+gradients precomputed, so only the update is timed, the way each backend's
+trainer runs it: TensorFlow inside tf.function (with and without XLA), JAX
+as jax.jit of stateless_apply with donated state, torch eagerly. Each repeat times a batch
 of steps and reports milliseconds per step; the table gives the median and the
 min-max range over repeats, the speed-up of keras_adam over the built-in
 (ratio of medians), and the effective memory traffic against the bandwidth
@@ -52,8 +54,10 @@ def parse_args(argv=None):
     parser.add_argument("--min-seconds", type=float, default=0.1,
                         help="each repeat runs enough steps to last about this long")
     parser.add_argument("--xla", choices=["both", "off", "on"], default="both")
-    parser.add_argument("--backend", choices=["tensorflow"], default="tensorflow",
-                        help="Keras backend to benchmark (set before Keras is imported)")
+    parser.add_argument("--backend", choices=["tensorflow", "jax", "torch"],
+                        default=os.environ.get("KERAS_BACKEND", "tensorflow"),
+                        help="Keras backend to benchmark (set before Keras is imported); "
+                             "defaults to $KERAS_BACKEND, else tensorflow")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -107,67 +111,167 @@ def time_interleaved(fns, repeats, min_seconds):
     return samples
 
 
-def measure_bandwidth(tf, repeats, min_seconds):
-    """GB/s of `a += b` on 64M-float32 (256 MiB) variables: reads 2, writes 1 array."""
-    n = 64 * 1024 * 1024
-    a = tf.Variable(tf.zeros(n))
-    b = tf.Variable(tf.ones(n))
-    @tf.function
-    def step():
-        a.assign_add(b, read_value=False)
+class TensorFlowHarness:
+    """Steps inside tf.function (with or without XLA), as model.fit runs them."""
 
-    ms = statistics.median(time_repeats(step, repeats, min_seconds))
-    return 3 * 4 * n / (ms / 1e3) / 1e9
+    xla_modes = (False, True)
+    sparse = True
+
+    def __init__(self):
+        import tensorflow as tf
+
+        self.tf = tf
+
+    def bandwidth(self, repeats, min_seconds):
+        """GB/s of `a += b` on 64M-float32 (256 MiB) variables: reads 2, writes 1 array."""
+        tf, n = self.tf, 64 * 1024 * 1024
+        a, b = tf.Variable(tf.zeros(n)), tf.Variable(tf.ones(n))
+
+        @tf.function
+        def step():
+            a.assign_add(b, read_value=False)
+
+        return 3 * 4 * n / (statistics.median(time_repeats(step, repeats, min_seconds)) / 1e3) / 1e9
+
+    def gradients(self, case, shapes):
+        tf = self.tf
+        if case == "embedding":
+            rows, dim = shapes[0]
+            indices = tf.random.uniform((EMBEDDING_ROWS,), 0, rows, dtype=tf.int64, seed=7)
+            values = tf.random.normal((EMBEDDING_ROWS, dim), seed=8)
+            return [tf.IndexedSlices(values, indices, tf.constant(shapes[0], tf.int64))]
+        return [tf.random.normal(s, seed=100 + i) for i, s in enumerate(shapes)]
+
+    def step(self, keras, optimizer, shapes, grads, xla):
+        variables = [keras.Variable(self.tf.random.normal(s, seed=i)) for i, s in enumerate(shapes)]
+        optimizer.build(variables)
+
+        @self.tf.function(jit_compile=xla)
+        def step():
+            optimizer.apply(grads, variables)
+
+        return step
 
 
-def gradients(tf, case, shapes):
-    """Precomputed gradients: dense, or for "embedding" ~1,000 random rows (repeats included)."""
-    if case == "embedding":
-        rows, dim = shapes[0]
-        indices = tf.random.uniform((EMBEDDING_ROWS,), 0, rows, dtype=tf.int64, seed=7)
-        values = tf.random.normal((EMBEDDING_ROWS, dim), seed=8)
-        return [tf.IndexedSlices(values, indices, tf.constant(shapes[0], tf.int64))]
-    return [tf.random.normal(s, seed=100 + i) for i, s in enumerate(shapes)]
+class JaxHarness:
+    """jax.jit of stateless_apply with donated state, as the JAX trainer runs it."""
+
+    xla_modes = (True,)
+    sparse = False
+
+    def __init__(self):
+        import jax
+
+        self.jax = jax
+
+    def bandwidth(self, repeats, min_seconds):
+        jax, n = self.jax, 64 * 1024 * 1024
+        add = jax.jit(lambda a, b: a + b, donate_argnums=0)
+        state = {"a": jax.numpy.zeros(n), "b": jax.numpy.ones(n)}
+
+        def step():
+            state["a"] = add(state["a"], state["b"])
+            state["a"].block_until_ready()
+
+        return 3 * 4 * n / (statistics.median(time_repeats(step, repeats, min_seconds)) / 1e3) / 1e9
+
+    def gradients(self, case, shapes):
+        keys = self.jax.random.split(self.jax.random.key(100), len(shapes))
+        return [self.jax.random.normal(k, s) for k, s in zip(keys, shapes)]
+
+    def step(self, keras, optimizer, shapes, grads, xla):
+        keys = self.jax.random.split(self.jax.random.key(0), len(shapes))
+        variables = [keras.Variable(self.jax.random.normal(k, s)) for k, s in zip(keys, shapes)]
+        optimizer.build(variables)
+        apply = self.jax.jit(lambda t, o, g: optimizer.stateless_apply(o, g, t),
+                             donate_argnums=(0, 1))
+        state = {"t": [v.value for v in variables], "o": [v.value for v in optimizer.variables]}
+
+        def step():
+            state["t"], state["o"] = apply(state["t"], state["o"], grads)
+            self.jax.block_until_ready(state["t"])
+
+        return step
 
 
-def optimizer_step(tf, keras, optimizer, shapes, grads, jit_compile):
-    """A compiled function applying one step of `optimizer` to fresh variables."""
-    variables = [keras.Variable(tf.random.normal(s, seed=i)) for i, s in enumerate(shapes)]
-    optimizer.build(variables)
+class TorchHarness:
+    """Eager optimizer.apply, as Keras's torch trainer runs it."""
 
-    @tf.function(jit_compile=jit_compile)
-    def step():
-        optimizer.apply(grads, variables)
+    xla_modes = (False,)
+    sparse = False
 
-    return step
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def bandwidth(self, repeats, min_seconds):
+        torch, n = self.torch, 64 * 1024 * 1024
+        a = torch.zeros(n, device=self.device)
+        b = torch.ones(n, device=self.device)
+
+        def step():
+            a.add_(b)
+            self._sync()
+
+        return 3 * 4 * n / (statistics.median(time_repeats(step, repeats, min_seconds)) / 1e3) / 1e9
+
+    def gradients(self, case, shapes):
+        gen = self.torch.Generator(device=self.device).manual_seed(100)
+        return [self.torch.randn(s, generator=gen, device=self.device) for s in shapes]
+
+    def step(self, keras, optimizer, shapes, grads, xla):
+        gen = self.torch.Generator(device=self.device).manual_seed(0)
+        variables = [keras.Variable(self.torch.randn(s, generator=gen, device=self.device))
+                     for s in shapes]
+        optimizer.build(variables)
+
+        def step():
+            optimizer.apply(grads, variables)
+            self._sync()
+
+        return step
+
+
+HARNESSES = {"tensorflow": TensorFlowHarness, "jax": JaxHarness, "torch": TorchHarness}
 
 
 def run(args):
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
-    import tensorflow as tf
 
     import keras_adam
 
-    progress("measuring memory bandwidth ...")
-    bandwidth = measure_bandwidth(tf, args.repeats, args.min_seconds)
+    harness = HARNESSES[args.backend]()
+    progress(f"backend {args.backend}; measuring memory bandwidth ...")
+    bandwidth = harness.bandwidth(args.repeats, args.min_seconds)
     progress(f"  {bandwidth:.1f} GB/s")
-    xla_modes = {"both": [False, True], "off": [False], "on": [True]}[args.xla]
+    wanted = {"both": (False, True), "off": (False,), "on": (True,)}[args.xla]
     results = []
     for case in args.cases:
+        if case == "embedding" and not harness.sparse:
+            progress(f"{case:>10}: skipped ({args.backend} has no sparse gradients)")
+            continue
         shapes = CASES[case]
         params = sum(int(_prod(s)) for s in shapes)
-        grads = gradients(tf, case, shapes)
+        grads = harness.gradients(case, shapes)
         variants = VARIANTS.get(case, DEFAULT_VARIANTS)
+        xla_modes = [x for x in harness.xla_modes if x in wanted]
         # The sparse case is about the default (non-XLA) path that model.fit
         # takes for embeddings on CPU; it runs without XLA only.
-        for xla in xla_modes if case != "embedding" else [False]:
+        if case == "embedding":
+            xla_modes = [False]
+        for xla in xla_modes:
             progress(f"{case:>10} xla={'on' if xla else 'off'} ...")
-            steps = {name: optimizer_step(tf, keras, keras_adam.Adam(**kwargs), shapes, grads, xla)
+            steps = {name: harness.step(keras, keras_adam.Adam(**kwargs), shapes, grads, xla)
                      for name, kwargs in variants.items()}
-            steps["builtin"] = optimizer_step(
-                tf, keras, keras.optimizers.Adam(), shapes, grads, xla)
+            steps["builtin"] = harness.step(keras, keras.optimizers.Adam(), shapes, grads, xla)
             timings = time_interleaved(steps, args.repeats, args.min_seconds)
             builtin = statistics.median(timings["builtin"])
             for name, kwargs in variants.items():
@@ -191,9 +295,15 @@ def run(args):
                 })
     return {
         "backend": args.backend, "bandwidth_gb_per_s": bandwidth, "repeats": args.repeats,
-        "cpus": os.cpu_count(), "keras": keras.__version__, "tensorflow": tf.__version__,
+        "cpus": os.cpu_count(), "keras": keras.__version__,
+        "framework": _framework_version(args.backend),
         "keras_adam": keras_adam.__version__, "results": results,
     }
+
+
+def _framework_version(backend):
+    module = __import__(backend)
+    return f"{backend} {module.__version__}"
 
 
 def _prod(shape):
@@ -210,7 +320,7 @@ def _summary(samples):
 def format_table(report):
     lines = [
         f"backend {report['backend']}, {report['cpus']} CPUs, keras {report['keras']}, "
-        f"tensorflow {report['tensorflow']}; measured bandwidth "
+        f"{report['framework']}; measured bandwidth "
         f"{report['bandwidth_gb_per_s']:.1f} GB/s; {report['repeats']} repeats",
         "",
         "| case | variant | XLA | params | keras_adam ms (min-max) | built-in ms (min-max) "
