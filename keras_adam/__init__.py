@@ -1,9 +1,10 @@
 """keras_adam: Kingma & Ba's Adam for Keras 3.
 
 Public API: `Adam`, `AdamW`, `LazyAdam`, `__version__`. The float64 NumPy oracle is
-`keras_adam.reference`.
+`keras_adam.reference`; diagnostics are in `keras_adam.callbacks` (`AdamMonitor`).
 """
 
+from keras_adam import callbacks
 from keras_adam.optimizer import Adam, AdamW, LazyAdam
 
 __version__ = "0.1.0"

@@ -69,30 +69,38 @@ def _log(beta):
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
-def first_moment_estimate(m, g, beta_1, one_minus_beta_1, c1, c1_next, nesterov):
-    """m_hat, the bias-corrected first moment.
+def first_moment_numerator(m, g, beta_1, one_minus_beta_1, c1, c1_next, nesterov):
+    """c1 * m_hat: the first-moment estimate before division by c1.
 
-    Plain Adam:  m_hat = m / c1
+    Plain Adam:  m_hat = m / c1, so c1 * m_hat = m.
     Nesterov:    m_hat = beta_1 * m / c1_next + (1 - beta_1) * g / c1
-    (Dozat 2016, NAdam without the momentum schedule: the look-ahead uses the
-    momentum that step t+1 would apply, each term corrected by its own factor.)
+                 (Dozat 2016, NAdam without the momentum schedule: the
+                 look-ahead uses the momentum step t+1 would apply), so
+                 c1 * m_hat = (beta_1 * c1 / c1_next) * m + (1 - beta_1) * g.
+    The 1/c1 is folded into the step size (see `step_size`).
     """
     if not nesterov:
-        return m / c1
-    return beta_1 * m / c1_next + one_minus_beta_1 * g / c1
+        return m
+    return (beta_1 * c1 / c1_next) * m + one_minus_beta_1 * g
 
 
-def denominator(v, c2, epsilon, epsilon_placement):
-    """D, the divisor of m_hat, for the chosen placement of epsilon.
+def step_size(lr, c1, c2, epsilon, epsilon_placement):
+    """(alpha, epsilon') such that lr * m_hat / D = alpha * (c1 * m_hat) / (sqrt(v) + epsilon').
 
     "hat"   (Keras, TensorFlow kernels; the epsilon-hat of section 2):
             D = (sqrt(v) + epsilon) / sqrt(c2)
+            => alpha = lr * sqrt(c2) / c1,  epsilon' = epsilon
     "paper" (Algorithm 1; PyTorch, optax):
-            D = sqrt(v / c2) + epsilon
+            D = sqrt(v / c2) + epsilon = (sqrt(v) + epsilon * sqrt(c2)) / sqrt(c2)
+            => alpha = lr * sqrt(c2) / c1,  epsilon' = epsilon * sqrt(c2)
 
     The two agree when epsilon = 0; otherwise "hat" acts as a larger epsilon
-    early in training, epsilon / sqrt(c2).
+    early in training, epsilon / sqrt(c2). Folding the scalars leaves one
+    division per element instead of three, which is what XLA and the
+    elementwise kernels then execute.
     """
-    if epsilon_placement == "hat":
-        return (ops.sqrt(v) + epsilon) / ops.sqrt(c2)
-    return ops.sqrt(v / c2) + epsilon
+    sqrt_c2 = ops.sqrt(c2)
+    alpha = lr * sqrt_c2 / c1
+    if epsilon_placement == "paper":
+        epsilon = epsilon * sqrt_c2
+    return alpha, epsilon

@@ -232,7 +232,10 @@ class TorchHarness:
         optimizer.build(variables)
 
         def step():
-            optimizer.apply(grads, variables)
+            # As Keras's torch trainer applies gradients: without autograd
+            # recording (the trainable variables are Parameters).
+            with self.torch.no_grad():
+                optimizer.apply(grads, variables)
             self._sync()
 
         return step
@@ -242,11 +245,15 @@ HARNESSES = {"tensorflow": TensorFlowHarness, "jax": JaxHarness, "torch": TorchH
 
 
 def run(args):
-    os.environ["KERAS_BACKEND"] = args.backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
     import keras_adam
+
+    if keras.backend.backend() != args.backend:
+        raise RuntimeError(
+            f"Keras runs on {keras.backend.backend()!r}, not {args.backend!r}: "
+            "run through main(), which restarts with KERAS_BACKEND set"
+        )
 
     harness = HARNESSES[args.backend]()
     progress(f"backend {args.backend}; measuring memory bandwidth ...")
@@ -341,6 +348,16 @@ def format_table(report):
 
 def main(argv=None):
     args = parse_args(argv)
+    import keras
+
+    if keras.backend.backend() != args.backend:
+        # `python -m keras_adam.benchmark` imports keras_adam, and so Keras,
+        # before the arguments are read; the backend is fixed at that import.
+        # Start again with KERAS_BACKEND set.
+        env = {**os.environ, "KERAS_BACKEND": args.backend}
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "keras_adam.benchmark", *argv], env)
     report = run(args)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
 

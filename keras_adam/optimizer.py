@@ -282,7 +282,10 @@ class Adam(Optimizer):
         """One Adam step in `keras.ops`: the specification of the rule.
 
         Implements the equations of the class docstring, in their order, on
-        any Keras backend. Every fast path is tested equal to this method.
+        any Keras backend; the last line is lr * m_hat / D with its scalar
+        factors gathered (the identity is in `_rule.step_size`), since XLA
+        compiles the arithmetic as written. Every fast path, and this method,
+        is tested against the float64 `keras_adam.reference`.
         """
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
@@ -297,11 +300,13 @@ class Adam(Optimizer):
             v = v_max
 
         c1, c2, c1_next = self.bias_factors(dtype)
-        m_hat = _rule.first_moment_estimate(
+        # theta <- theta - lr * m_hat / D, with the scalars 1/c1, sqrt(c2) and
+        # the epsilon placement folded into alpha and epsilon' (_rule.step_size).
+        alpha, epsilon = _rule.step_size(lr, c1, c2, epsilon, self.epsilon_placement)
+        numerator = _rule.first_moment_numerator(
             m, g, beta_1, one_minus_beta_1, c1, c1_next, self.nesterov
         )
-        denom = _rule.denominator(v, c2, epsilon, self.epsilon_placement)
-        self.assign_sub(variable, lr * m_hat / denom)
+        self.assign_sub(variable, alpha * numerator / (ops.sqrt(v) + epsilon))
 
     def get_config(self):
         config = super().get_config()

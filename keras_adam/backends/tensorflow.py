@@ -73,15 +73,14 @@ def update(optimizer, gradient, variable, learning_rate):
 
 
 def _kernel_scalars(optimizer, learning_rate, dtype):
-    """lr' = lr * sqrt(c2) / c1 and epsilon' (eps, or eps * sqrt(c2) for "paper")."""
+    """lr' and epsilon' of the module docstring (the identity of `_rule.step_size`)."""
     c1, c2, _ = optimizer.bias_factors(dtype)
-    sqrt_c2 = ops.sqrt(c2)
-    lr = ops.cast(learning_rate, dtype) * sqrt_c2 / c1
     # tf.constant, not ops.cast: keras.ops.cast(1e-7, "float64") passes the
     # Python float through float32 first (measured: 1.2e-8 relative error).
     epsilon = tf.constant(optimizer.epsilon, dtype)
-    if optimizer.epsilon_placement == "paper":
-        epsilon = epsilon * sqrt_c2
+    lr, epsilon = _rule.step_size(
+        ops.cast(learning_rate, dtype), c1, c2, epsilon, optimizer.epsilon_placement
+    )
     return (lr, epsilon, tf.constant(optimizer.beta_1, dtype),
             tf.constant(optimizer.beta_2, dtype), tf.zeros((), dtype))
 
@@ -120,12 +119,12 @@ def lazy_update(optimizer, gradient, variable, learning_rate):
         optimizer.assign(v_max, tf.IndexedSlices(v_rows, rows))
 
     c1, c2, c1_next = optimizer.bias_factors(dtype)
-    m_hat = _rule.first_moment_estimate(
+    lr = ops.cast(learning_rate, dtype)
+    alpha, epsilon = _rule.step_size(lr, c1, c2, epsilon, optimizer.epsilon_placement)
+    numerator = _rule.first_moment_numerator(
         m_rows, g, beta_1, one_minus_beta_1, c1, c1_next, optimizer.nesterov
     )
-    denom = _rule.denominator(v_rows, c2, epsilon, optimizer.epsilon_placement)
-    lr = ops.cast(learning_rate, dtype)
-    step = lr * m_hat / denom
+    step = alpha * numerator / (tf.sqrt(v_rows) + epsilon)
     if optimizer.decays(variable):
         # Keras decays before the step; both are subtracted from the same theta_r.
         step += tf.gather(variable, rows) * ops.cast(optimizer.weight_decay, dtype) * lr
