@@ -28,6 +28,8 @@ import statistics
 import sys
 import time
 
+import numpy as np
+
 BYTES_PER_PARAMETER = 28
 CASES = {
     # name: list of variable shapes
@@ -36,6 +38,8 @@ CASES = {
     "mlp": [(784, 512), (512,), (512, 512), (512,), (512, 10), (10,)],
     # One embedding table; its gradient is a tf.IndexedSlices of ~1,000 rows.
     "embedding": [(1_000_000, 64)],
+    # Not an optimizer step: the epoch-time cost of keras_adam.callbacks.AdamMonitor.
+    "monitor": [],
 }
 EMBEDDING_ROWS = 1000
 # The variants of keras_adam each case compares with the built-in.
@@ -260,8 +264,12 @@ def run(args):
     bandwidth = harness.bandwidth(args.repeats, args.min_seconds)
     progress(f"  {bandwidth:.1f} GB/s")
     wanted = {"both": (False, True), "off": (False,), "on": (True,)}[args.xla]
-    results = []
+    results, monitor = [], None
     for case in args.cases:
+        if case == "monitor":
+            progress("   monitor: AdamMonitor on the mlp model's epochs ...")
+            monitor = monitor_overhead(keras, keras_adam, args.repeats)
+            continue
         if case == "embedding" and not harness.sparse:
             progress(f"{case:>10}: skipped ({args.backend} has no sparse gradients)")
             continue
@@ -304,8 +312,36 @@ def run(args):
         "backend": args.backend, "bandwidth_gb_per_s": bandwidth, "repeats": args.repeats,
         "cpus": os.cpu_count(), "keras": keras.__version__,
         "framework": _framework_version(args.backend),
-        "keras_adam": keras_adam.__version__, "results": results,
+        "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor,
     }
+
+
+def monitor_overhead(keras, keras_adam, repeats):
+    """Epoch time of the mlp case's model under model.fit, with and without AdamMonitor.
+
+    Dense 784-512-512-10 on 4,096 synthetic samples, batch 128 (32 steps an
+    epoch); epochs alternate between the two, one epoch each per repeat.
+    """
+    from keras_adam.callbacks import AdamMonitor
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4096, 784)).astype("float32")
+    y = rng.integers(0, 10, size=4096)
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(512, activation="relu"),
+                              keras.layers.Dense(512, activation="relu"), keras.layers.Dense(10)])
+    model.compile(optimizer=keras_adam.Adam(),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=128, epochs=1, verbose=0)  # trace and build
+    samples = {"without": [], "with": []}
+    for r in range(repeats):
+        for label in ("without", "with") if r % 2 == 0 else ("with", "without"):
+            callbacks = [AdamMonitor()] if label == "with" else []
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=128, epochs=1, verbose=0, callbacks=callbacks)
+            samples[label].append((time.perf_counter() - start) * 1e3)
+    without, with_ = (statistics.median(samples[k]) for k in ("without", "with"))
+    return {"epoch_ms_without": _summary(samples["without"]),
+            "epoch_ms_with": _summary(samples["with"]), "overhead": with_ / without - 1}
 
 
 def _framework_version(backend):
@@ -343,6 +379,13 @@ def format_table(report):
             f"| {r['speedup']:.2f}x | {r['keras_adam_gb_per_s']:.1f} "
             f"| {100 * r['fraction_of_bandwidth']:.0f}% | {r['roofline_ms']:.2f} |"
         )
+    monitor = report.get("monitor")
+    if monitor:
+        w, wo = monitor["epoch_ms_with"], monitor["epoch_ms_without"]
+        lines += ["", f"AdamMonitor on the mlp model (32 steps an epoch): epoch "
+                  f"{wo['median']:.0f} ms ({wo['min']:.0f}-{wo['max']:.0f}) without, "
+                  f"{w['median']:.0f} ms ({w['min']:.0f}-{w['max']:.0f}) with: "
+                  f"overhead {100 * monitor['overhead']:+.1f}%"]
     return "\n".join(lines)
 
 
