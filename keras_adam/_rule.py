@@ -104,3 +104,17 @@ def step_size(lr, c1, c2, epsilon, epsilon_placement):
     if epsilon_placement == "paper":
         epsilon = epsilon * sqrt_c2
     return alpha, epsilon
+
+
+def guarded_step(scaled_numerator, sqrt_v, epsilon, epsilon_value):
+    """scaled_numerator / (sqrt(v) + epsilon'), and 0 where that is 0/0.
+
+    With epsilon = 0, a coordinate whose v is 0 (its gradients were all zero,
+    or underflowed) would give 0/0 = NaN, which keras.optimizers.Adam returns.
+    No gradient means no step, so the step is defined as 0 there. With
+    epsilon > 0 the denominator is never 0 and no guard is built.
+    """
+    step = scaled_numerator / (sqrt_v + epsilon)
+    if epsilon_value > 0:
+        return step
+    return ops.where(sqrt_v > 0, step, ops.zeros_like(step))

@@ -15,6 +15,7 @@ from keras_adam import serialization
 
 
 SPARSE_UPDATES = ("exact", "lazy")
+MOMENT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @serialization.register
@@ -88,6 +89,14 @@ class Adam(Optimizer):
             bit. Dense gradients, and every gradient on JAX and torch (which
             have no IndexedSlices), always get the standard update. Defaults
             to `"exact"`.
+        moment_dtype: `None`, `"float32"`, `"bfloat16"` or `"float16"`. The
+            dtype in which m, v (and v_max) are stored. `None` keeps each in
+            its variable's dtype, as `keras.optimizers.Adam` does. Otherwise
+            the update is computed in float32 (float64 for float64
+            variables) and the moments are cast to this dtype when stored:
+            `"float32"` for bfloat16/float16 variables (accuracy),
+            `"bfloat16"` for float32 variables (half the optimizer's memory).
+            Defaults to `None`.
         fused: `None`, `True` or `False`. Whether to update each variable with
             TensorFlow's fused kernel (`ResourceApplyAdam`), one pass over
             memory instead of about ten. `None` uses it wherever it computes
@@ -135,6 +144,7 @@ class Adam(Optimizer):
         bias_correction=True,
         epsilon_placement="hat",
         sparse_updates="exact",
+        moment_dtype=None,
         fused=None,
         weight_decay=None,
         clipnorm=None,
@@ -174,6 +184,10 @@ class Adam(Optimizer):
         self.sparse_updates = check.choice(
             "sparse_updates", sparse_updates, SPARSE_UPDATES
         )
+        self.moment_dtype = (
+            None if moment_dtype is None
+            else check.choice("moment_dtype", moment_dtype, MOMENT_DTYPES)
+        )
         self.fused = check.optional_boolean("fused", fused)
         self._per_step = PerStepCache()
         # None selects the portable path (and raises if fused=True cannot hold).
@@ -191,14 +205,36 @@ class Adam(Optimizer):
             return
         if self.fused:
             for variable in var_list:
-                reason = backends.unsupported_dtype_reason(variable)
+                reason = backends.unsupported_dtype_reason(variable, self.moment_dtype)
                 if reason is not None:
                     raise ValueError(f"`fused=True` is not possible: {reason}.")
         super().build(var_list)
-        self._m, self._v = self.add_optimizer_variables(var_list, ["m", "v"])
-        self._v_max = (
-            self.add_optimizer_variables(var_list, "v_max") if self.amsgrad else None
-        )
+        self._m, self._v = self._add_moments(var_list, ["m", "v"])
+        self._v_max = self._add_moments(var_list, ["v_max"])[0] if self.amsgrad else None
+
+    def _add_moments(self, var_list, names):
+        """One slot per variable and name (interleaved by variable, as Keras does)."""
+        if self.moment_dtype is None:
+            return self.add_optimizer_variables(var_list, names)
+        slots = tuple([] for _ in names)
+        for variable in var_list:
+            for i, name in enumerate(names):
+                if self._overwrite_variable_with_gradient(variable):
+                    slots[i].append(None)
+                    continue
+                slots[i].append(self.add_variable(
+                    shape=variable.shape,
+                    dtype=self.moment_dtype,
+                    name=f"{variable.path.replace('/', '_')}_{name}",
+                    layout=getattr(variable, "_layout", None),
+                ))
+        return slots
+
+    def compute_dtype(self, variable_dtype):
+        """The dtype of the update's arithmetic for a variable of `variable_dtype`."""
+        if self.moment_dtype is None:
+            return variable_dtype
+        return "float64" if variable_dtype == "float64" else "float32"
 
     def slots(self, variable):
         """The (m, v, v_max) slots of a model variable; v_max is None without amsgrad."""
@@ -287,26 +323,29 @@ class Adam(Optimizer):
         compiles the arithmetic as written. Every fast path, and this method,
         is tested against the float64 `keras_adam.reference`.
         """
-        dtype = variable.dtype
+        dtype = self.compute_dtype(variable.dtype)  # the variable's, unless moment_dtype
         lr = ops.cast(learning_rate, dtype)
         g = ops.cast(gradient, dtype)
         m, v, v_max = self.slots(variable)
         beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon = self.coefficients(dtype)
 
-        self.assign(m, beta_1 * m + one_minus_beta_1 * g)
-        self.assign(v, beta_2 * v + one_minus_beta_2 * ops.square(g))
+        m_t = beta_1 * ops.cast(m, dtype) + one_minus_beta_1 * g
+        v_t = beta_2 * ops.cast(v, dtype) + one_minus_beta_2 * ops.square(g)
+        self.assign(m, ops.cast(m_t, m.dtype))
+        self.assign(v, ops.cast(v_t, v.dtype))
         if self.amsgrad:
-            self.assign(v_max, ops.maximum(v_max, v))
-            v = v_max
+            v_t = ops.maximum(ops.cast(v_max, dtype), v_t)
+            self.assign(v_max, ops.cast(v_t, v_max.dtype))
 
         c1, c2, c1_next = self.bias_factors(dtype)
         # theta <- theta - lr * m_hat / D, with the scalars 1/c1, sqrt(c2) and
         # the epsilon placement folded into alpha and epsilon' (_rule.step_size).
         alpha, epsilon = _rule.step_size(lr, c1, c2, epsilon, self.epsilon_placement)
         numerator = _rule.first_moment_numerator(
-            m, g, beta_1, one_minus_beta_1, c1, c1_next, self.nesterov
+            m_t, g, beta_1, one_minus_beta_1, c1, c1_next, self.nesterov
         )
-        self.assign_sub(variable, alpha * numerator / (ops.sqrt(v) + epsilon))
+        step = _rule.guarded_step(alpha * numerator, ops.sqrt(v_t), epsilon, self.epsilon)
+        self.assign_sub(variable, ops.cast(step, variable.dtype))
 
     def get_config(self):
         config = super().get_config()
@@ -320,6 +359,7 @@ class Adam(Optimizer):
                 "bias_correction": self.bias_correction,
                 "epsilon_placement": self.epsilon_placement,
                 "sparse_updates": self.sparse_updates,
+                "moment_dtype": self.moment_dtype,
                 "fused": self.fused,
             }
         )

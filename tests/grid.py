@@ -67,6 +67,9 @@ HYPERPARAMETER_ROWS = [
     ("fused-nesterov-uncorrected", dict(fused=None, nesterov=True, bias_correction=False)),
     # Dense gradients get the standard update in either sparse mode.
     ("lazy-dense-gradients", dict(sparse_updates="lazy")),
+    # Moments stored apart from the variable (float32 here: the same numbers;
+    # bfloat16 moments have their own tolerance in test_precision.py).
+    ("moment-float32-amsgrad", dict(moment_dtype="float32", amsgrad=True)),
 ]
 
 GRID = list(_switch_rows()) + HYPERPARAMETER_ROWS

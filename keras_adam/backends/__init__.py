@@ -18,12 +18,15 @@ import numpy as np
 FUSED_DTYPES = ("float32", "float64")
 
 
-def unsupported_dtype_reason(variable):
-    """Why no fused kernel may update `variable`, judged by dtype, or None."""
+def unsupported_dtype_reason(variable, moment_dtype=None):
+    """Why no fused kernel may update `variable`, judged by dtypes, or None."""
     dtype = keras.backend.standardize_dtype(variable.dtype)
+    name = getattr(variable, "path", None) or getattr(variable, "name", "?")
     if dtype not in FUSED_DTYPES:
-        name = getattr(variable, "path", None) or getattr(variable, "name", "?")
         return f"the fused kernels are exact only for {FUSED_DTYPES}; variable {name!r} is {dtype}"
+    if moment_dtype is not None and moment_dtype != dtype:
+        return (f"the fused kernels keep m and v in the variable's dtype; variable {name!r} "
+                f"is {dtype} and moment_dtype={moment_dtype!r}")
     return None
 
 
@@ -34,6 +37,8 @@ def fused_unavailable_reason(optimizer):
     (dtype, XLA) are checked by the backend module at each step.
     """
     backend = keras.backend.backend()
+    if optimizer.epsilon == 0:
+        return "with epsilon=0 the kernels return NaN where v = 0; the portable path steps 0 there"
     if backend == "torch":
         if optimizer.nesterov:
             return "torch._fused_adam_ has no Nesterov option"

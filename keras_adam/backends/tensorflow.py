@@ -46,7 +46,7 @@ def applies(optimizer, gradient, variable):
         return False
     if optimizer.amsgrad and _in_xla_context():
         return False
-    return backends.unsupported_dtype_reason(variable) is None
+    return backends.unsupported_dtype_reason(variable, optimizer.moment_dtype) is None
 
 
 def trace_key():
@@ -105,18 +105,21 @@ def lazy_update(optimizer, gradient, variable, learning_rate):
     """
     gradient = deduplicate(gradient)  # again: an all-reduce may concatenate replicas' rows
     rows = gradient.indices
-    dtype = variable.dtype
+    dtype = optimizer.compute_dtype(variable.dtype)
     g = tf.cast(gradient.values, dtype)
     m, v, v_max = optimizer.slots(variable)
     beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon = optimizer.coefficients(dtype)
 
-    m_rows = beta_1 * tf.gather(m.value, rows) + one_minus_beta_1 * g
-    v_rows = beta_2 * tf.gather(v.value, rows) + one_minus_beta_2 * tf.square(g)
-    optimizer.assign(m, tf.IndexedSlices(m_rows, rows))
-    optimizer.assign(v, tf.IndexedSlices(v_rows, rows))
+    def rows_of(slot):
+        return tf.cast(tf.gather(slot.value, rows), dtype)
+
+    m_rows = beta_1 * rows_of(m) + one_minus_beta_1 * g
+    v_rows = beta_2 * rows_of(v) + one_minus_beta_2 * tf.square(g)
+    optimizer.assign(m, tf.IndexedSlices(tf.cast(m_rows, m.dtype), rows))
+    optimizer.assign(v, tf.IndexedSlices(tf.cast(v_rows, v.dtype), rows))
     if optimizer.amsgrad:
-        v_rows = tf.maximum(tf.gather(v_max.value, rows), v_rows)
-        optimizer.assign(v_max, tf.IndexedSlices(v_rows, rows))
+        v_rows = tf.maximum(rows_of(v_max), v_rows)
+        optimizer.assign(v_max, tf.IndexedSlices(tf.cast(v_rows, v_max.dtype), rows))
 
     c1, c2, c1_next = optimizer.bias_factors(dtype)
     lr = ops.cast(learning_rate, dtype)
@@ -124,8 +127,9 @@ def lazy_update(optimizer, gradient, variable, learning_rate):
     numerator = _rule.first_moment_numerator(
         m_rows, g, beta_1, one_minus_beta_1, c1, c1_next, optimizer.nesterov
     )
-    step = alpha * numerator / (tf.sqrt(v_rows) + epsilon)
+    step = _rule.guarded_step(alpha * numerator, tf.sqrt(v_rows), epsilon, optimizer.epsilon)
     if optimizer.decays(variable):
         # Keras decays before the step; both are subtracted from the same theta_r.
-        step += tf.gather(variable, rows) * ops.cast(optimizer.weight_decay, dtype) * lr
-    optimizer.assign_sub(variable, tf.IndexedSlices(step, rows))
+        theta_rows = tf.cast(tf.gather(variable, rows), dtype)
+        step += theta_rows * ops.cast(optimizer.weight_decay, dtype) * lr
+    optimizer.assign_sub(variable, tf.IndexedSlices(tf.cast(step, variable.dtype), rows))

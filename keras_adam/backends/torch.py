@@ -31,7 +31,11 @@ _NO_BIAS_CORRECTION_STEP = 2.0**40
 
 
 def eligible(optimizer, variable):
-    return not optimizer.nesterov and backends.unsupported_dtype_reason(variable) is None
+    return (
+        not optimizer.nesterov
+        and optimizer.epsilon > 0
+        and backends.unsupported_dtype_reason(variable, optimizer.moment_dtype) is None
+    )
 
 
 def fused_update(optimizer, grads, variables, learning_rate):
