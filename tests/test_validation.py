@@ -35,6 +35,8 @@ ERRORS = [
      r"`sparse_updates` must be one of \('exact', 'lazy'\)\. Received: sparse_updates='dense'"),
     ("moment-dtype-unknown", dict(moment_dtype="float8"), ValueError,
      r"`moment_dtype` must be one of \('float32', 'bfloat16', 'float16'\)"),
+    ("fused-epsilon-zero", dict(fused=True, epsilon=0.0), ValueError,
+     r"`fused=True` is not possible: with epsilon=0"),
     ("fused-string", dict(fused="auto"), TypeError, r"`fused` must be a bool"),
     ("unknown-kwarg", dict(betas=(0.9, 0.999)), ValueError, r"betas"),
     ("two-clips", dict(clipnorm=1.0, clipvalue=1.0), ValueError, r"clipnorm.*clipvalue"),
