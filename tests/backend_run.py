@@ -2,6 +2,7 @@
 
 Not a test file: tests/test_cross_backend.py runs it in subprocesses, because
 the Keras backend and JAX's device count are fixed when they are first imported.
+tests/test_persistence.py imports its model, data and training loop.
 
     KERAS_BACKEND=A python backend_run.py save DIR      train 5 steps, save DIR/model.keras and
                                                         DIR/saved.npz; train 4 more: DIR/continued.npz

@@ -16,10 +16,11 @@ import pytest
 
 import keras_adam
 
-N, M = 5, 4  # steps before saving, steps after loading
-rng = np.random.default_rng(0)
-X = rng.normal(size=((N + M) * 16, 4)).astype("float32")
-Y = np.tanh(X @ rng.normal(size=(4, 1))).astype("float32")
+# The model, data and steps are those of the cross-backend helper: N steps
+# before saving, M after loading, batches of 16.
+from backend_run import BATCH, M, N, X, Y  # noqa: E402
+from backend_run import model_with as _model  # noqa: E402
+from backend_run import train as _train  # noqa: E402
 
 
 def _schedule():
@@ -39,21 +40,6 @@ STATES = [
 ]
 IDS = [s[0] for s in STATES]
 FACTORIES = [s[1] for s in STATES]
-
-
-def _model(optimizer):
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
-                              keras.layers.Dense(1)])
-    init = np.random.default_rng(1)
-    model.set_weights([init.normal(scale=0.5, size=w.shape).astype("float32")
-                       for w in model.get_weights()])
-    model.compile(optimizer=optimizer, loss="mse")
-    return model
-
-
-def _train(model, first, last):
-    for step in range(first, last):
-        model.train_on_batch(X[16 * step:16 * (step + 1)], Y[16 * step:16 * (step + 1)])
 
 
 def _state(model):
@@ -146,13 +132,13 @@ def test_saved_model_training_step_continues_the_run(tmp_path):
     original = Trainer(model, model.optimizer)
     model.optimizer.build(model.trainable_variables)
     for step in range(N):
-        original.train(X[16 * step:16 * (step + 1)], Y[16 * step:16 * (step + 1)])
+        original.train(X[BATCH * step:BATCH * (step + 1)], Y[BATCH * step:BATCH * (step + 1)])
     tf.saved_model.save(original, str(tmp_path / "trainer"))
     restored = tf.saved_model.load(str(tmp_path / "trainer"))
     _assert_identical([t.numpy() for t in restored.state()], [t.numpy() for t in original.state()])
 
     for step in range(N, N + M):
-        batch = (X[16 * step:16 * (step + 1)], Y[16 * step:16 * (step + 1)])
+        batch = (X[BATCH * step:BATCH * (step + 1)], Y[BATCH * step:BATCH * (step + 1)])
         original.train(*batch)
         restored.train(*batch)
     _assert_identical([t.numpy() for t in restored.state()], [t.numpy() for t in original.state()])
