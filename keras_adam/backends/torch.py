@@ -31,9 +31,13 @@ _NO_BIAS_CORRECTION_STEP = 2.0**40
 
 
 def eligible(optimizer, variable):
+    # Under torch.compile (Keras's jit_compile=True on torch) the in-place
+    # multi-tensor kernel fails Inductor's functionalization; the compiler
+    # fuses the portable ops itself, so those steps take the portable path.
     return (
         not optimizer.nesterov
         and optimizer.epsilon > 0
+        and not torch.compiler.is_compiling()
         and backends.unsupported_dtype_reason(variable, optimizer.moment_dtype) is None
     )
 
