@@ -139,7 +139,9 @@ def multi_tensor_update(optimizer, grads, variables, learning_rate):
         return pairs
     from keras_adam.backends import torch
 
-    mine = [(g, v) for g, v in pairs if torch.eligible(optimizer, v)]
+    mine, rest = [], []
+    for g, v in pairs:
+        (mine if torch.eligible(optimizer, v) else rest).append((g, v))
     if mine:
         torch.fused_update(optimizer, *zip(*mine), learning_rate)
-    return [(g, v) for g, v in pairs if not torch.eligible(optimizer, v)]
+    return rest
