@@ -9,4 +9,4 @@ from keras_adam.optimizer import Adam, AdamW, LazyAdam
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "LazyAdam", "__version__"]
+__all__ = ["Adam", "AdamW", "LazyAdam", "callbacks", "__version__"]
