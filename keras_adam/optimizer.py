@@ -114,10 +114,12 @@ class Adam(Optimizer):
 
     Raises:
         ValueError: if learning_rate is negative or NaN, beta_1 or beta_2 is
-            outside [0, 1), epsilon or weight_decay is negative, or
-            epsilon_placement is unknown.
+            outside [0, 1), epsilon or weight_decay is negative,
+            epsilon_placement, sparse_updates or moment_dtype is unknown, or
+            fused=True where no fused kernel computes the rule (at `build`
+            for what depends on the variables).
         TypeError: if learning_rate is not a number, schedule or callable, or
-            amsgrad, nesterov or bias_correction is not a bool.
+            amsgrad, nesterov, bias_correction or fused is not a bool.
 
     Example:
 
