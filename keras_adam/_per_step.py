@@ -22,6 +22,11 @@ class PerStepCache:
         if self._open == 0:
             self._values.clear()
 
+    def put(self, key, value):
+        """Stores `value` for the `apply` in progress (ignored outside one)."""
+        if self._open:
+            self._values[key] = value
+
     def get(self, key, compute):
         """`compute()`, cached under `key` while an `apply` is in progress."""
         if not self._open:

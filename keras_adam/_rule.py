@@ -12,12 +12,12 @@ from keras import ops
 EPSILON_PLACEMENTS = ("hat", "paper")
 
 
-def compute_dtype(dtype):
-    """The dtype in which to evaluate beta^t for a variable of `dtype`.
+def wide_dtype(dtype):
+    """float32 at least: the dtype for arithmetic that `dtype` is too narrow for.
 
     beta_2^t rounds to exactly 1 in bfloat16 (and badly in float16) for the
     whole useful range of t, which would make c2 zero, so powers are taken in
-    float32 at least and cast afterwards.
+    this dtype and cast afterwards; with a `moment_dtype`, the whole update is.
     """
     return "float64" if dtype == "float64" else "float32"
 
@@ -53,7 +53,7 @@ def bias_factors(t, beta_1, beta_2, bias_correction, dtype):
     if not bias_correction:
         one = ops.ones((), dtype=dtype)
         return one, one, one
-    wide = compute_dtype(dtype)
+    wide = wide_dtype(dtype)
     t = ops.cast(t, wide)
     log_beta_1 = ops.convert_to_tensor(_log(beta_1), dtype=wide)
     log_beta_2 = ops.convert_to_tensor(_log(beta_2), dtype=wide)

@@ -236,7 +236,7 @@ class Adam(Optimizer):
         """The dtype of the update's arithmetic for a variable of `variable_dtype`."""
         if self.moment_dtype is None:
             return variable_dtype
-        return "float64" if variable_dtype == "float64" else "float32"
+        return _rule.wide_dtype(variable_dtype)
 
     def slots(self, variable):
         """The (m, v, v_max) slots of a model variable; v_max is None without amsgrad."""
@@ -259,7 +259,7 @@ class Adam(Optimizer):
                     for g, v in zip(grads, variables)
                     if backends.is_sparse(g)
                 }
-                self._per_step.get("lazily_updated", lambda: lazy)
+                self._per_step.put("lazily_updated", lazy)
             return super().apply(grads, trainable_variables)
         finally:
             self._per_step.close()
