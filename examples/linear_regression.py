@@ -28,6 +28,7 @@ def main():
     for i, w in enumerate(true_w):
         print(f"{'w' + str(i):>6}{w:>10.4f}{kernel[i, 0]:>10.4f}")
     print(f"{'b':>6}{true_b:>10.4f}{bias[0]:>10.4f}")
+    return {"true": np.append(true_w, true_b), "learned": np.append(kernel[:, 0], bias[0])}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Run:  python examples/mlp_regression.py
 Target y = X·[2, -1, 3] + 1.5 on 3 features; two Dense(64, relu) layers and
 one output. Both runs start from the same weights and see the same batches,
-so with default options the two losses agree to float32 rounding.
+so with default options the two losses differ only by float32 rounding, grown
+wherever a ReLU unit crosses its kink in one run and not the other (measured:
+1e-5 relative on TensorFlow, up to 2e-4 on torch).
 """
 
 import keras
@@ -43,6 +45,7 @@ def main():
         print(f"{label:<24} final loss {loss:.6e}")
     a, b = losses.values()
     print(f"relative difference: {abs(a - b) / b:.2e}")
+    return losses
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Times one optimizer step of keras_adam.Adam beside keras.optimizers.Adam.
 
 Run:  python -m keras_adam.benchmark [--cases large,many-small,mlp,embedding] [--repeats 15]
-                                      [--xla both|off|on] [--backend tensorflow|jax|torch] [--json]
+                                      [--xla both|off|on] [--backend tensorflow|jax|torch]
+                                      [--intra-op-threads N] [--json]
 
 Both optimizers run in the same process on the same variables' shapes, with
 gradients precomputed, so only the update is timed, the way each backend's
@@ -62,8 +63,16 @@ def parse_args(argv=None):
                         default=os.environ.get("KERAS_BACKEND", "tensorflow"),
                         help="Keras backend to benchmark (set before Keras is imported); "
                              "defaults to $KERAS_BACKEND, else tensorflow")
+    parser.add_argument("--intra-op-threads", type=int, default=None, metavar="N",
+                        help="TensorFlow only: tf.config.threading intra-op threads for the "
+                             "whole run (default: TensorFlow's choice, one per core)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
+    if args.intra_op_threads is not None:
+        if args.backend != "tensorflow":
+            parser.error("--intra-op-threads applies to --backend tensorflow only")
+        if args.intra_op_threads < 1:
+            parser.error(f"--intra-op-threads must be >= 1. Received: {args.intra_op_threads}")
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
@@ -121,9 +130,14 @@ class TensorFlowHarness:
     xla_modes = (False, True)
     sparse = True
 
-    def __init__(self):
+    def __init__(self, intra_op_threads=None):
         import tensorflow as tf
 
+        if intra_op_threads is not None:
+            # Process-wide, and only possible before TensorFlow's runtime starts.
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        # Read back, so the report shows what TensorFlow runs with (0: its default).
+        self.intra_op_threads = tf.config.threading.get_intra_op_parallelism_threads()
         self.tf = tf
 
     def bandwidth(self, repeats, min_seconds):
@@ -259,7 +273,8 @@ def run(args):
             "run through main(), which restarts with KERAS_BACKEND set"
         )
 
-    harness = HARNESSES[args.backend]()
+    options = {} if args.intra_op_threads is None else {"intra_op_threads": args.intra_op_threads}
+    harness = HARNESSES[args.backend](**options)
     progress(f"backend {args.backend}; measuring memory bandwidth ...")
     bandwidth = harness.bandwidth(args.repeats, args.min_seconds)
     progress(f"  {bandwidth:.1f} GB/s")
@@ -310,7 +325,8 @@ def run(args):
                 })
     return {
         "backend": args.backend, "bandwidth_gb_per_s": bandwidth, "repeats": args.repeats,
-        "cpus": os.cpu_count(), "keras": keras.__version__,
+        "cpus": os.cpu_count(), "intra_op_threads": getattr(harness, "intra_op_threads", None),
+        "keras": keras.__version__,
         "framework": _framework_version(args.backend),
         "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor,
     }
@@ -364,7 +380,9 @@ def format_table(report):
     lines = [
         f"backend {report['backend']}, {report['cpus']} CPUs, keras {report['keras']}, "
         f"{report['framework']}; measured bandwidth "
-        f"{report['bandwidth_gb_per_s']:.1f} GB/s; {report['repeats']} repeats",
+        f"{report['bandwidth_gb_per_s']:.1f} GB/s; {report['repeats']} repeats"
+        + (f"; intra-op threads {report['intra_op_threads']}"
+           if report.get("intra_op_threads") else ""),
         "",
         "| case | variant | XLA | params | keras_adam ms (min-max) | built-in ms (min-max) "
         "| speed-up | keras_adam GB/s | % of bandwidth | roofline ms |",

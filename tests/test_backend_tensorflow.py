@@ -33,7 +33,9 @@ FUSED_OPTIONS = [
 ]
 # The kernel forms 1 - beta_2 from float32(beta_2): v is off by up to 1.3e-5
 # relative, so each step by half of that, 6.5e-6 relative, on top of the usual
-# float32 drift of both paths (tests/grid.py). Measured: ~1e-7 on theta.
+# float32 drift of both paths (tests/grid.py). Measured on theta: 1.2e-7 with
+# the defaults, 9.5e-7 without bias correction (there c2 = 1 cannot follow the
+# kernel's beta_2).
 KERNEL_STEP_REL = 6.5e-6
 
 
@@ -83,6 +85,25 @@ def test_float64_fused_matches_portable_closely():
     portable, vp = _run({"fused": False}, "graph", "float64")
     for a, b in zip(vf, vp):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("placement", ["hat", "paper"])
+def test_fused_first_step_is_lr(placement):
+    # Paper, section 2.1: with bias correction, m_hat = g and v_hat = g^2 at
+    # step 1, so the step is lr * g / (|g| + eps_eff), with eps_eff = eps for
+    # "paper" and eps / sqrt(1 - beta_2) for "hat" (3.2e-6 at |g| = 1). The
+    # kernel runs beta_2' = float32(0.999), so this holds only if c2 is
+    # computed for that beta_2' too; with c2 for 0.999 the step is 1 + 6.4e-6
+    # times too large (the error this test caught). Tolerance: theta_1 in
+    # float32 after a few roundings (m, v, sqrt, lr', divide) of 6e-8: 1e-6.
+    g = np.array([1.0, -3.0, 250.0, -7e3], "float32")
+    theta = keras.Variable(np.zeros(4, "float32"))
+    optimizer = keras_adam.Adam(fused=True, epsilon_placement=placement)
+    optimizer.apply([tf.constant(g)], [theta])
+    assert "ResourceApplyAdam" in _op_types(keras_adam.Adam(), [keras.Variable(g)])
+    eps_eff = 1e-7 / np.sqrt(1 - 0.999) if placement == "hat" else 1e-7
+    g64 = g.astype("float64")
+    np.testing.assert_allclose(-theta.numpy() / 1e-3, g64 / (np.abs(g64) + eps_eff), rtol=1e-6)
 
 
 def _op_types(optimizer, variables, jit_compile=False, grads=None):
