@@ -20,14 +20,14 @@ The kernels take beta_1 and beta_2 as tensors of the variable's dtype, so in
 float32 they run Adam with beta' = float32(beta): 1 - float32(0.999) is 1.3e-5
 relative away from 0.001, and v follows beta_2' exactly. c1 and c2 are
 therefore computed for beta' (by `_rule.bias_factors`, accurate in float32),
-which makes v / c2 an unbiased estimate for the kernel's own beta_2': the first
-step is lr * sign(g) as the paper's, where c2 for 0.999 would scale it by
-1 + 6.4e-6 (and moved the final loss of examples/mlp_regression.py 1.9e-4
-relative away from the built-in's, instead of 1.1e-5). What
-remains is v's slightly different averaging weights, (1 - beta_2') beta_2'^k:
-v differs from the portable path's by up to 1.3e-5 relative. In float16 and
-bfloat16 the same rounding is 2% or total (beta_2 rounds to 1), so those
-dtypes use the portable path. In float64, beta' = beta.
+which keeps v / c2 an unbiased estimate for the beta_2' the kernel applies.
+The first step is then lr * sign(g), as in the paper; c2 for 0.999 would make
+it 1 + 6.4e-6 times that (and moved the final loss of
+examples/mlp_regression.py 1.9e-4 relative away from the built-in's, against
+1.1e-5 now). What remains is v's slightly different averaging weights,
+(1 - beta_2') beta_2'^k: v differs from the portable path's by up to 1.3e-5
+relative. In float16 and bfloat16 the same rounding is 2% or total (beta_2
+rounds to 1), so those dtypes use the portable path. In float64, beta' = beta.
 """
 
 import numpy as np
@@ -82,7 +82,8 @@ def update(optimizer, gradient, variable, learning_rate):
 
 def _kernel_scalars(optimizer, learning_rate, dtype):
     """lr' and epsilon' of the module docstring (the identity of `_rule.step_size`)."""
-    beta_1, beta_2 = (_as_kernel_sees(beta, dtype) for beta in (optimizer.beta_1, optimizer.beta_2))
+    beta_1 = _as_kernel_sees(optimizer.beta_1, dtype)
+    beta_2 = _as_kernel_sees(optimizer.beta_2, dtype)
     c1, c2, _ = _rule.bias_factors(
         optimizer.iterations + 1, beta_1, beta_2, optimizer.bias_correction, dtype
     )
