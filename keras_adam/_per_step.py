@@ -1,12 +1,38 @@
 """Values that depend only on the step, computed once per `apply` instead of per variable.
 
-The bias factors c1, c2 (and the fused path's folded step size) are the same
-for every variable of a dtype within one step. Computing them per variable
-added ~15 scalar ops per variable to the graph, which dominated a step of 200
-small variables. The cache lives only while `Adam.apply` runs, so a value can
-never outlive the step it was computed for, and it is keyed by the graph
+The bias factors c1, c2 and the folded step size are the same for every
+variable of a dtype within one step. Computing them per variable added ~15
+scalar ops per variable to the graph, which dominated a step of 200 small
+variables. The cache lives only while `Adam.apply` runs, so a value can never
+outlive the step it was computed for, and the optimizer keys it by the graph
 being built, so a tensor is never reused across tf.cond branches or traces.
 """
+
+from keras_adam import _rule
+
+
+class Step:
+    """One step's data for the update paths: t (a 1-based tensor), lr, and its scalars.
+
+    This record, not the optimizer, is what the fast paths receive.
+    """
+
+    def __init__(self, t, lr):
+        self.t = t
+        self.lr = lr
+        self._memo = {}
+
+    def scalars(self, hyper, dtype):
+        """The `_rule.Scalars` for `hyper` in `dtype`, computed once per step."""
+        return self.memo(
+            ("scalars", hyper, dtype), lambda: _rule.step_scalars(hyper, self.t, self.lr, dtype)
+        )
+
+    def memo(self, key, compute):
+        """`compute()` once per step: for a fast path's own per-step constants."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
 
 class PerStepCache:

@@ -1,15 +1,129 @@
-"""Small pure pieces of Adam's rule, shared by every update path.
+"""Adam's rule, once: the update as a pure function of the state, plus its scalars.
 
-Written with `keras.ops` only, so they run on any Keras backend. The names
-follow Kingma & Ba (2014), Algorithm 1: `t` is the 1-based step, `c1` and `c2`
-are the bias factors 1 - beta_1^t and 1 - beta_2^t.
+Every update path calls `rule` (the dense portable path on whole variables,
+the lazy sparse path on gathered rows) or is tested equal to it (the fused
+kernels). Nothing here knows how m, v and v_max are stored: that is
+`keras_adam._state`. Written with `keras.ops` only, so it runs on any Keras
+backend. The names follow Kingma & Ba (2014), Algorithm 1: `t` is the 1-based
+step, `c1` and `c2` are the bias factors 1 - beta_1^t and 1 - beta_2^t.
+
+The bias factors and the fold of the epsilon placement into the step size
+live here and nowhere else; host-side code (the torch kernel's arguments,
+`AdamMonitor`) calls the float versions below.
 """
 
+import dataclasses
 import math
 
 from keras import ops
 
 EPSILON_PLACEMENTS = ("hat", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """The rule's hyperparameters, as plain Python values (hashable, frozen).
+
+    `epsilon` is epsilon-hat or the paper's epsilon according to
+    `epsilon_placement` (see `fold_step_size`).
+    """
+
+    beta_1: float
+    beta_2: float
+    epsilon: float
+    amsgrad: bool
+    nesterov: bool
+    bias_correction: bool
+    epsilon_placement: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Scalars:
+    """One step's scalars in one dtype: the same for every variable of that dtype.
+
+    `lr` is the learning rate at this step; `alpha` and `epsilon` are the
+    folded step size and epsilon' of `fold_step_size`; `nesterov_momentum` is
+    beta_1 * c1 / c1_next (see `rule`).
+    """
+
+    lr: object
+    beta_1: object
+    one_minus_beta_1: object
+    beta_2: object
+    one_minus_beta_2: object
+    c1: object
+    c2: object
+    nesterov_momentum: object
+    alpha: object
+    epsilon: object
+
+
+def rule(g, m, v, v_max, s, hyper):
+    """One Adam step for arrays of the compute dtype. Returns (m, v, v_max, step).
+
+    Algorithm 1 of Kingma & Ba (2014), in its order, with the options:
+
+        m      <- beta_1 * m + (1 - beta_1) * g
+        v      <- beta_2 * v + (1 - beta_2) * g^2
+        v_max  <- max(v_max, v); v_max stands for v below       (amsgrad)
+        m_hat  =  m / c1
+               or beta_1 * m / c1_next + (1 - beta_1) * g / c1   (nesterov)
+        D      =  (sqrt(v) + epsilon) / sqrt(c2)                (placement "hat")
+               or sqrt(v / c2) + epsilon                        (placement "paper")
+        step   =  lr * m_hat / D;   the caller applies theta <- theta - step
+
+    `g`, `m`, `v` (and `v_max` with amsgrad; otherwise pass None and None
+    comes back) are whole variables or gathered rows alike; `s` is the step's
+    `Scalars`, `hyper` its `Hyper`. The last line is computed as
+    alpha * (c1 * m_hat) / (sqrt(v) + epsilon'), with the scalar factors
+    gathered by `fold_step_size`: one division per element instead of three,
+    which is what XLA and the elementwise kernels then execute.
+    """
+    m = s.beta_1 * m + s.one_minus_beta_1 * g
+    v = s.beta_2 * v + s.one_minus_beta_2 * ops.square(g)
+    if hyper.amsgrad:
+        v_max = ops.maximum(v_max, v)
+    v_hat_source = v_max if hyper.amsgrad else v
+
+    # c1 * m_hat. Nesterov (Dozat 2016, NAdam without the momentum schedule:
+    # the look-ahead uses the momentum step t+1 would apply):
+    #   c1 * m_hat = (beta_1 * c1 / c1_next) * m + (1 - beta_1) * g.
+    c1_m_hat = m
+    if hyper.nesterov:
+        c1_m_hat = s.nesterov_momentum * m + s.one_minus_beta_1 * g
+
+    sqrt_v = ops.sqrt(v_hat_source)
+    step = s.alpha * c1_m_hat / (sqrt_v + s.epsilon)
+    if hyper.epsilon == 0:
+        # With epsilon = 0 a coordinate whose v is 0 (its gradients were all
+        # zero, or underflowed) would give 0/0 = NaN, as keras.optimizers.Adam
+        # does. No gradient means no step, so the step is 0 there.
+        step = ops.where(sqrt_v > 0, step, ops.zeros_like(step))
+    return m, v, v_max, step
+
+
+def step_scalars(hyper, t, lr, dtype):
+    """The `Scalars` of step `t` (a tensor, 1-based) at learning rate `lr`, in `dtype`."""
+    beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon = coefficients(
+        hyper.beta_1, hyper.beta_2, hyper.epsilon, dtype
+    )
+    c1, c2, c1_next = bias_factors(
+        t, hyper.beta_1, hyper.beta_2, hyper.bias_correction, dtype
+    )
+    lr = ops.cast(lr, dtype)
+    alpha, epsilon = fold_step_size(lr, c1, c2, epsilon, hyper.epsilon_placement)
+    return Scalars(
+        lr=lr,
+        beta_1=beta_1,
+        one_minus_beta_1=one_minus_beta_1,
+        beta_2=beta_2,
+        one_minus_beta_2=one_minus_beta_2,
+        c1=c1,
+        c2=c2,
+        nesterov_momentum=beta_1 * c1 / c1_next,
+        alpha=alpha,
+        epsilon=epsilon,
+    )
 
 
 def wide_dtype(dtype):
@@ -37,7 +151,7 @@ def coefficients(beta_1, beta_2, epsilon, dtype):
 
 
 def bias_factors(t, beta_1, beta_2, bias_correction, dtype):
-    """Returns (c1, c2, c1_next) as scalars of `dtype`.
+    """Returns (c1, c2, c1_next) as scalars of `dtype`, for a tensor step `t`.
 
         c1 = 1 - beta_1^t,  c2 = 1 - beta_2^t,  c1_next = 1 - beta_1^(t+1)
 
@@ -63,29 +177,21 @@ def bias_factors(t, beta_1, beta_2, bias_correction, dtype):
     return ops.cast(c1, dtype), ops.cast(c2, dtype), ops.cast(c1_next, dtype)
 
 
+def bias_factors_float(t, beta_1, beta_2, bias_correction):
+    """(c1, c2) as Python floats for an integer step `t`: `bias_factors` on the host."""
+    if not bias_correction:
+        return 1.0, 1.0
+    return -math.expm1(t * _log(beta_1)), -math.expm1(t * _log(beta_2))
+
+
 def _log(beta):
     # beta = 0 gives ln(0) = -inf, so beta^t = exp(-inf) = 0 and c = 1, as
     # 1 - 0^t should be for t >= 1.
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
-def first_moment_numerator(m, g, beta_1, one_minus_beta_1, c1, c1_next, nesterov):
-    """c1 * m_hat: the first-moment estimate before division by c1.
-
-    Plain Adam:  m_hat = m / c1, so c1 * m_hat = m.
-    Nesterov:    m_hat = beta_1 * m / c1_next + (1 - beta_1) * g / c1
-                 (Dozat 2016, NAdam without the momentum schedule: the
-                 look-ahead uses the momentum step t+1 would apply), so
-                 c1 * m_hat = (beta_1 * c1 / c1_next) * m + (1 - beta_1) * g.
-    The 1/c1 is folded into the step size (see `step_size`).
-    """
-    if not nesterov:
-        return m
-    return (beta_1 * c1 / c1_next) * m + one_minus_beta_1 * g
-
-
-def step_size(lr, c1, c2, epsilon, epsilon_placement):
-    """(alpha, epsilon') such that lr * m_hat / D = alpha * (c1 * m_hat) / (sqrt(v) + epsilon').
+def fold_step_size(lr, c1, c2, epsilon, epsilon_placement, sqrt=ops.sqrt):
+    """(alpha, epsilon') with lr * m_hat / D = alpha * (c1 * m_hat) / (sqrt(v) + epsilon').
 
     "hat"   (Keras, TensorFlow kernels; the epsilon-hat of section 2):
             D = (sqrt(v) + epsilon) / sqrt(c2)
@@ -95,26 +201,11 @@ def step_size(lr, c1, c2, epsilon, epsilon_placement):
             => alpha = lr * sqrt(c2) / c1,  epsilon' = epsilon * sqrt(c2)
 
     The two agree when epsilon = 0; otherwise "hat" acts as a larger epsilon
-    early in training, epsilon / sqrt(c2). Folding the scalars leaves one
-    division per element instead of three, which is what XLA and the
-    elementwise kernels then execute.
+    early in training, epsilon / sqrt(c2). Works on tensors, or on Python
+    floats with `sqrt=math.sqrt`.
     """
-    sqrt_c2 = ops.sqrt(c2)
+    sqrt_c2 = sqrt(c2)
     alpha = lr * sqrt_c2 / c1
     if epsilon_placement == "paper":
         epsilon = epsilon * sqrt_c2
     return alpha, epsilon
-
-
-def guarded_step(scaled_numerator, sqrt_v, epsilon, epsilon_value):
-    """scaled_numerator / (sqrt(v) + epsilon'), and 0 where that is 0/0.
-
-    With epsilon = 0, a coordinate whose v is 0 (its gradients were all zero,
-    or underflowed) would give 0/0 = NaN, which keras.optimizers.Adam returns.
-    No gradient means no step, so the step is defined as 0 there. With
-    epsilon > 0 the denominator is never 0 and no guard is built.
-    """
-    step = scaled_numerator / (sqrt_v + epsilon)
-    if epsilon_value > 0:
-        return step
-    return ops.where(sqrt_v > 0, step, ops.zeros_like(step))

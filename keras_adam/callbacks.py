@@ -15,9 +15,12 @@ v_max stands for v. With Nesterov, the statistics use m / c1 (the gradient of
 the last step, which the look-ahead adds, is not kept).
 """
 
+import math
+
 import keras
 import numpy as np
 
+from keras_adam import _rule
 from keras_adam.optimizer import Adam
 
 
@@ -95,10 +98,12 @@ class AdamMonitor(keras.callbacks.Callback):
         if not adam.built or t == 0:
             return {}
         b1, b2 = adam.beta_1, adam.beta_2
-        if adam.bias_correction:
-            c1, c2 = 1.0 - b1**t, 1.0 - b2**t
-        else:
-            c1 = c2 = 1.0
+        c1, c2 = _rule.bias_factors_float(t, b1, b2, adam.bias_correction)
+        # |m_hat| / D = alpha * |m| / (sqrt(v) + epsilon') with lr = 1, for
+        # either placement (the fold of `_rule.fold_step_size`).
+        alpha, epsilon = _rule.fold_step_size(
+            1.0, c1, c2, adam.epsilon, adam.epsilon_placement, sqrt=math.sqrt
+        )
         bound = (1 - b1) / np.sqrt(1 - b2) if (1 - b1) > np.sqrt(1 - b2) else 1.0
 
         per_layer = {}
@@ -113,15 +118,12 @@ class AdamMonitor(keras.callbacks.Callback):
 
         logs = {}
         for layer, parts in per_layer.items():
-            m = np.concatenate([p[0] for p in parts]) / c1  # |m_hat|
+            m = np.concatenate([p[0] for p in parts])  # |m|
             v = np.concatenate([p[1] for p in parts])
-            if adam.epsilon_placement == "hat":
-                denom = (np.sqrt(v) + adam.epsilon) / np.sqrt(c2)
-            else:
-                denom = np.sqrt(v / c2) + adam.epsilon
+            denom = np.sqrt(v) + epsilon
             with np.errstate(divide="ignore", invalid="ignore"):
-                step = np.where(denom > 0, m / denom, 0.0)
-                snr = np.where(v > 0, m / np.sqrt(v / c2), 0.0)
+                step = np.where(denom > 0, alpha * m / denom, 0.0)
+                snr = np.where(v > 0, (m / c1) / np.sqrt(v / c2), 0.0)
             key = f"{self.prefix}/{layer}"
             logs[f"{key}/step_median"] = float(np.median(step))
             logs[f"{key}/step_max"] = float(np.max(step))

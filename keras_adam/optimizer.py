@@ -1,21 +1,30 @@
-"""`keras_adam.Adam` and `keras_adam.AdamW`: Adam as a Keras 3 optimizer.
+"""`keras_adam.Adam`, `AdamW` and `LazyAdam`: Adam as a Keras 3 optimizer.
 
-`Adam.update_step` below is the specification of the update. Any faster path
-added elsewhere in the package must be shown equal to it.
+The rule is `keras_adam._rule.rule`; `Adam._portable_step` applies it with
+`keras.ops` on any backend, and is the specification that every fast path is
+tested against. This module holds the optimizer's hooks into Keras; each
+concern has its own module:
+
+    _rule.py        the update rule and its per-step scalars
+    _state.py       how m, v, v_max are stored, read and written
+    _plan.py        which path updates each variable, decided at build
+    _sparse.py      row-sparse gradients (exact and lazy modes)
+    backends/       the fast paths (TensorFlow fused kernels, torch multi-tensor)
 """
 
+import numpy as np
 from keras import ops
 from keras.optimizers import Optimizer
 
+from keras_adam import _plan
 from keras_adam import _rule
-from keras_adam._per_step import PerStepCache
+from keras_adam import _sparse
+from keras_adam import _state
 from keras_adam import _validation as check
 from keras_adam import backends
 from keras_adam import serialization
-
-
-SPARSE_UPDATES = ("exact", "lazy")
-MOMENT_DTYPES = ("float32", "bfloat16", "float16")
+from keras_adam._per_step import PerStepCache
+from keras_adam._per_step import Step
 
 
 @serialization.register
@@ -107,6 +116,7 @@ class Adam(Optimizer):
             construction or build where it cannot apply (under XLA, amsgrad
             still falls back, since XLA fuses the portable ops itself).
             `False` always uses the portable path. Defaults to `None`.
+            `update_plan()` tells which path each variable takes, and why.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for
@@ -184,170 +194,189 @@ class Adam(Optimizer):
             "epsilon_placement", epsilon_placement, _rule.EPSILON_PLACEMENTS
         )
         self.sparse_updates = check.choice(
-            "sparse_updates", sparse_updates, SPARSE_UPDATES
+            "sparse_updates", sparse_updates, _sparse.SPARSE_UPDATES
         )
         self.moment_dtype = (
             None if moment_dtype is None
-            else check.choice("moment_dtype", moment_dtype, MOMENT_DTYPES)
+            else check.choice("moment_dtype", moment_dtype, _state.MOMENT_DTYPES)
         )
         self.fused = check.optional_boolean("fused", fused)
+        self._sparse = _sparse.SparseUpdates(self.sparse_updates)
         self._per_step = PerStepCache()
-        # None selects the portable path (and raises if fused=True cannot hold).
-        self._fused_path = backends.fused_path(self)
+        # Decided once: the backend's fast path for these options, or why none
+        # applies (raises here if fused=True cannot hold). See `update_plan`.
+        self._fast, self._fast_reason = backends.fast_path(self._hyper(), self.fused)
+        self._moments = None
+        self._routes = None
+
+    def _hyper(self):
+        """The rule's hyperparameters as a frozen record (what the update paths receive)."""
+        return _rule.Hyper(
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            amsgrad=self.amsgrad,
+            nesterov=self.nesterov,
+            bias_correction=self.bias_correction,
+            epsilon_placement=self.epsilon_placement,
+        )
 
     def build(self, var_list):
-        """Creates the slots m and v (and v_max with amsgrad) for `var_list`.
+        """Creates the slots m and v (and v_max with amsgrad) and plans each variable's path.
 
-        The order (after the base class's own variables, m and v interleaved
-        per model variable, then all v_max) is that of `keras.optimizers.Adam`
-        in Keras 3.15. `.keras` files store optimizer variables by position,
-        so this order is part of the file format.
+        The slots' order is part of the `.keras` file format (see
+        `keras_adam._state`). The plan (`update_plan()`) is decided here,
+        before anything is created, so that `fused=True` can refuse a
+        variable without leaving a half-built optimizer.
         """
         if self.built:
             return
+        moments = _state.for_options(self, self.amsgrad, self.moment_dtype)
+        sparse_mode = self.sparse_updates if backends.makes_sparse_gradients() else None
+        routes = _plan.make_routes(
+            var_list, self._fast, self._fast_reason, moments, sparse_mode,
+            self._overwrite_variable_with_gradient,
+        )
         if self.fused:
-            for variable in var_list:
-                reason = backends.unsupported_dtype_reason(variable, self.moment_dtype)
-                if reason is not None:
-                    raise ValueError(f"`fused=True` is not possible: {reason}.")
+            for variable, route in zip(var_list, routes):
+                if route.path == _plan.PORTABLE:
+                    raise ValueError(
+                        f"`fused=True` is not possible: variable {variable.path!r}: "
+                        f"{route.reason}."
+                    )
         super().build(var_list)
-        self._m, self._v = self._add_moments(var_list, ["m", "v"])
-        self._v_max = self._add_moments(var_list, ["v_max"])[0] if self.amsgrad else None
+        moments.create(var_list)
+        self._moments, self._routes = moments, tuple(routes)
 
-    def _add_moments(self, var_list, names):
-        """One slot per variable and name (interleaved by variable, as Keras does)."""
-        if self.moment_dtype is None:
-            return self.add_optimizer_variables(var_list, names)
-        slots = tuple([] for _ in names)
-        for variable in var_list:
-            for i, name in enumerate(names):
-                if self._overwrite_variable_with_gradient(variable):
-                    slots[i].append(None)
-                    continue
-                slots[i].append(self.add_variable(
-                    shape=variable.shape,
-                    dtype=self.moment_dtype,
-                    name=f"{variable.path.replace('/', '_')}_{name}",
-                    layout=getattr(variable, "_layout", None),
-                ))
-        return slots
+    def update_plan(self):
+        """Which path updates each variable, and why.
 
-    def compute_dtype(self, variable_dtype):
-        """The dtype of the update's arithmetic for a variable of `variable_dtype`."""
-        if self.moment_dtype is None:
-            return variable_dtype
-        return _rule.wide_dtype(variable_dtype)
+        Returns:
+            A dict {variable path: `Route`}, in the order the optimizer was
+            built with. A `Route` has `path` ("tensorflow-fused",
+            "torch-multi-tensor", "portable" or "overwritten"), `reason`,
+            `sparse` (what a row-sparse gradient gets: "exact", "lazy", or
+            "none" where the backend makes none) and `steps_aside` (when a
+            fast path defers to the portable rule at run time).
+            `print(optimizer.update_plan())` shows one line per variable.
+
+        Raises:
+            ValueError: if the optimizer is not built yet.
+        """
+        self._require_built("update_plan()")
+        return _plan.Plan(
+            (variable.path, route)
+            for variable, route in zip(self._trainable_variables, self._routes)
+        )
 
     def slots(self, variable):
-        """The (m, v, v_max) slots of a model variable; v_max is None without amsgrad."""
-        i = self._get_variable_index(variable)
-        return self._m[i], self._v[i], (self._v_max[i] if self.amsgrad else None)
+        """The (m, v, v_max) slots of a model variable; v_max is None without amsgrad.
+
+        Raises:
+            ValueError: if the optimizer is not built yet.
+        """
+        self._require_built("slots()")
+        return self._moments.slots(variable)
+
+    def _require_built(self, what):
+        if self._moments is None:
+            raise ValueError(
+                f"{type(self).__name__}.{what} needs a built optimizer: call "
+                "`optimizer.build(model.trainable_variables)` first (or train one step)."
+            )
 
     def apply(self, grads, trainable_variables=None):
         """As `keras.optimizers.Optimizer.apply`; step-only scalars are shared meanwhile."""
+        if trainable_variables is None:
+            variables = getattr(self, "_trainable_variables", [])
+        else:
+            variables = trainable_variables
         self._per_step.open()
         try:
-            grads = backends.canonical_gradients(grads)
-            if self.sparse_updates == "lazy":
-                variables = (
-                    self._trainable_variables
-                    if trainable_variables is None
-                    else trainable_variables
-                )
-                lazy = {
-                    self._var_key(v)
-                    for g, v in zip(grads, variables)
-                    if backends.is_sparse(g)
-                }
-                self._per_step.put("lazily_updated", lazy)
+            # NumPy arrays become tensors: Keras's global-norm clipping and the
+            # torch kernel need them.
+            grads = [ops.convert_to_tensor(g) if isinstance(g, np.ndarray) else g for g in grads]
+            grads = self._sparse.begin(grads, variables, self._var_key)
             return super().apply(grads, trainable_variables)
         finally:
+            self._sparse.end()
             self._per_step.close()
-
-    def decays(self, variable):
-        """Whether decoupled weight decay applies to `variable` at all."""
-        return self.weight_decay is not None and super()._use_weight_decay(variable)
 
     def _use_weight_decay(self, variable):
         # A private seam of keras' BaseOptimizer, touched here only: it asks this
         # before decaying a whole variable. A variable updated lazily this step
         # is decayed inside the lazy update, on its touched rows only.
         # tests/test_sparse.py fails if untouched rows ever change.
-        if self._var_key(variable) in self._per_step.get("lazily_updated", set):
+        if self._sparse.updates_lazily(self._var_key(variable)):
             return False
         return super()._use_weight_decay(variable)
 
-    def step_scalars(self, name, dtype, compute):
-        """`compute()` once per step, dtype and graph (see `keras_adam._per_step`)."""
-        key = (name, dtype, backends.trace_key())
-        return self._per_step.get(key, compute)
+    def _decay_rate(self, variable):
+        """weight_decay if decoupled weight decay applies to `variable` at all, else None."""
+        if self.weight_decay is None or not super()._use_weight_decay(variable):
+            return None
+        return self.weight_decay
 
-    def bias_factors(self, dtype):
-        """(c1, c2, c1_next) of the current step t = iterations + 1, in `dtype`."""
-        return self.step_scalars("bias_factors", dtype, lambda: _rule.bias_factors(
-            self.iterations + 1, self.beta_1, self.beta_2, self.bias_correction, dtype
-        ))
+    def _step(self, learning_rate):
+        """This step's `Step` (t, lr and its scalars), once per apply and graph."""
+        return self._per_step.get(
+            ("step", backends.trace_key()), lambda: Step(self.iterations + 1, learning_rate)
+        )
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # A private seam of keras' BaseOptimizer, touched here only: on torch,
-        # one multi-tensor kernel updates every eligible variable at once,
-        # which a per-variable update_step cannot do. Elsewhere nothing is
-        # taken and Keras's own method (tf.distribute-aware on TensorFlow)
+        # one multi-tensor kernel updates every variable planned for it at
+        # once, which a per-variable update_step cannot do. Elsewhere nothing
+        # is taken and Keras's own method (tf.distribute-aware on TensorFlow)
         # runs unchanged. tests/test_backend_torch.py checks the kernel runs.
-        rest = backends.multi_tensor_update(self, grads, trainable_variables, learning_rate)
-        if rest:
-            super()._backend_update_step(*map(list, zip(*rest)), learning_rate)
+        fast = self._fast
+        if fast is not None and not fast.per_variable:
+            hyper = self._hyper()
+            mine, rest = [], []
+            for g, v in zip(grads, trainable_variables):
+                path = _plan.path_now(self._route(v), _sparse.is_sparse(g), fast, hyper)
+                (mine if path == fast.name else rest).append((g, v))
+            rest += fast.apply(mine, hyper, self._step(learning_rate), self._moments)
+            if not rest:
+                return
+            grads, trainable_variables = map(list, zip(*rest))
+        super()._backend_update_step(grads, trainable_variables, learning_rate)
 
-    def coefficients(self, dtype):
-        """(beta_1, 1 - beta_1, beta_2, 1 - beta_2, epsilon) in `dtype`, once per step."""
-        return self.step_scalars("coefficients", dtype, lambda: _rule.coefficients(
-            self.beta_1, self.beta_2, self.epsilon, dtype
-        ))
+    def _route(self, variable):
+        return self._routes[self._get_variable_index(variable)]
 
     def update_step(self, gradient, variable, learning_rate):
-        """Applies one Adam step to `variable`, by a fused kernel where one is exact."""
-        if self.sparse_updates == "lazy" and backends.is_sparse(gradient):
-            backends.lazy_update(self, gradient, variable, learning_rate)
+        """Applies one Adam step to `variable` by the path its plan names (`update_plan`)."""
+        hyper = self._hyper()
+        step = self._step(learning_rate)
+        path = _plan.path_now(self._route(variable), _sparse.is_sparse(gradient), self._fast, hyper)
+        if path == _plan.LAZY:
+            dtype = self._moments.compute_dtype(variable)
+            self._sparse.lazy_update(
+                gradient, variable, self._moments, hyper, step.scalars(hyper, dtype),
+                self._decay_rate(variable), self.assign_sub,
+            )
             return
-        gradient = _dense(gradient)
-        path = self._fused_path
-        if path is not None and path.applies(self, gradient, variable):
-            path.update(self, gradient, variable, learning_rate)
+        gradient = _sparse.densify(gradient)
+        if self._fast is not None and path == self._fast.name and self._fast.per_variable:
+            self._fast.apply([(gradient, variable)], hyper, step, self._moments)
         else:
-            self.portable_update_step(gradient, variable, learning_rate)
+            self._portable_step(gradient, variable, hyper, step)
 
-    def portable_update_step(self, gradient, variable, learning_rate):
-        """One Adam step in `keras.ops`: the specification of the rule.
+    def _portable_step(self, gradient, variable, hyper, step):
+        """One Adam step in `keras.ops`: the rule of the class docstring, on any backend.
 
-        Implements the equations of the class docstring, in their order, on
-        any Keras backend; the last line is lr * m_hat / D with its scalar
-        factors gathered (the identity is in `_rule.step_size`), since XLA
-        compiles the arithmetic as written. Every fast path, and this method,
-        is tested against the float64 `keras_adam.reference`.
+        Reads the moments in the compute dtype (the variable's, or float32 with
+        a `moment_dtype`), applies `keras_adam._rule.rule`, writes them back
+        and subtracts the step. Every fast path, and this method, is tested
+        against the float64 `keras_adam.reference`.
         """
-        dtype = self.compute_dtype(variable.dtype)  # the variable's, unless moment_dtype
-        lr = ops.cast(learning_rate, dtype)
+        dtype = self._moments.compute_dtype(variable)
         g = ops.cast(gradient, dtype)
-        m, v, v_max = self.slots(variable)
-        beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon = self.coefficients(dtype)
-
-        m_t = beta_1 * ops.cast(m, dtype) + one_minus_beta_1 * g
-        v_t = beta_2 * ops.cast(v, dtype) + one_minus_beta_2 * ops.square(g)
-        self.assign(m, ops.cast(m_t, m.dtype))
-        self.assign(v, ops.cast(v_t, v.dtype))
-        if self.amsgrad:
-            v_t = ops.maximum(ops.cast(v_max, dtype), v_t)
-            self.assign(v_max, ops.cast(v_t, v_max.dtype))
-
-        c1, c2, c1_next = self.bias_factors(dtype)
-        # theta <- theta - lr * m_hat / D, with the scalars 1/c1, sqrt(c2) and
-        # the epsilon placement folded into alpha and epsilon' (_rule.step_size).
-        alpha, epsilon = _rule.step_size(lr, c1, c2, epsilon, self.epsilon_placement)
-        numerator = _rule.first_moment_numerator(
-            m_t, g, beta_1, one_minus_beta_1, c1, c1_next, self.nesterov
-        )
-        step = _rule.guarded_step(alpha * numerator, ops.sqrt(v_t), epsilon, self.epsilon)
-        self.assign_sub(variable, ops.cast(step, variable.dtype))
+        m, v, v_max = self._moments.read(variable)
+        m, v, v_max, delta = _rule.rule(g, m, v, v_max, step.scalars(hyper, dtype), hyper)
+        self._moments.write(variable, m, v, v_max)
+        self.assign_sub(variable, ops.cast(delta, variable.dtype))
 
     def get_config(self):
         config = super().get_config()
@@ -404,20 +433,6 @@ class AdamW(Adam):
         super().__init__(
             learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs
         )
-
-
-def _dense(gradient):
-    """A dense tensor for `gradient`, which may be sparse (tf.IndexedSlices).
-
-    Duplicate indices are summed *before* g^2 is taken, so the update equals
-    that of the dense gradient. (keras.optimizers.Adam squares each duplicate
-    slice and then sums, which differs from its own dense update.)
-    `ops.convert_to_tensor` leaves IndexedSlices as they are, hence the scatter.
-    """
-    if backends.is_sparse(gradient):
-        indices = ops.expand_dims(gradient.indices, -1)
-        return ops.scatter(indices, gradient.values, gradient.dense_shape)
-    return gradient
 
 
 @serialization.register

@@ -21,6 +21,9 @@ SEQUENCE = gradient_sequence(STEPS, seed=7)
 X0 = initial_values(seed=8)
 
 
+ATOL_M = 2.4e-5  # see test_apply_matches_builtin
+
+
 def _schedule():
     return keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=100, decay_rate=0.5)
 
@@ -67,9 +70,15 @@ def test_apply_matches_builtin(ours_cls, builtin_cls, kwargs):
         assert a.shape == b.shape
         # Slots are EMAs of g and g^2 (and of theta for use_ema): their float32
         # rounding accumulates ~2u per step relative, 2 * 1000 * 6e-8 = 1.2e-4,
-        # for each implementation. m mixes signs, hence the absolute floor at
-        # that relative error times the largest gradient (1e2).
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2.4e-4, atol=2.4e-4 * 1e2 * 1e-3)
+        # for each implementation: rtol 2.4e-4.
+        # m mixes signs and crosses zero, where a relative bound says nothing;
+        # there its error is what earlier roundings left: each step rounds by
+        # about u * |m| and the error then decays by beta_1, so it is a random
+        # walk of about u * |m| / sqrt(1 - beta_1^2). With gradients of scale
+        # up to 1e2 (tests/grid.py), |m| ~ (1 - beta_1) * 1e2 / sqrt(1 - beta_1^2)
+        # = 23, so the walk's spread is ~3e-6 per implementation, 4.5e-6 for
+        # the difference; ATOL_M is five of those.
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2.4e-4, atol=ATOL_M)
 
 
 def _mlp():

@@ -1,16 +1,29 @@
-"""Chooses a fast path for an optimizer's options, or says why none applies.
+"""Fast paths per Keras backend, chosen once, and the row primitives of sparse updates.
 
 Requirement: this package imports a framework (tensorflow, torch, jax) only
 inside that framework's own module here, and only when
 `keras.backend.backend()` names it. Importing `keras_adam` must never pull in
 a framework that the active Keras backend does not use.
 
-Every fast path computes exactly the rule of `keras_adam.Adam.update_step`
-(the portable path) and is tested equal to it.
+A fast path computes exactly the rule of `keras_adam._rule.rule` (the
+portable path) and is tested equal to it. It receives data, never the
+optimizer: the rule's `Hyper`, the step's `Step` (t, lr, scalars), the
+`Moments` holding the slots, and (gradient, variable) pairs. Each backend
+module defines one class with this interface:
+
+    name            the path's name in the optimizer's plan
+    exact_because   why it computes the rule exactly (shown in the plan)
+    steps_aside     when it defers to the portable rule at run time ("" if never)
+    per_variable    True: called from `update_step` for one variable (so that
+                    tf.distribute's per-variable update holds); False: called
+                    once per step with all of its variables (multi-tensor)
+    option_reason(hyper)                 classmethod: why not for these options
+    variable_reason(variable, moments)   why not for this variable, or None
+    step_aside_reason(hyper)             why not in the current compile context
+    apply(pairs, hyper, step, moments)   updates the pairs; returns those it did not
 """
 
 import keras
-import numpy as np
 
 # Both fused kernels (TensorFlow's and torch's) are exact for these dtypes only:
 # TensorFlow's takes beta_2 in the variable's dtype, and bfloat16 rounds 0.999
@@ -18,73 +31,62 @@ import numpy as np
 FUSED_DTYPES = ("float32", "float64")
 
 
-def unsupported_dtype_reason(variable, moment_dtype=None):
-    """Why no fused kernel may update `variable`, judged by dtypes, or None."""
-    dtype = keras.backend.standardize_dtype(variable.dtype)
-    name = getattr(variable, "path", None) or getattr(variable, "name", "?")
-    if dtype not in FUSED_DTYPES:
-        return f"the fused kernels are exact only for {FUSED_DTYPES}; variable {name!r} is {dtype}"
-    if moment_dtype is not None and moment_dtype != dtype:
-        return (f"the fused kernels keep m and v in the variable's dtype; variable {name!r} "
-                f"is {dtype} and moment_dtype={moment_dtype!r}")
-    return None
-
-
-def fused_unavailable_reason(optimizer):
-    """Why TensorFlow's fused kernels cannot compute this optimizer's rule, or None.
-
-    Only what is known at construction is checked here; per-variable limits
-    (dtype, XLA) are checked by the backend module at each step.
-    """
-    backend = keras.backend.backend()
-    if optimizer.epsilon == 0:
-        return "with epsilon=0 the kernels return NaN where v = 0; the portable path steps 0 there"
-    if backend == "torch":
-        if optimizer.nesterov:
-            return "torch._fused_adam_ has no Nesterov option"
-        return None
-    if backend != "tensorflow":
-        return (
-            "fused kernels exist for TensorFlow (ResourceApplyAdam) and torch "
-            f"(torch._fused_adam_), but the Keras backend is {backend!r}"
-        )
-    if optimizer.nesterov and optimizer.amsgrad:
-        return "ResourceApplyAdamWithAmsgrad has no Nesterov option"
-    if optimizer.nesterov and optimizer.bias_correction:
-        # TF's kernel divides both Nesterov terms by 1 - beta_1^t; this rule
-        # divides the momentum term by 1 - beta_1^(t+1) (see _rule.py).
-        return (
-            "TensorFlow's Nesterov kernel uses 1 - beta_1^t for the momentum "
-            "term where this rule uses 1 - beta_1^(t+1); it matches only with "
-            "bias_correction=False"
-        )
-    return None
-
-
-def fused_path(optimizer):
-    """The per-variable fused-kernel module for `optimizer`, or None.
-
-    On torch the fused kernel is multi-tensor (see `multi_tensor_update`), so
-    there is no per-variable module and this returns None.
+def fast_path(hyper, fused):
+    """(fast path instance, None), or (None, reason) where none applies.
 
     Raises:
-        ValueError: if `optimizer.fused` is True and no fused path applies.
+        ValueError: if `fused` is True and no fast path computes this rule.
     """
-    if optimizer.fused is False:
-        return None
-    reason = fused_unavailable_reason(optimizer)
+    reason = _option_reason(hyper, fused)
     if reason is not None:
-        if optimizer.fused:
+        if fused:
             raise ValueError(
                 f"`fused=True` is not possible: {reason}. "
                 "Use fused=None to choose automatically, or fused=False."
             )
-        return None
-    if keras.backend.backend() != "tensorflow":
-        return None
-    from keras_adam.backends import tensorflow
+        return None, reason
+    return _fast_path_class()(), None
 
-    return tensorflow
+
+def _fast_path_class():
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from keras_adam.backends import tensorflow
+
+        return tensorflow.Fused
+    if backend == "torch":
+        from keras_adam.backends import torch
+
+        return torch.MultiTensor
+    return None
+
+
+def _option_reason(hyper, fused):
+    if fused is False:
+        return "fused=False"
+    if hyper.epsilon == 0:
+        return "with epsilon=0 the kernels return NaN where v = 0; the portable path steps 0 there"
+    cls = _fast_path_class()
+    if cls is None:
+        return (
+            "fused kernels exist for TensorFlow (ResourceApplyAdam) and torch "
+            f"(torch._fused_adam_), but the Keras backend is {keras.backend.backend()!r}"
+            + ("; XLA fuses the portable ops" if keras.backend.backend() == "jax" else "")
+        )
+    return cls.option_reason(hyper)
+
+
+def dtype_reason(variable, moments):
+    """Why a fused kernel cannot update `variable` (its dtype, its moments' storage), or None."""
+    dtype = keras.backend.standardize_dtype(variable.dtype)
+    if dtype not in FUSED_DTYPES:
+        return f"the fused kernels are exact only for {FUSED_DTYPES}; the variable is {dtype}"
+    return moments.in_place_reason(variable)
+
+
+def makes_sparse_gradients():
+    """Whether this backend gives row-sparse gradients (tf.IndexedSlices) at all."""
+    return keras.backend.backend() == "tensorflow"
 
 
 def trace_key():
@@ -100,48 +102,25 @@ def trace_key():
     return tensorflow.trace_key()
 
 
-def is_sparse(gradient):
-    """True for a row-sparse gradient (tf.IndexedSlices; only TensorFlow makes them)."""
-    return hasattr(gradient, "indices") and hasattr(gradient, "dense_shape")
+# Row primitives. Row-sparse gradients exist only on TensorFlow, so only its
+# module implements these; `keras_adam._sparse` and `keras_adam._state` call them.
 
-
-def canonical_gradients(grads):
-    """`grads` as backend tensors, each sparse gradient's repeated indices summed.
-
-    NumPy arrays become tensors (Keras's global-norm clipping and the torch
-    kernel need them). After deduplication, clipping by norm or value sees the
-    same numbers as it would on the dense gradient.
-    """
-    grads = [keras.ops.convert_to_tensor(g) if isinstance(g, np.ndarray) else g for g in grads]
-    if not any(is_sparse(g) for g in grads):
-        return grads
+def unique_rows(indices):
+    """(rows, position): each index once, and where each entry of `indices` went."""
     from keras_adam.backends import tensorflow
 
-    return [tensorflow.deduplicate(g) if is_sparse(g) else g for g in grads]
+    return tensorflow.unique_rows(indices)
 
 
-def lazy_update(optimizer, gradient, variable, learning_rate):
-    """The lazy sparse update (rows present in `gradient` only); TensorFlow only."""
+def gather_rows(variable, rows):
+    """`variable[rows]`, reading only those rows."""
     from keras_adam.backends import tensorflow
 
-    tensorflow.lazy_update(optimizer, gradient, variable, learning_rate)
+    return tensorflow.gather_rows(variable, rows)
 
 
-def multi_tensor_update(optimizer, grads, variables, learning_rate):
-    """Updates what a multi-tensor kernel can in one call; returns the rest.
+def row_slices(values, rows, dense_shape=None):
+    """A row-sparse tensor: `values` for `rows`; assigning it scatters those rows only."""
+    from keras_adam.backends import tensorflow
 
-    Only torch has one here (`torch._fused_adam_`); elsewhere, or with
-    `fused=False`, every (gradient, variable) pair is returned untouched for
-    the per-variable `update_step`.
-    """
-    pairs = list(zip(grads, variables))
-    if optimizer.fused is False or keras.backend.backend() != "torch":
-        return pairs
-    from keras_adam.backends import torch
-
-    mine, rest = [], []
-    for g, v in pairs:
-        (mine if torch.eligible(optimizer, v) else rest).append((g, v))
-    if mine:
-        torch.fused_update(optimizer, *zip(*mine), learning_rate)
-    return rest
+    return tensorflow.row_slices(values, rows, dense_shape)

@@ -1,4 +1,4 @@
-"""TensorFlow's fused Adam kernels, used beneath `Adam.update_step`.
+"""TensorFlow's fused Adam kernels beneath `Adam.update_step`, and the row primitives.
 
 `tf.raw_ops.ResourceApplyAdam` (and `...WithAmsgrad`) update var, m, v (and
 v_max) in one pass over memory. With beta1_power = beta2_power = 0 the kernel
@@ -30,11 +30,13 @@ relative. In float16 and bfloat16 the same rounding is 2% or total (beta_2
 rounds to 1), so those dtypes use the portable path. In float64, beta' = beta.
 """
 
+import dataclasses
+import functools
+
+import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
-from keras_adam import _rule
 from keras_adam import backends
 
 # A private seam, used here only: tf.function(jit_compile=True) marks its
@@ -44,57 +46,71 @@ from keras_adam import backends
 from tensorflow.python.ops import control_flow_util
 
 
-def _in_xla_context():
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+class Fused:
+    """`ResourceApplyAdam` / `ResourceApplyAdamWithAmsgrad`, one variable at a time."""
+
+    name = "tensorflow-fused"
+    exact_because = ("ResourceApplyAdam with beta powers 0 and the bias factors "
+                     "folded into lr (see keras_adam/backends/tensorflow.py)")
+    steps_aside = "under XLA with amsgrad (no XLA kernel for ResourceApplyAdamWithAmsgrad)"
+    per_variable = True
+
+    @classmethod
+    def option_reason(cls, hyper):
+        if hyper.nesterov and hyper.amsgrad:
+            return "ResourceApplyAdamWithAmsgrad has no Nesterov option"
+        if hyper.nesterov and hyper.bias_correction:
+            # TF's kernel divides both Nesterov terms by 1 - beta_1^t; this rule
+            # divides the momentum term by 1 - beta_1^(t+1) (see _rule.py).
+            return (
+                "TensorFlow's Nesterov kernel uses 1 - beta_1^t for the momentum "
+                "term where this rule uses 1 - beta_1^(t+1); it matches only with "
+                "bias_correction=False"
+            )
+        return None
+
+    def variable_reason(self, variable, moments):
+        return backends.dtype_reason(variable, moments)
+
+    def step_aside_reason(self, hyper):
+        if hyper.amsgrad and control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()
+        ):
+            return "ResourceApplyAdamWithAmsgrad has no XLA kernel"
+        return None
+
+    def apply(self, pairs, hyper, step, moments):
+        """One fused Adam step on each (gradient, variable); see the module docstring."""
+        for gradient, variable in pairs:
+            dtype = variable.dtype
+            s = step.scalars(_kernel_hyper(hyper, dtype), dtype)
+            zero = step.memo(("tensorflow-zero", dtype), lambda: tf.zeros((), dtype))
+            m, v, v_max = moments.slots(variable)
+            common = dict(
+                var=variable.handle, m=m.handle, v=v.handle,
+                beta1_power=zero, beta2_power=zero,
+                lr=s.alpha, beta1=s.beta_1, beta2=s.beta_2, epsilon=s.epsilon,
+                grad=tf.cast(gradient, dtype),
+            )
+            if hyper.amsgrad:
+                tf.raw_ops.ResourceApplyAdamWithAmsgrad(vhat=v_max.handle, **common)
+            else:
+                tf.raw_ops.ResourceApplyAdam(use_nesterov=hyper.nesterov, **common)
+        return []
 
 
-def applies(optimizer, gradient, variable):
-    """True when the fused kernel computes the rule exactly for this update."""
-    if isinstance(gradient, tf.IndexedSlices):
-        return False
-    if optimizer.amsgrad and _in_xla_context():
-        return False
-    return backends.unsupported_dtype_reason(variable, optimizer.moment_dtype) is None
+@functools.lru_cache(maxsize=None)
+def _kernel_hyper(hyper, dtype):
+    """`hyper` with the betas the kernel applies: each rounded to `dtype`.
 
-
-def trace_key():
-    """The graph under construction (in eager mode, TF's global default graph)."""
-    return id(tf.compat.v1.get_default_graph())
-
-
-def update(optimizer, gradient, variable, learning_rate):
-    """One fused Adam step on `variable` (see the module docstring for the identity)."""
-    m, v, v_max = optimizer.slots(variable)
-    lr, epsilon, beta_1, beta_2, zero = optimizer.step_scalars(
-        "fused", variable.dtype, lambda: _kernel_scalars(optimizer, learning_rate, variable.dtype)
+    The step's scalars for this `Hyper` are lr' = alpha and epsilon' of the
+    module docstring (`_rule.fold_step_size`), with c1 and c2 for these betas.
+    """
+    return dataclasses.replace(
+        hyper,
+        beta_1=_as_kernel_sees(hyper.beta_1, dtype),
+        beta_2=_as_kernel_sees(hyper.beta_2, dtype),
     )
-    common = dict(
-        var=variable.handle, m=m.handle, v=v.handle,
-        beta1_power=zero, beta2_power=zero,
-        lr=lr, beta1=beta_1, beta2=beta_2, epsilon=epsilon,
-        grad=tf.cast(gradient, variable.dtype),
-    )
-    if optimizer.amsgrad:
-        tf.raw_ops.ResourceApplyAdamWithAmsgrad(vhat=v_max.handle, **common)
-    else:
-        tf.raw_ops.ResourceApplyAdam(use_nesterov=optimizer.nesterov, **common)
-
-
-def _kernel_scalars(optimizer, learning_rate, dtype):
-    """lr' and epsilon' of the module docstring (the identity of `_rule.step_size`)."""
-    beta_1 = _as_kernel_sees(optimizer.beta_1, dtype)
-    beta_2 = _as_kernel_sees(optimizer.beta_2, dtype)
-    c1, c2, _ = _rule.bias_factors(
-        optimizer.iterations + 1, beta_1, beta_2, optimizer.bias_correction, dtype
-    )
-    # tf.constant, not ops.cast: keras.ops.cast(1e-7, "float64") passes the
-    # Python float through float32 first (measured: 1.2e-8 relative error).
-    epsilon = tf.constant(optimizer.epsilon, dtype)
-    lr, epsilon = _rule.step_size(
-        ops.cast(learning_rate, dtype), c1, c2, epsilon, optimizer.epsilon_placement
-    )
-    return (lr, epsilon, tf.constant(beta_1, dtype), tf.constant(beta_2, dtype),
-            tf.zeros((), dtype))
 
 
 def _as_kernel_sees(beta, dtype):
@@ -102,51 +118,27 @@ def _as_kernel_sees(beta, dtype):
     return float(np.asarray(beta, dtype=tf.as_dtype(dtype).as_numpy_dtype))
 
 
-def deduplicate(gradient):
-    """IndexedSlices with each row index once; the values of repeated indices summed."""
-    rows, position = tf.unique(gradient.indices)
-    values = tf.math.unsorted_segment_sum(gradient.values, position, tf.shape(rows)[0])
-    return tf.IndexedSlices(values, rows, gradient.dense_shape)
+def trace_key():
+    """The graph under construction (in eager mode, TF's global default graph)."""
+    return id(tf.compat.v1.get_default_graph())
 
 
-def lazy_update(optimizer, gradient, variable, learning_rate):
-    """Adam on the rows present in `gradient`; every other row is left as it is.
+def unique_rows(indices):
+    """(rows, position) of `tf.unique`: each index once, and where each entry went."""
+    return tf.unique(indices)
 
-    For the rows r of the (deduplicated) gradient, with the global step t:
 
-        theta_r <- theta_r - lr * weight_decay * theta_r   (if weight decay applies)
-        m_r, v_r, v_max_r and theta_r: the rule of Adam.update_step on row r
+def gather_rows(variable, rows):
+    """The rows of a variable; on a resource variable this reads those rows only.
 
-    Rows absent from the gradient keep theta, m, v and v_max bit for bit (their
-    moments do not decay: that is what makes the update lazy).
+    `variable` is a Keras variable (a slot) or the tf.Variable inside one
+    (Keras's TensorFlow optimizer hands update_step the latter).
     """
-    gradient = deduplicate(gradient)  # again: an all-reduce may concatenate replicas' rows
-    rows = gradient.indices
-    dtype = optimizer.compute_dtype(variable.dtype)
-    g = tf.cast(gradient.values, dtype)
-    m, v, v_max = optimizer.slots(variable)
-    beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon = optimizer.coefficients(dtype)
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    return tf.gather(variable, rows)
 
-    def rows_of(slot):
-        return tf.cast(tf.gather(slot.value, rows), dtype)
 
-    m_rows = beta_1 * rows_of(m) + one_minus_beta_1 * g
-    v_rows = beta_2 * rows_of(v) + one_minus_beta_2 * tf.square(g)
-    optimizer.assign(m, tf.IndexedSlices(tf.cast(m_rows, m.dtype), rows))
-    optimizer.assign(v, tf.IndexedSlices(tf.cast(v_rows, v.dtype), rows))
-    if optimizer.amsgrad:
-        v_rows = tf.maximum(rows_of(v_max), v_rows)
-        optimizer.assign(v_max, tf.IndexedSlices(tf.cast(v_rows, v_max.dtype), rows))
-
-    c1, c2, c1_next = optimizer.bias_factors(dtype)
-    lr = ops.cast(learning_rate, dtype)
-    alpha, epsilon = _rule.step_size(lr, c1, c2, epsilon, optimizer.epsilon_placement)
-    numerator = _rule.first_moment_numerator(
-        m_rows, g, beta_1, one_minus_beta_1, c1, c1_next, optimizer.nesterov
-    )
-    step = _rule.guarded_step(alpha * numerator, tf.sqrt(v_rows), epsilon, optimizer.epsilon)
-    if optimizer.decays(variable):
-        # Keras decays before the step; both are subtracted from the same theta_r.
-        theta_rows = tf.cast(tf.gather(variable, rows), dtype)
-        step += theta_rows * ops.cast(optimizer.weight_decay, dtype) * lr
-    optimizer.assign_sub(variable, tf.IndexedSlices(tf.cast(step, variable.dtype), rows))
+def row_slices(values, rows, dense_shape=None):
+    """tf.IndexedSlices: Keras's TensorFlow `assign` scatters them into the rows only."""
+    return tf.IndexedSlices(values, rows, dense_shape)

@@ -1,4 +1,4 @@
-"""PyTorch's fused multi-tensor Adam kernel, used for all eligible variables at once.
+"""PyTorch's fused multi-tensor Adam kernel, one call for all of its variables per step.
 
 `torch._fused_adam_` updates lists of params, exp_avgs (m), exp_avg_sqs (v)
 and max_exp_avg_sqs (v_max) in one call. For each element, with the step
@@ -9,9 +9,10 @@ count t it is given and weight_decay = 0:
     [v_max <- max(v_max, v), used as v below]
     theta <- theta - lr / (1 - beta_1^t) * m / (sqrt(v) / sqrt(1 - beta_2^t) + eps)
 
-That is our rule with epsilon_placement="paper". For "hat",
-D = (sqrt(v) + eps) / sqrt(c2) = sqrt(v) / sqrt(c2) + eps / sqrt(c2), so the
-same kernel with eps' = eps / sqrt(c2) is exact. Without bias correction,
+That is our rule with epsilon_placement="paper". In the folded form of
+`_rule.fold_step_size`, D = (sqrt(v) + epsilon') / sqrt(c2) for either
+placement, so the kernel is exact with eps = epsilon' / sqrt(c2): epsilon for
+"paper", epsilon / sqrt(c2) for "hat". Without bias correction,
 t = 2^40 makes beta^t = 0 in double precision for every beta < 1 - 1e-11, so
 c1 = c2 = 1. The kernel takes the betas as Python floats (double), so unlike
 TensorFlow's kernel it forms 1 - beta_2 exactly. It has no Nesterov option:
@@ -24,53 +25,66 @@ import math
 import torch
 from keras import ops
 
+from keras_adam import _rule
 from keras_adam import backends
 
 # beta^(2^40) underflows to 0 in double for beta < 1 - 1e-11.
 _NO_BIAS_CORRECTION_STEP = 2.0**40
 
 
-def eligible(optimizer, variable):
-    # Under torch.compile (Keras's jit_compile=True on torch) the in-place
-    # multi-tensor kernel fails Inductor's functionalization; the compiler
-    # fuses the portable ops itself, so those steps take the portable path.
-    return (
-        not optimizer.nesterov
-        and optimizer.epsilon > 0
-        and not torch.compiler.is_compiling()
-        and backends.unsupported_dtype_reason(variable, optimizer.moment_dtype) is None
-    )
+class MultiTensor:
+    """`torch._fused_adam_` over every variable planned for it, once per step."""
 
+    name = "torch-multi-tensor"
+    exact_because = "torch._fused_adam_ with epsilon' / sqrt(c2) (see keras_adam/backends/torch.py)"
+    steps_aside = "under torch.compile (jit_compile=True), which fuses the portable ops itself"
+    per_variable = False
 
-def fused_update(optimizer, grads, variables, learning_rate):
-    """One fused Adam step on `variables` (all eligible, see `eligible`)."""
-    t = int(ops.convert_to_numpy(optimizer.iterations)) + 1
-    if optimizer.bias_correction:
-        c2 = -math.expm1(t * math.log(optimizer.beta_2)) if optimizer.beta_2 > 0 else 1.0
-        step = float(t)
-    else:
-        c2, step = 1.0, _NO_BIAS_CORRECTION_STEP
-    epsilon = optimizer.epsilon
-    if optimizer.epsilon_placement == "hat":
-        epsilon = epsilon / math.sqrt(c2)
-    lr = float(ops.convert_to_numpy(learning_rate))
+    @classmethod
+    def option_reason(cls, hyper):
+        if hyper.nesterov:
+            return "torch._fused_adam_ has no Nesterov option"
+        return None
 
-    groups = {}
-    for g, variable in zip(grads, variables):
-        param = variable.value
-        m, v, v_max = optimizer.slots(variable)
-        group = groups.setdefault((param.device, param.dtype), ([], [], [], [], []))
-        group[0].append(param)
-        group[1].append(g.to(param.dtype).contiguous())
-        group[2].append(m.value)
-        group[3].append(v.value)
-        if v_max is not None:
-            group[4].append(v_max.value)
-    with torch.no_grad():
-        for (device, _), (params, gs, ms, vs, v_maxes) in groups.items():
-            steps = [torch.tensor(step, dtype=torch.float32, device=device)] * len(params)
-            torch._fused_adam_(
-                params, gs, ms, vs, v_maxes, steps,
-                lr=lr, beta1=optimizer.beta_1, beta2=optimizer.beta_2,
-                weight_decay=0.0, eps=epsilon, amsgrad=optimizer.amsgrad, maximize=False,
-            )
+    def variable_reason(self, variable, moments):
+        return backends.dtype_reason(variable, moments)
+
+    def step_aside_reason(self, hyper):
+        # Under torch.compile (Keras's jit_compile=True on torch) the in-place
+        # multi-tensor kernel fails Inductor's functionalization.
+        if torch.compiler.is_compiling():
+            return "the in-place kernel fails torch.compile's functionalization"
+        return None
+
+    def apply(self, pairs, hyper, step, moments):
+        """One fused Adam step on all (gradient, variable) pairs."""
+        if not pairs:
+            return []
+        t = int(ops.convert_to_numpy(step.t))
+        lr = float(ops.convert_to_numpy(step.lr))
+        c1, c2 = _rule.bias_factors_float(t, hyper.beta_1, hyper.beta_2, hyper.bias_correction)
+        _, epsilon = _rule.fold_step_size(
+            lr, c1, c2, hyper.epsilon, hyper.epsilon_placement, sqrt=math.sqrt
+        )
+        kernel_step = float(t) if hyper.bias_correction else _NO_BIAS_CORRECTION_STEP
+
+        groups = {}
+        for g, variable in pairs:
+            param = variable.value
+            m, v, v_max = moments.slots(variable)
+            group = groups.setdefault((param.device, param.dtype), ([], [], [], [], []))
+            group[0].append(param)
+            group[1].append(g.to(param.dtype).contiguous())
+            group[2].append(m.value)
+            group[3].append(v.value)
+            if v_max is not None:
+                group[4].append(v_max.value)
+        with torch.no_grad():
+            for (device, _), (params, gs, ms, vs, v_maxes) in groups.items():
+                steps = [torch.tensor(kernel_step, dtype=torch.float32, device=device)] * len(params)
+                torch._fused_adam_(
+                    params, gs, ms, vs, v_maxes, steps,
+                    lr=lr, beta1=hyper.beta_1, beta2=hyper.beta_2, weight_decay=0.0,
+                    eps=epsilon / math.sqrt(c2), amsgrad=hyper.amsgrad, maximize=False,
+                )
+        return []

@@ -1,0 +1,119 @@
+"""Row-sparse gradients (tf.IndexedSlices): deduplication, and the exact and lazy modes.
+
+`keras.layers.Embedding` on TensorFlow gives a gradient holding only the rows
+in the batch, possibly with repeated indices. Every part of how keras_adam
+treats one lives here; `keras_adam.optimizer.Adam` keeps only the hooks:
+
+    Adam.apply              -> SparseUpdates.begin / end: sum repeated rows
+                               (before Keras clips, so clipping sees the dense
+                               gradient's numbers) and note which variables
+                               update lazily this step
+    Adam._use_weight_decay  -> SparseUpdates.updates_lazily: Keras's decay of
+                               the whole variable is suppressed for those; the
+                               lazy update decays the rows it touches
+    Adam.update_step        -> densify ("exact") or SparseUpdates.lazy_update ("lazy")
+
+"exact": the update of the dense equivalent gradient. "lazy": for the rows r
+present, with the global step t,
+
+    theta_r <- theta_r - lr * weight_decay * theta_r     (if weight decay applies)
+    m_r, v_r, v_max_r, theta_r: `keras_adam._rule.rule` on row r
+
+and every other row of theta, m, v and v_max stays bit for bit (their moments
+do not decay: that is what makes the update lazy).
+"""
+
+from keras import ops
+
+from keras_adam import _rule
+from keras_adam import backends
+
+SPARSE_UPDATES = ("exact", "lazy")
+
+
+def is_sparse(gradient):
+    """True for a row-sparse gradient (tf.IndexedSlices; only TensorFlow makes them)."""
+    return hasattr(gradient, "indices") and hasattr(gradient, "dense_shape")
+
+
+def deduplicate(gradient):
+    """The same gradient with each row index once, the values of repeated indices summed."""
+    rows, position = backends.unique_rows(gradient.indices)
+    values = ops.segment_sum(gradient.values, position, num_segments=ops.shape(rows)[0])
+    return backends.row_slices(values, rows, gradient.dense_shape)
+
+
+def densify(gradient):
+    """A dense tensor for `gradient`, which may be row-sparse.
+
+    Duplicate indices are summed *before* g^2 is taken, so the update equals
+    that of the dense gradient. (keras.optimizers.Adam squares each duplicate
+    slice and then sums, which differs from its own dense update.)
+    `ops.convert_to_tensor` leaves IndexedSlices as they are, hence the scatter.
+    """
+    if not is_sparse(gradient):
+        return gradient
+    indices = ops.expand_dims(gradient.indices, -1)
+    return ops.scatter(indices, gradient.values, gradient.dense_shape)
+
+
+class SparseUpdates:
+    """One optimizer's sparse mode, and which variables update lazily in the current step.
+
+    Args:
+        mode: "exact" or "lazy" (`Adam(sparse_updates=...)`).
+    """
+
+    def __init__(self, mode):
+        self.mode = mode
+        self._lazy_now = frozenset()
+
+    def begin(self, grads, variables, key):
+        """Deduplicates the sparse gradients; notes the variables they update lazily.
+
+        `key` is the optimizer's variable key (`_var_key`), so that variables
+        under tf.distribute are recognised.
+        """
+        if not any(is_sparse(g) for g in grads):
+            return grads
+        grads = [deduplicate(g) if is_sparse(g) else g for g in grads]
+        if self.mode == "lazy":
+            self._lazy_now = frozenset(
+                key(v) for g, v in zip(grads, variables) if is_sparse(g)
+            )
+        return grads
+
+    def end(self):
+        self._lazy_now = frozenset()
+
+    def updates_lazily(self, variable_key):
+        """True while a step updates this variable lazily (so Keras must not decay it whole)."""
+        return variable_key in self._lazy_now
+
+    @staticmethod
+    def lazy_update(gradient, variable, moments, hyper, scalars, weight_decay, assign_sub):
+        """Adam on the rows present in `gradient`; every other row is left as it is.
+
+        Args:
+            gradient: the row-sparse gradient.
+            variable: the model variable.
+            moments: the optimizer's `keras_adam._state.Moments`.
+            hyper, scalars: the rule's `Hyper` and this step's `Scalars` in the
+                compute dtype.
+            weight_decay: the decay rate if decoupled weight decay applies to
+                this variable, else None.
+            assign_sub: the optimizer's `assign_sub` (scatters row updates).
+        """
+        # Deduplicated again: an all-reduce may concatenate replicas' rows.
+        gradient = deduplicate(gradient)
+        rows = gradient.indices
+        dtype = moments.compute_dtype(variable)
+        g = ops.cast(gradient.values, dtype)
+        m, v, v_max = moments.read(variable, rows)
+        m, v, v_max, step = _rule.rule(g, m, v, v_max, scalars, hyper)
+        moments.write(variable, m, v, v_max, rows)
+        if weight_decay is not None:
+            # Keras decays before the step; both are subtracted from the same theta_r.
+            theta = ops.cast(backends.gather_rows(variable, rows), dtype)
+            step += theta * ops.cast(weight_decay, dtype) * scalars.lr
+        assign_sub(variable, backends.row_slices(ops.cast(step, variable.dtype), rows))

@@ -1,0 +1,36 @@
+"""Times one optimizer step of keras_adam.Adam beside keras.optimizers.Adam.
+
+Run:  python -m keras_adam.benchmark [--cases large,many-small,mlp,embedding,monitor]
+                                      [--repeats 15] [--xla both|off|on]
+                                      [--backend tensorflow|jax|torch]
+                                      [--intra-op-threads N] [--json]
+
+Both optimizers run in the same process on the same variables' shapes, with
+gradients precomputed, so only the update is timed, the way each backend's
+trainer runs it: TensorFlow inside tf.function (with and without XLA), JAX
+as jax.jit of stateless_apply with donated state, torch eagerly. Each repeat
+times a batch of steps and reports milliseconds per step; the table gives the
+median and the min-max range over repeats, the speed-up of keras_adam over
+the built-in (ratio of medians), and the effective memory traffic against
+the bandwidth measured on this machine in the same run.
+
+Adam's roofline: per float32 parameter a step reads g, theta, m, v and writes
+theta, m, v: 7 x 4 = 28 bytes. A step can be no faster than
+28 * parameters / bandwidth (for lazy sparse updates: 28 bytes per element of
+the rows in the gradient).
+
+The "embedding" case (1,000,000 x 64 table, a tf.IndexedSlices gradient of
+1,000 rows) compares keras_adam's exact and lazy sparse modes. The "monitor"
+case is not a step: it is the epoch-time cost of AdamMonitor.
+
+Modules: `timing` (the harness), `cases` (what is timed, its roofline),
+`harnesses` (each backend's step and bandwidth), `monitor` (AdamMonitor's
+cost), `report` (running and the table), `cli` (arguments and the launcher).
+"""
+
+from keras_adam.benchmark.cases import BYTES_PER_PARAMETER
+from keras_adam.benchmark.cli import main
+from keras_adam.benchmark.cli import parse_args
+from keras_adam.benchmark.report import format_table
+
+__all__ = ["BYTES_PER_PARAMETER", "format_table", "main", "parse_args"]

@@ -1,0 +1,63 @@
+"""The command line, `python -m keras_adam.benchmark`: arguments, the backend launcher, output.
+
+Keras fixes its backend when it is first imported, and `python -m
+keras_adam.benchmark` imports keras_adam (so Keras) before the arguments are
+read. When `--backend` names another backend, `main` starts the module again
+in a fresh process with KERAS_BACKEND set.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from keras_adam.benchmark import cases
+from keras_adam.benchmark import report
+
+
+def parse_args(argv=None):
+    import keras_adam.benchmark as package
+
+    parser = argparse.ArgumentParser(prog="python -m keras_adam.benchmark",
+                                     description=package.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(cases.NAMES),
+                        help=f"comma-separated subset of {cases.NAMES}")
+    parser.add_argument("--repeats", type=int, default=15, help="timed repeats per measurement")
+    parser.add_argument("--min-seconds", type=float, default=0.1,
+                        help="each repeat runs enough steps to last about this long")
+    parser.add_argument("--xla", choices=["both", "off", "on"], default="both")
+    parser.add_argument("--backend", choices=["tensorflow", "jax", "torch"],
+                        default=os.environ.get("KERAS_BACKEND", "tensorflow"),
+                        help="Keras backend to benchmark (set before Keras is imported); "
+                             "defaults to $KERAS_BACKEND, else tensorflow")
+    parser.add_argument("--intra-op-threads", type=int, default=None, metavar="N",
+                        help="TensorFlow only: tf.config.threading intra-op threads for the "
+                             "whole run (default: TensorFlow's choice, one per core)")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    args = parser.parse_args(argv)
+    if args.intra_op_threads is not None:
+        if args.backend != "tensorflow":
+            parser.error("--intra-op-threads applies to --backend tensorflow only")
+        if args.intra_op_threads < 1:
+            parser.error(f"--intra-op-threads must be >= 1. Received: {args.intra_op_threads}")
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in args.cases if c not in cases.NAMES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {cases.NAMES}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1. Received: {args.repeats}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import keras
+
+    if keras.backend.backend() != args.backend:
+        env = {**os.environ, "KERAS_BACKEND": args.backend}
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "keras_adam.benchmark", *argv], env)
+    result = report.run(args)
+    print(json.dumps(result, indent=2) if args.json else report.format_table(result))

@@ -1,0 +1,120 @@
+"""Runs the chosen cases on one backend and formats the report.
+
+Both optimizers run in the same process on the same variables' shapes, with
+gradients precomputed, so only the update is timed, the way each backend's
+trainer runs it (`harnesses`). The table gives, per case, variant and XLA
+mode, the median and min-max over repeats, the speed-up of keras_adam over
+the built-in (ratio of medians), and the effective memory traffic against the
+bandwidth measured in the same run (`cases.derive`).
+"""
+
+import os
+import statistics
+import sys
+
+from keras_adam.benchmark import cases as case_table
+from keras_adam.benchmark import harnesses
+from keras_adam.benchmark import monitor
+from keras_adam.benchmark import timing
+
+
+def progress(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(args):
+    """The report (a dict, JSON-ready) for parsed command-line `args`."""
+    import keras
+
+    import keras_adam
+
+    if keras.backend.backend() != args.backend:
+        raise RuntimeError(
+            f"Keras runs on {keras.backend.backend()!r}, not {args.backend!r}: "
+            "run through main(), which restarts with KERAS_BACKEND set"
+        )
+
+    options = {} if args.intra_op_threads is None else {"intra_op_threads": args.intra_op_threads}
+    harness = harnesses.HARNESSES[args.backend](**options)
+    progress(f"backend {args.backend}; measuring memory bandwidth ...")
+    bandwidth = harness.bandwidth(args.repeats, args.min_seconds)
+    progress(f"  {bandwidth:.1f} GB/s")
+    wanted = {"both": (False, True), "off": (False,), "on": (True,)}[args.xla]
+    results, monitor_result = [], None
+    for name in args.cases:
+        if name == case_table.MONITOR:
+            progress("   monitor: AdamMonitor on the mlp model's epochs ...")
+            monitor_result = monitor.monitor_overhead(keras, keras_adam, args.repeats)
+            continue
+        case = case_table.CASES[name]
+        if case.sparse_rows and not harness.sparse:
+            progress(f"{name:>10}: skipped ({args.backend} has no sparse gradients)")
+            continue
+        grads = harness.gradients(case)
+        for xla in case.xla_modes(harness.xla_modes, wanted):
+            progress(f"{name:>10} xla={'on' if xla else 'off'} ...")
+            results += _time_case(keras, keras_adam, harness, case, grads, xla, args, bandwidth)
+    return {
+        "backend": args.backend, "bandwidth_gb_per_s": bandwidth, "repeats": args.repeats,
+        "cpus": os.cpu_count(), "intra_op_threads": getattr(harness, "intra_op_threads", None),
+        "keras": keras.__version__,
+        "framework": _framework_version(args.backend),
+        "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor_result,
+    }
+
+
+def _time_case(keras, keras_adam, harness, case, grads, xla, args, bandwidth):
+    """One row per variant: keras_adam's variants and the built-in, timed interleaved."""
+    steps = {name: harness.step(keras, keras_adam.Adam(**kwargs), case.shapes, grads, xla)
+             for name, kwargs in case.variants.items()}
+    steps["builtin"] = harness.step(keras, keras.optimizers.Adam(), case.shapes, grads, xla)
+    timings = timing.time_interleaved(steps, args.repeats, args.min_seconds)
+    builtin = statistics.median(timings["builtin"])
+    rows = []
+    for name, kwargs in case.variants.items():
+        ours = statistics.median(timings[name])
+        rows.append({
+            "case": case.name, "variant": name, "xla": xla, "parameters": case.parameters,
+            "variables": len(case.shapes),
+            "keras_adam_ms": timing.summary(timings[name]),
+            "builtin_ms": timing.summary(timings["builtin"]),
+            **case_table.derive(ours, builtin, case.touched(kwargs), bandwidth),
+        })
+    return rows
+
+
+def _framework_version(backend):
+    module = __import__(backend)
+    return f"{backend} {module.__version__}"
+
+
+def format_table(report):
+    """The report as a Markdown table (what the README quotes)."""
+    lines = [
+        f"backend {report['backend']}, {report['cpus']} CPUs, keras {report['keras']}, "
+        f"{report['framework']}; measured bandwidth "
+        f"{report['bandwidth_gb_per_s']:.1f} GB/s; {report['repeats']} repeats"
+        + (f"; intra-op threads {report['intra_op_threads']}"
+           if report.get("intra_op_threads") else ""),
+        "",
+        "| case | variant | XLA | params | keras_adam ms (min-max) | built-in ms (min-max) "
+        "| speed-up | keras_adam GB/s | % of bandwidth | roofline ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        ours, builtin = r["keras_adam_ms"], r["builtin_ms"]
+        lines.append(
+            f"| {r['case']} | {r['variant']} | {'on' if r['xla'] else 'off'} | {r['parameters']:,} "
+            f"| {ours['median']:.2f} ({ours['min']:.2f}-{ours['max']:.2f}) "
+            f"| {builtin['median']:.2f} ({builtin['min']:.2f}-{builtin['max']:.2f}) "
+            f"| {r['speedup']:.2f}x | {r['keras_adam_gb_per_s']:.1f} "
+            f"| {100 * r['fraction_of_bandwidth']:.0f}% | {r['roofline_ms']:.2f} |"
+        )
+    result = report.get("monitor")
+    if result:
+        w, wo = result["epoch_ms_with"], result["epoch_ms_without"]
+        lines += ["", f"AdamMonitor on the mlp model (32 steps an epoch): epoch "
+                  f"{wo['median']:.0f} ms ({wo['min']:.0f}-{wo['max']:.0f}) without, "
+                  f"{w['median']:.0f} ms ({w['min']:.0f}-{w['max']:.0f}) with: "
+                  f"overhead {100 * result['overhead']:+.1f}%"]
+    return "\n".join(lines)
