@@ -12,6 +12,8 @@ torch.compile).
 
 import dataclasses
 
+from keras_adam import backends
+
 PORTABLE = "portable"
 LAZY = "lazy-rows"
 OVERWRITTEN = "overwritten"
@@ -78,7 +80,7 @@ def make_routes(variables, fast, fast_reason, moments, sparse_updates, overwritt
             routes.append(Route(OVERWRITTEN, "overwrite_with_gradient: Keras assigns "
                                 "the gradient to the variable; there is no Adam step"))
             continue
-        reason = fast_reason if fast is None else fast.variable_reason(variable, moments)
+        reason = fast_reason if fast is None else backends.variable_reason(variable, moments)
         if reason is None:
             routes.append(Route(fast.name, fast.exact_because, sparse, fast.steps_aside))
         else:

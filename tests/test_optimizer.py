@@ -92,3 +92,13 @@ def test_indexed_slices_equal_their_dense_gradient():
     for a, b in zip(*results):
         # Same dense tensor into the same ops: identical by construction.
         np.testing.assert_array_equal(a, b)
+
+
+def test_public_methods_are_for_users_only():
+    # Issue #13: no public method of Adam exists only for the backends (they
+    # receive data: keras_adam/backends/__init__.py). A new public method must
+    # be added here deliberately, and documented in the README's API table.
+    own = {name for name in dir(keras_adam.Adam)
+           if not name.startswith("_") and callable(getattr(keras_adam.Adam, name))}
+    inherited = {name for name in dir(keras.optimizers.Optimizer) if not name.startswith("_")}
+    assert own - inherited == {"slots", "update_plan"}

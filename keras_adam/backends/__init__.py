@@ -18,9 +18,12 @@ module defines one class with this interface:
                     tf.distribute's per-variable update holds); False: called
                     once per step with all of its variables (multi-tensor)
     option_reason(hyper)                 classmethod: why not for these options
-    variable_reason(variable, moments)   why not for this variable, or None
     step_aside_reason(hyper)             why not in the current compile context
     apply(pairs, hyper, step, moments)   updates the pairs; returns those it did not
+
+Both kernels update a variable's slots in place and are exact for the same
+dtypes, so which variables they may take is decided here (`variable_reason`).
+The backend modules import nothing from this package.
 """
 
 import keras
@@ -76,7 +79,7 @@ def _option_reason(hyper, fused):
     return cls.option_reason(hyper)
 
 
-def dtype_reason(variable, moments):
+def variable_reason(variable, moments):
     """Why a fused kernel cannot update `variable` (its dtype, its moments' storage), or None."""
     dtype = keras.backend.standardize_dtype(variable.dtype)
     if dtype not in FUSED_DTYPES:

@@ -37,8 +37,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_adam import backends
-
 # A private seam, used here only: tf.function(jit_compile=True) marks its
 # graph as an XLA context, and ResourceApplyAdamWithAmsgrad has no XLA kernel
 # in TF 2.21. tests/test_backend_tensorflow.py runs amsgrad under
@@ -68,9 +66,6 @@ class Fused:
                 "bias_correction=False"
             )
         return None
-
-    def variable_reason(self, variable, moments):
-        return backends.dtype_reason(variable, moments)
 
     def step_aside_reason(self, hyper):
         if hyper.amsgrad and control_flow_util.GraphOrParentsInXlaContext(

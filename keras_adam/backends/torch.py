@@ -26,7 +26,6 @@ import torch
 from keras import ops
 
 from keras_adam import _rule
-from keras_adam import backends
 
 # beta^(2^40) underflows to 0 in double for beta < 1 - 1e-11.
 _NO_BIAS_CORRECTION_STEP = 2.0**40
@@ -45,9 +44,6 @@ class MultiTensor:
         if hyper.nesterov:
             return "torch._fused_adam_ has no Nesterov option"
         return None
-
-    def variable_reason(self, variable, moments):
-        return backends.dtype_reason(variable, moments)
 
     def step_aside_reason(self, hyper):
         # Under torch.compile (Keras's jit_compile=True on torch) the in-place

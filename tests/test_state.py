@@ -1,0 +1,88 @@
+"""The state seam: every path reads and writes m, v, v_max through `keras_adam._state.Moments`.
+
+A storage format is one subclass. The test format below stores the moments
+negated (exact in floating point, and wrong if read or written raw). Every
+update path must then give bit for bit the results of the standard format,
+while the stored slots hold the negated numbers. A path that bypassed the
+seam would read -v as v and fail.
+"""
+
+import keras
+import numpy as np
+import pytest
+from grid import gradient_sequence, initial_values, run_optimizer
+
+import keras_adam
+from keras_adam import _state
+
+STEPS = 5
+
+
+class Negated(_state.Moments):
+    """Test-only format: stores -m, -v, -v_max."""
+
+    def in_place_reason(self, variable):
+        return "the test format stores negated moments"
+
+    def _decode(self, slot, dtype, rows):
+        return -super()._decode(slot, dtype, rows)
+
+    def _encode(self, slot, value, rows):
+        return super()._encode(slot, -value, rows)
+
+
+def _negated_format(patch):
+    patch.setattr(_state, "for_options",
+                  lambda optimizer, amsgrad, moment_dtype: Negated(optimizer, amsgrad))
+
+
+def _stored(optimizer, variables):
+    return [[keras.ops.convert_to_numpy(s) for s in optimizer.slots(v) if s is not None]
+            for v in variables]
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(amsgrad=True, nesterov=True)],
+                         ids=["defaults", "amsgrad-nesterov"])
+def test_a_storage_format_is_one_class(kwargs, monkeypatch):
+    sequence, x0 = gradient_sequence(STEPS), initial_values()
+    standard = keras_adam.Adam(fused=False, **kwargs)
+    expected = run_optimizer(standard, x0, sequence)
+    with monkeypatch.context() as patch:
+        _negated_format(patch)
+        negated = keras_adam.Adam(**kwargs)
+        got = run_optimizer(negated, x0, sequence)
+    # The plan sees the format: no fused kernel may update its slots in place.
+    assert all(r.path == "portable" for r in negated.update_plan().values())
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    for slots_a, slots_b in zip(_stored(negated, got), _stored(standard, expected)):
+        for a, b in zip(slots_a, slots_b):
+            np.testing.assert_array_equal(a, -b)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="row-sparse gradients exist only on TensorFlow")
+def test_lazy_rows_go_through_the_seam(monkeypatch):
+    import tensorflow as tf
+
+    def train(optimizer):
+        table = keras.Variable(np.ones((10, 3), "float32"))
+        optimizer.build([table])
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            # A dense step first, so that every row's moments are non-zero.
+            optimizer.apply([tf.constant(rng.normal(size=(10, 3)), tf.float32)], [table])
+            grad = tf.IndexedSlices(tf.constant(rng.normal(size=(4, 3)), tf.float32),
+                                    tf.constant([1, 4, 4, 7]), tf.constant([10, 3]))
+            optimizer.apply([grad], [table])
+        return table.numpy(), [s.numpy() for s in optimizer.slots(table)]
+
+    kwargs = dict(sparse_updates="lazy", amsgrad=True, weight_decay=0.1)
+    theta_s, slots_s = train(keras_adam.Adam(fused=False, **kwargs))
+    with monkeypatch.context() as patch:
+        _negated_format(patch)
+        theta_n, slots_n = train(keras_adam.Adam(**kwargs))
+    np.testing.assert_array_equal(theta_n, theta_s)
+    assert len(slots_n) == 3
+    for a, b in zip(slots_n, slots_s):
+        np.testing.assert_array_equal(a, -b)
