@@ -61,11 +61,12 @@ class Plan(dict):
         return "\n".join(lines)
 
 
-def make_routes(variables, fast, fast_reason, moments, sparse_updates, overwritten):
+def make_routes(variables, hyper, fast, fast_reason, moments, sparse_updates, overwritten):
     """One `Route` per variable.
 
     Args:
         variables: the model variables, in the optimizer's order.
+        hyper: the rule's `keras_adam._rule.Hyper`.
         fast: the backend's fast path for these options, or None.
         fast_reason: why there is none, when `fast` is None.
         moments: the optimizer's `keras_adam._state.Moments`.
@@ -82,7 +83,7 @@ def make_routes(variables, fast, fast_reason, moments, sparse_updates, overwritt
             continue
         reason = fast_reason if fast is None else backends.variable_reason(variable, moments)
         if reason is None:
-            routes.append(Route(fast.name, fast.exact_because, sparse, fast.steps_aside))
+            routes.append(Route(fast.name, fast.exact_because, sparse, fast.steps_aside(hyper)))
         else:
             routes.append(Route(PORTABLE, reason, sparse))
     return routes

@@ -234,7 +234,7 @@ class Adam(Optimizer):
         moments = _state.for_options(self, self.amsgrad, self.moment_dtype)
         sparse_mode = self.sparse_updates if backends.makes_sparse_gradients() else None
         routes = _plan.make_routes(
-            var_list, self._fast, self._fast_reason, moments, sparse_mode,
+            var_list, self._hyper(), self._fast, self._fast_reason, moments, sparse_mode,
             self._overwrite_variable_with_gradient,
         )
         if self.fused:

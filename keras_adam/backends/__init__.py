@@ -13,11 +13,12 @@ module defines one class with this interface:
 
     name            the path's name in the optimizer's plan
     exact_because   why it computes the rule exactly (shown in the plan)
-    steps_aside     when it defers to the portable rule at run time ("" if never)
     per_variable    True: called from `update_step` for one variable (so that
                     tf.distribute's per-variable update holds); False: called
                     once per step with all of its variables (multi-tensor)
     option_reason(hyper)                 classmethod: why not for these options
+    steps_aside(hyper)                   when it defers to the portable rule at
+                                         run time, in words ("" if never)
     step_aside_reason(hyper)             why not in the current compile context
     apply(pairs, hyper, step, moments)   updates the pairs; returns those it did not
 

@@ -48,10 +48,14 @@ class Fused:
     """`ResourceApplyAdam` / `ResourceApplyAdamWithAmsgrad`, one variable at a time."""
 
     name = "tensorflow-fused"
-    exact_because = ("ResourceApplyAdam with beta powers 0 and the bias factors "
-                     "folded into lr (see keras_adam/backends/tensorflow.py)")
-    steps_aside = "under XLA with amsgrad (no XLA kernel for ResourceApplyAdamWithAmsgrad)"
+    exact_because = "ResourceApplyAdam, with the bias factors folded into lr"
     per_variable = True
+
+    @staticmethod
+    def steps_aside(hyper):
+        if hyper.amsgrad:
+            return "under XLA (ResourceApplyAdamWithAmsgrad has no XLA kernel)"
+        return ""
 
     @classmethod
     def option_reason(cls, hyper):

@@ -35,9 +35,12 @@ class MultiTensor:
     """`torch._fused_adam_` over every variable planned for it, once per step."""
 
     name = "torch-multi-tensor"
-    exact_because = "torch._fused_adam_ with epsilon' / sqrt(c2) (see keras_adam/backends/torch.py)"
-    steps_aside = "under torch.compile (jit_compile=True), which fuses the portable ops itself"
+    exact_because = "torch._fused_adam_, with epsilon' / sqrt(c2) as its eps"
     per_variable = False
+
+    @staticmethod
+    def steps_aside(hyper):
+        return "under torch.compile (jit_compile=True), which fuses the portable ops itself"
 
     @classmethod
     def option_reason(cls, hyper):
