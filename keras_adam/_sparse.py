@@ -54,7 +54,11 @@ def densify(gradient):
     if not is_sparse(gradient):
         return gradient
     indices = ops.expand_dims(gradient.indices, -1)
-    return ops.scatter(indices, gradient.values, gradient.dense_shape)
+    # The scatter needs the shape in the indices' dtype. They differ in real
+    # gradients: an Embedding fed by keras.Input(dtype="int64") gives int64
+    # indices with an int32 dense_shape (issue #14).
+    shape = ops.cast(gradient.dense_shape, indices.dtype)
+    return ops.scatter(indices, gradient.values, shape)
 
 
 class SparseUpdates:

@@ -10,7 +10,7 @@ seam would read -v as v and fail.
 import keras
 import numpy as np
 import pytest
-from grid import gradient_sequence, initial_values, run_optimizer
+from grid import UNIT_ROUNDOFF, gradient_sequence, initial_values, run_optimizer
 
 import keras_adam
 from keras_adam import _state
@@ -57,7 +57,16 @@ def test_a_storage_format_is_one_class(kwargs, monkeypatch):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     for slots_a, slots_b in zip(_stored(negated, got), _stored(standard, expected)):
         for a, b in zip(slots_a, slots_b):
-            np.testing.assert_array_equal(a, -b)
+            if keras.backend.backend() == "jax":
+                # Under jax.jit, XLA may contract a multiply and an add into
+                # one FMA differently once the negations are in the graph:
+                # about one rounding (u) per step, relative to the largest
+                # gradient for m, which mixes signs.
+                g_max = np.abs(np.concatenate([g.ravel() for s in sequence for g in s])).max()
+                np.testing.assert_allclose(a, -b, rtol=2 * STEPS * UNIT_ROUNDOFF,
+                                           atol=2 * STEPS * UNIT_ROUNDOFF * g_max)
+            else:
+                np.testing.assert_array_equal(a, -b)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow",
