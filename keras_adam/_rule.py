@@ -43,7 +43,7 @@ class Scalars:
 
     `lr` is the learning rate at this step; `alpha` and `epsilon` are the
     folded step size and epsilon' of `fold_step_size`; `nesterov_momentum` is
-    beta_1 * c1 / c1_next (see `rule`).
+    beta_1 * c1 / c1_next (see `rule`), None without Nesterov.
     """
 
     lr: object
@@ -120,7 +120,7 @@ def step_scalars(hyper, t, lr, dtype):
         one_minus_beta_2=one_minus_beta_2,
         c1=c1,
         c2=c2,
-        nesterov_momentum=beta_1 * c1 / c1_next,
+        nesterov_momentum=beta_1 * c1 / c1_next if hyper.nesterov else None,
         alpha=alpha,
         epsilon=epsilon,
     )
