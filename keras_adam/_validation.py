@@ -28,11 +28,20 @@ def _require_real(name, value, allowed):
 
 
 def learning_rate(value):
-    """A finite float >= 0, a LearningRateSchedule, or a zero-argument callable."""
+    """A finite float >= 0, a LearningRateSchedule, or a zero-argument callable.
+
+    A value of the wrong type is a ValueError, as `keras.optimizers.Adam`
+    raises for it.
+    """
     if isinstance(value, LearningRateSchedule) or callable(value):
         return value
     allowed = "a float >= 0, a LearningRateSchedule or a callable"
-    lr = _require_real("learning_rate", value, allowed)
+    if not _is_real(value):
+        raise ValueError(
+            f"`learning_rate` must be {allowed}. "
+            f"Received: learning_rate={value!r} of type {type(value).__name__}"
+        )
+    lr = float(value)
     if not (math.isfinite(lr) and lr >= 0.0):
         raise ValueError(
             f"`learning_rate` must be {allowed}. Received: learning_rate={value!r}"
@@ -81,3 +90,72 @@ def choice(name, value, allowed):
             f"`{name}` must be one of {tuple(allowed)}. Received: {name}={value!r}"
         )
     return value
+
+
+def one_of(allowed, optional=False):
+    """A check for one of the strings in `allowed` (or None when `optional`)."""
+    def check(name, value):
+        if optional and value is None:
+            return None
+        return choice(name, value, allowed)
+    return check
+
+
+def decay_exclusions(value):
+    """{"var_names": [str], "var_indices": [int >= 0]}: weight-decay exclusions in a config."""
+    kinds = {"var_names": (str, "strings"), "var_indices": (int, "ints >= 0")}
+    if not isinstance(value, dict) or set(value) - set(kinds):
+        raise ValueError(
+            "`exclude_from_weight_decay` must be None or a dict with keys "
+            f"{tuple(kinds)}, each a list. Received: exclude_from_weight_decay={value!r}"
+        )
+    out = {}
+    for key, (kind, words) in kinds.items():
+        items = value.get(key) or []
+        if not isinstance(items, (list, tuple)) or not all(
+            isinstance(x, kind) and not isinstance(x, bool) and (kind is str or x >= 0)
+            for x in items
+        ):
+            raise ValueError(
+                f"`exclude_from_weight_decay[{key!r}]` must be a list of {words}. "
+                f"Received: {items!r}"
+            )
+        out[key] = list(items)
+    return out
+
+
+class Option:
+    """A hyperparameter attribute, validated on every assignment as in the constructor.
+
+    `optimizer.beta_1 = 1.5` raises the constructor's error. After a valid
+    assignment the owner's `_option_changed(name)` runs, so that what was
+    decided from the options (the update plan) follows them.
+
+    Args:
+        check: `check(name, value)` returns the canonical value or raises.
+    """
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.name = name
+        self.slot = f"_option_{name}"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.slot]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj, value):
+        value = self.check(self.name, value)
+        previous = obj.__dict__.get(self.slot, value)
+        obj.__dict__[self.slot] = value
+        try:
+            obj._option_changed(self.name)
+        except Exception:
+            obj.__dict__[self.slot] = previous  # a refused change leaves nothing behind
+            raise

@@ -12,12 +12,15 @@ concern has its own module:
     backends/       the fast paths (TensorFlow fused kernels, torch multi-tensor)
 """
 
+import warnings
+
 import numpy as np
 from keras import ops
 from keras.optimizers import Optimizer
 
 from keras_adam import _plan
 from keras_adam import _rule
+from keras_adam import _saving
 from keras_adam import _sparse
 from keras_adam import _state
 from keras_adam import _validation as check
@@ -120,7 +123,14 @@ class Adam(Optimizer):
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for
-            `keras.optimizers.Optimizer`. `name` defaults to `"adam"`.
+            `keras.optimizers.Optimizer`. `name=None` (the default) names
+            the optimizer as Keras does, uniquely: `"adam"`, `"adam_1"`, ...
+        exclude_from_weight_decay: `None` or a dict with lists `"var_names"`
+            (name patterns, as for `exclude_from_weight_decay()`) and
+            `"var_indices"` (positions among the variables the optimizer is
+            built with). `get_config()` records the exclusions set by
+            `exclude_from_weight_decay()` here, so they survive saving.
+            Defaults to `None`.
 
     Raises:
         ValueError: if learning_rate is negative or NaN, beta_1 or beta_2 is
@@ -145,6 +155,19 @@ class Adam(Optimizer):
         - Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019.
     """
 
+    # Each option is validated on every assignment, as in the constructor,
+    # and the update plan follows it (`_option_changed`).
+    beta_1 = check.Option(check.unit_interval)
+    beta_2 = check.Option(check.unit_interval)
+    epsilon = check.Option(check.non_negative)
+    amsgrad = check.Option(check.boolean)
+    nesterov = check.Option(check.boolean)
+    bias_correction = check.Option(check.boolean)
+    epsilon_placement = check.Option(check.one_of(_rule.EPSILON_PLACEMENTS))
+    sparse_updates = check.Option(check.one_of(_sparse.SPARSE_UPDATES))
+    moment_dtype = check.Option(check.one_of(_state.MOMENT_DTYPES, optional=True))
+    fused = check.Option(check.optional_boolean)
+
     def __init__(
         self,
         learning_rate=0.001,
@@ -167,7 +190,8 @@ class Adam(Optimizer):
         ema_overwrite_frequency=None,
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
-        name="adam",
+        name=None,
+        exclude_from_weight_decay=None,
         **kwargs,
     ):
         super().__init__(
@@ -184,30 +208,55 @@ class Adam(Optimizer):
             name=name,
             **kwargs,
         )
-        self.beta_1 = check.unit_interval("beta_1", beta_1)
-        self.beta_2 = check.unit_interval("beta_2", beta_2)
-        self.epsilon = check.non_negative("epsilon", epsilon)
-        self.amsgrad = check.boolean("amsgrad", amsgrad)
-        self.nesterov = check.boolean("nesterov", nesterov)
-        self.bias_correction = check.boolean("bias_correction", bias_correction)
-        self.epsilon_placement = check.choice(
-            "epsilon_placement", epsilon_placement, _rule.EPSILON_PLACEMENTS
-        )
-        self.sparse_updates = check.choice(
-            "sparse_updates", sparse_updates, _sparse.SPARSE_UPDATES
-        )
-        self.moment_dtype = (
-            None if moment_dtype is None
-            else check.choice("moment_dtype", moment_dtype, _state.MOMENT_DTYPES)
-        )
-        self.fused = check.optional_boolean("fused", fused)
+        self._moments = None
+        self._routes = None
+        self._options_ready = False
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.amsgrad = amsgrad
+        self.nesterov = nesterov
+        self.bias_correction = bias_correction
+        self.epsilon_placement = epsilon_placement
+        self.sparse_updates = sparse_updates
+        self.moment_dtype = moment_dtype
+        self.fused = fused
         self._sparse = _sparse.SparseUpdates(self.sparse_updates)
         self._per_step = PerStepCache()
+        self._decay_exclusions = None
+        if exclude_from_weight_decay is not None:
+            exclusions = check.decay_exclusions(exclude_from_weight_decay)
+            self.exclude_from_weight_decay(var_names=exclusions["var_names"] or None)
+            self._decay_exclusions = exclusions
         # Decided once: the backend's fast path for these options, or why none
         # applies (raises here if fused=True cannot hold). See `update_plan`.
         self._fast, self._fast_reason = backends.fast_path(self._hyper(), self.fused)
-        self._moments = None
-        self._routes = None
+        self._options_ready = True
+
+    def _option_changed(self, name):
+        """Re-decides what follows from the options after one of them is assigned.
+
+        Raises:
+            ValueError: for `amsgrad` or `moment_dtype` once built (the slots
+                exist), or where `fused=True` can no longer hold. The
+                assignment is then undone (`_validation.Option`).
+        """
+        if not self.__dict__.get("_options_ready"):
+            return
+        if self._moments is not None and name in ("amsgrad", "moment_dtype"):
+            raise ValueError(
+                f"`{name}` cannot change once the optimizer is built: its slots m, v "
+                "(and v_max) already exist in their layout and dtype. Create a new "
+                "optimizer instead."
+            )
+        fast, reason = backends.fast_path(self._hyper(), self.fused)
+        routes = None
+        if self._moments is not None:
+            routes = self._make_routes(self._trainable_variables, fast, reason, self._moments)
+        self._fast, self._fast_reason = fast, reason
+        if routes is not None:
+            self._routes = routes
+        self._sparse.mode = self.sparse_updates
 
     def _hyper(self):
         """The rule's hyperparameters as a frozen record (what the update paths receive)."""
@@ -232,9 +281,17 @@ class Adam(Optimizer):
         if self.built:
             return
         moments = _state.for_options(self, self.amsgrad, self.moment_dtype)
+        routes = self._make_routes(var_list, self._fast, self._fast_reason, moments)
+        super().build(var_list)
+        moments.create(var_list)
+        self._moments, self._routes = moments, routes
+        _saving.restore_pending(self)
+
+    def _make_routes(self, var_list, fast, fast_reason, moments):
+        """The plan's routes; raises if fused=True and a variable gets none."""
         sparse_mode = self.sparse_updates if backends.makes_sparse_gradients() else None
         routes = _plan.make_routes(
-            var_list, self._hyper(), self._fast, self._fast_reason, moments, sparse_mode,
+            var_list, self._hyper(), fast, fast_reason, moments, sparse_mode,
             self._overwrite_variable_with_gradient,
         )
         if self.fused:
@@ -244,9 +301,7 @@ class Adam(Optimizer):
                         f"`fused=True` is not possible: variable {variable.path!r}: "
                         f"{route.reason}."
                     )
-        super().build(var_list)
-        moments.create(var_list)
-        self._moments, self._routes = moments, tuple(routes)
+        return tuple(routes)
 
     def update_plan(self):
         """Which path updates each variable, and why.
@@ -309,13 +364,68 @@ class Adam(Optimizer):
         # tests/test_sparse.py fails if untouched rows ever change.
         if self._sparse.updates_lazily(self._var_key(variable)):
             return False
-        return super()._use_weight_decay(variable)
+        return self._decays(variable)
+
+    def _decays(self, variable):
+        """Whether decoupled weight decay applies to `variable` at all."""
+        if self.weight_decay is None:
+            return False
+        if self._decay_exclusions and self._decay_exclusions["var_indices"]:
+            if self._get_variable_index(variable) in self._decay_exclusions["var_indices"]:
+                return False
+        return super()._use_weight_decay(self._keras_variable(variable))
+
+    def _keras_variable(self, variable):
+        """The Keras variable for `variable` (Keras's TF optimizer hands update_step the
+        tf.Variable inside it, whose name differs)."""
+        try:
+            return self._trainable_variables[self._get_variable_index(variable)]
+        except (KeyError, AttributeError):
+            return variable
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """As `keras.optimizers.Optimizer.exclude_from_weight_decay`, and saved.
+
+        The exclusions become part of `get_config()` (`var_names` as given,
+        `var_list` as positions among the variables the optimizer is built
+        with, which a reloaded model has in the same order), so a reloaded
+        optimizer decays exactly the same variables. Call it before the
+        optimizer is built.
+        """
+        super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+        self._decay_exclusions = {"var_names": list(var_names or []), "var_indices": []}
+
+    def _saved_decay_exclusions(self):
+        """The exclusions as `get_config` records them (see `exclude_from_weight_decay`)."""
+        if self._decay_exclusions is None:
+            return None
+        # Keras keeps the excluded variables by `_var_key`.
+        excluded_keys = getattr(self, "_exclude_from_weight_decay", set())
+        indices = set(self._decay_exclusions["var_indices"])
+        if excluded_keys and not self.built:
+            warnings.warn(
+                "Variables excluded from weight decay by `var_list` are saved by their "
+                "position once the optimizer is built; this optimizer is not built yet, "
+                "so its config does not hold them.", stacklevel=3)
+        elif excluded_keys:
+            indices |= {i for i, v in enumerate(self._trainable_variables)
+                        if self._var_key(v) in excluded_keys}
+        return {"var_names": list(self._decay_exclusions["var_names"]),
+                "var_indices": sorted(indices)}
 
     def _decay_rate(self, variable):
         """weight_decay if decoupled weight decay applies to `variable` at all, else None."""
-        if self.weight_decay is None or not super()._use_weight_decay(variable):
-            return None
-        return self.weight_decay
+        return self.weight_decay if self._decays(variable) else None
+
+    def save_own_variables(self, store):
+        """Every optimizer variable by position, as Keras stores them, plus their names."""
+        _saving.save(self, store)
+
+    def load_own_variables(self, store):
+        """Loads the state saved by `save_own_variables` (or by an earlier version, or
+        by `keras.optimizers.Adam`); refuses, naming the slots, state that does not
+        match instead of skipping it (see `keras_adam._saving`)."""
+        _saving.load(self, store)
 
     def _step(self, learning_rate):
         """This step's `Step` (t, lr and its scalars), once per apply and graph."""
@@ -392,6 +502,7 @@ class Adam(Optimizer):
                 "sparse_updates": self.sparse_updates,
                 "moment_dtype": self.moment_dtype,
                 "fused": self.fused,
+                "exclude_from_weight_decay": self._saved_decay_exclusions(),
             }
         )
         return config
@@ -412,7 +523,8 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """Adam with decoupled weight decay on by default (Loshchilov & Hutter, 2019).
 
-    Exactly `keras_adam.Adam` with `weight_decay=0.004` and `name="adamw"` by
+    Exactly `keras_adam.Adam` with `weight_decay=0.004` (and Keras's automatic
+    name `"adam_w"`) by
     default, as `keras.optimizers.AdamW`. Before each Adam step,
 
         theta <- theta - lr * weight_decay * theta
@@ -420,11 +532,11 @@ class AdamW(Adam):
     Args:
         learning_rate: as for `Adam`. Defaults to `0.001`.
         weight_decay: Float >= 0. Defaults to `0.004`.
-        name: Defaults to `"adamw"`.
+        name: Defaults to `None`: `"adam_w"`, `"adam_w_1"`, ...
         **kwargs: every other argument of `keras_adam.Adam`.
     """
 
-    def __init__(self, learning_rate=0.001, weight_decay=0.004, name="adamw", **kwargs):
+    def __init__(self, learning_rate=0.001, weight_decay=0.004, name=None, **kwargs):
         if weight_decay is None:
             raise ValueError(
                 "`weight_decay` must be a float >= 0 for AdamW; use keras_adam.Adam "
@@ -439,20 +551,20 @@ class AdamW(Adam):
 class LazyAdam(Adam):
     """Adam with lazy sparse updates by default: for huge embedding tables.
 
-    Exactly `keras_adam.Adam` with `sparse_updates="lazy"` and
-    `name="lazyadam"` by default. For a `tf.IndexedSlices` gradient, only the
-    rows present are updated (theta, m, v, v_max; global t), and all other rows
+    Exactly `keras_adam.Adam` with `sparse_updates="lazy"` (and Keras's
+    automatic name `"lazy_adam"`) by default. For a `tf.IndexedSlices`
+    gradient, only the rows present are updated (theta, m, v, v_max; global t), and all other rows
     stay bit for bit. Dense gradients get the standard Adam update. A
     replacement for `tfa.optimizers.LazyAdam`, which does not work with Keras 3.
 
     Args:
         learning_rate: as for `Adam`. Defaults to `0.001`.
         sparse_updates: Defaults to `"lazy"`.
-        name: Defaults to `"lazyadam"`.
+        name: Defaults to `None`: `"lazy_adam"`, `"lazy_adam_1"`, ...
         **kwargs: every other argument of `keras_adam.Adam`.
     """
 
-    def __init__(self, learning_rate=0.001, sparse_updates="lazy", name="lazyadam", **kwargs):
+    def __init__(self, learning_rate=0.001, sparse_updates="lazy", name=None, **kwargs):
         super().__init__(
             learning_rate=learning_rate, sparse_updates=sparse_updates, name=name, **kwargs
         )

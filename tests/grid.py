@@ -33,6 +33,9 @@ KERAS_BASE_ARGUMENTS = {
     "weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema",
     "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
     "gradient_accumulation_steps", "name",
+    # Keras's exclude_from_weight_decay(), kept in the config so that it is
+    # saved; tests/test_keras_seams.py checks which variables decay.
+    "exclude_from_weight_decay",
 }
 SWITCHES = {
     "amsgrad": (False, True),

@@ -17,8 +17,8 @@ def test_build_creates_named_slots():
         # iteration and learning_rate, then the slots of kernel and bias
         assert len(names) == 2 + per_variable * 2
         for slot in ["m", "v"] + (["v_max"] if amsgrad else []):
-            assert f"adam/dense_kernel_{slot}" in names
-            assert f"adam/dense_bias_{slot}" in names
+            assert f"{optimizer.name}/dense_kernel_{slot}" in names
+            assert f"{optimizer.name}/dense_bias_{slot}" in names
         m, v, v_max = optimizer.slots(dense.kernel)
         assert m.shape == v.shape == dense.kernel.shape
         assert (v_max is not None) == amsgrad
@@ -102,3 +102,5 @@ def test_public_methods_are_for_users_only():
            if not name.startswith("_") and callable(getattr(keras_adam.Adam, name))}
     inherited = {name for name in dir(keras.optimizers.Optimizer) if not name.startswith("_")}
     assert own - inherited == {"slots", "update_plan"}
+    # Keras's own method, overridden so that the exclusions are saved.
+    assert "exclude_from_weight_decay" in inherited

@@ -66,7 +66,7 @@ def test_serialize_deserialize():
         (dict(amsgrad="yes"), TypeError, r"`amsgrad`"),
         (dict(beta_2=1.0), ValueError, r"`beta_2`"),
         (dict(epsilon_placement="torch"), ValueError, r"`epsilon_placement`"),
-        (dict(learning_rate="0.1"), TypeError, r"`learning_rate`"),
+        (dict(learning_rate="0.1"), ValueError, r"`learning_rate`"),
     ],
     ids=["unknown", "wrong-type", "out-of-range", "bad-choice", "string-lr"],
 )

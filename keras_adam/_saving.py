@@ -1,0 +1,123 @@
+"""The optimizer's variables in saved files: by position, as Keras stores them, and by role.
+
+Keras stores an optimizer's variables by position ("0", "1", ...) and, when
+the counts differ, only warns and skips them: training then silently starts
+again from t = 0 with zero moments. keras_adam refuses instead:
+
+- Saving writes the positions exactly as Keras does, plus one more entry,
+  "slot_roles": each variable's role (`iteration`, `learning_rate`, `m[i]`,
+  `v[i]`, `v_max[i]`, `average[i]`, `accumulator[i]`, for model variable i)
+  and the path of the model variable it belongs to, as UTF-8 text in a uint8
+  array (every Keras store holds numeric arrays).
+- Loading checks everything before assigning anything. With roles in the
+  file, they must be ours, in order; otherwise a ValueError names the
+  missing and the extra ones (role and model variable). Without them (files
+  of keras_adam 0.1, or of `keras.optimizers.Adam`/`AdamW`, whose layout is
+  ours), the count must match. Every shape must match.
+- An optimizer that is not built yet (a model whose optimizer Keras could
+  not build at load time) keeps the checked values and applies them at
+  `build`, where the same checks run against the slots it creates.
+
+Roles rather than paths are compared: a model variable's path depends on
+names that Keras assigns per process (`sequential_3`), so two runs of the
+same program can legitimately differ in paths; they cannot differ in roles.
+"""
+
+import numpy as np
+
+ROLES_KEY = "slot_roles"
+
+
+def roles(optimizer):
+    """[(role, model variable path)] for each of `optimizer.variables`, in order."""
+    known = {id(optimizer.iterations): ("iteration", "")}
+    lr = getattr(optimizer, "_learning_rate", None)
+    if lr is not None:
+        known[id(lr)] = ("learning_rate", "")
+    model_variables = getattr(optimizer, "_trainable_variables", [])
+    per_variable = [("average", getattr(optimizer, "_model_variables_moving_average", None)),
+                    ("accumulator", getattr(optimizer, "_accumulated_gradients", None))]
+    if optimizer._moments is not None:
+        slots = [optimizer._moments.slots(v) for v in model_variables]
+        for k, kind in enumerate(("m", "v", "v_max")):
+            per_variable.append((kind, [s[k] for s in slots]))
+    for kind, variables in per_variable:
+        for i, variable in enumerate(variables or []):
+            if variable is not None:
+                known[id(variable)] = (f"{kind}[{i}]", model_variables[i].path)
+    return [known.get(id(v), (v.path, "")) for v in optimizer.variables]
+
+
+def save(optimizer, store):
+    for i, variable in enumerate(optimizer.variables):
+        store[str(i)] = variable.numpy()
+    text = "\n".join(f"{role} {path}" for role, path in roles(optimizer))
+    store[ROLES_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def load(optimizer, store):
+    keys = set(store.keys())
+    saved_roles = None
+    if ROLES_KEY in keys:
+        text = bytes(np.asarray(store[ROLES_KEY], dtype=np.uint8)).decode("utf-8")
+        saved_roles = [tuple(line.split(" ", 1)) for line in text.split("\n")]
+        keys.discard(ROLES_KEY)
+    values = [store[str(i)] for i in range(len(keys)) if str(i) in keys]
+    if len(values) != len(keys):
+        raise ValueError(
+            f"The saved state of optimizer {optimizer.name!r} is not a list of "
+            f"positions 0..{len(keys) - 1}: found entries {sorted(keys)}."
+        )
+    if not optimizer.built:
+        # Checked against the slots when they exist (`restore_pending`).
+        optimizer._pending_state = (saved_roles, values)
+        return
+    _assign(optimizer, saved_roles, values)
+
+
+def restore_pending(optimizer):
+    """Applies state loaded before `build`, now that the slots exist."""
+    pending = optimizer.__dict__.pop("_pending_state", None)
+    if pending is not None:
+        _assign(optimizer, *pending)
+
+
+def _assign(optimizer, saved_roles, values):
+    ours = roles(optimizer)
+    name = optimizer.name
+    if saved_roles is not None:
+        if [r for r, _ in saved_roles] != [r for r, _ in ours]:
+            saved_set = {r for r, _ in saved_roles}
+            our_set = {r for r, _ in ours}
+            missing = [_describe(r, p) for r, p in ours if r not in saved_set]
+            extra = [_describe(r, p) for r, p in saved_roles if r not in our_set]
+            raise ValueError(
+                f"The saved state does not match optimizer {name!r}; nothing was loaded. "
+                f"Missing from the file: {missing or 'none'}. "
+                f"In the file but not in this optimizer: {extra or 'none'}"
+                + ("" if missing or extra else "; the same slots in another order")
+                + ". Check amsgrad, use_ema, gradient_accumulation_steps and the "
+                "model's trainable variables against those the file was saved with."
+            )
+    elif len(values) != len(ours):
+        raise ValueError(
+            f"The saved state of optimizer {name!r} has {len(values)} variables, and "
+            f"this optimizer has {len(ours)}: "
+            f"{[_describe(r, p) for r, p in ours]}; nothing was loaded. The file "
+            "names no slots (it predates keras_adam 0.2, or comes from "
+            "keras.optimizers.Adam). Check amsgrad, use_ema, "
+            "gradient_accumulation_steps and the model's trainable variables."
+        )
+    for (role, path), variable, value in zip(ours, optimizer.variables, values):
+        if tuple(variable.shape) != tuple(np.shape(value)):
+            raise ValueError(
+                f"The saved {_describe(role, path)} of optimizer {name!r} has shape "
+                f"{tuple(np.shape(value))}, and this optimizer's has "
+                f"{tuple(variable.shape)}; nothing was loaded."
+            )
+    for variable, value in zip(optimizer.variables, values):
+        variable.assign(value)
+
+
+def _describe(role, path):
+    return f"{role} ({path})" if path else role

@@ -1,0 +1,255 @@
+"""Issue #14: the seams with Keras. State that does not match is refused (never
+skipped), weight-decay exclusions survive saving, runs migrate to and from the
+built-in Adam, names and errors are Keras's, and assignments are validated."""
+
+import os
+import zipfile
+import json
+
+import keras
+import numpy as np
+import pytest
+from grid import float32_drift_bound
+
+import keras_adam
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden"),
+                             keras.layers.Dense(1, name="out")])
+
+
+def _train(model, steps, seed=1):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in model.trainable_variables]
+        model.optimizer.apply(grads, model.trainable_variables)
+
+
+def _values(optimizer):
+    return [keras.ops.convert_to_numpy(v).copy() for v in optimizer.variables]
+
+
+def _compiled(optimizer):
+    model = _model()
+    model.compile(optimizer=optimizer, loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+# --- Strict, named state loading --------------------------------------------
+
+def test_weights_file_with_other_slots_is_refused_and_nothing_changes(tmp_path):
+    saved = _compiled(keras_adam.Adam())
+    _train(saved, 3)
+    path = str(tmp_path / "m.weights.h5")
+    saved.save_weights(path)
+
+    target = _compiled(keras_adam.Adam(amsgrad=True))
+    _train(target, 2, seed=5)
+    before = _values(target.optimizer)
+    with pytest.raises(ValueError, match=r"Missing from the file: \['v_max\[0\] \(sequential\w*/hidden/kernel\)'"):
+        target.load_weights(path)
+    for a, b in zip(_values(target.optimizer), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tampered_keras_file_is_refused_naming_the_slots(tmp_path):
+    model = _compiled(keras_adam.Adam(amsgrad=True))
+    _train(model, 3)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    # Flip amsgrad in the stored config: the file then holds v_max slots that
+    # the configured optimizer does not have (Keras itself only warns).
+    tampered = str(tmp_path / "tampered.keras")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                config["compile_config"]["optimizer"]["config"]["amsgrad"] = False
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    with pytest.raises(ValueError, match=r"In the file but not in this optimizer: \['v_max\[0\]"):
+        keras.models.load_model(tampered)
+
+
+def test_legacy_file_with_another_count_is_refused():
+    # Files of keras_adam 0.1 name no slots: a count mismatch still raises.
+    model = _compiled(keras_adam.Adam(amsgrad=True))
+    before = _values(model.optimizer)
+    with pytest.raises(ValueError, match=r"has 10 variables, and this optimizer has 14"):
+        model.load_weights(os.path.join(DATA, "adam_defaults.keras"))
+    for a, b in zip(_values(model.optimizer), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_builtin_adam_file_loads(tmp_path):
+    builtin = _compiled(keras.optimizers.Adam(amsgrad=True))
+    _train(builtin, 4)
+    path = str(tmp_path / "builtin.weights.h5")
+    builtin.save_weights(path)
+    ours = _compiled(keras_adam.Adam(amsgrad=True))
+    ours.load_weights(path)
+    for a, b in zip(_values(ours.optimizer), _values(builtin.optimizer)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_state_loaded_before_build_is_applied_at_build():
+    source = _compiled(keras_adam.Adam())
+    _train(source, 3)
+    store = {}
+    source.optimizer.save_own_variables(store)
+    fresh = keras_adam.Adam()
+    fresh.load_own_variables(store)  # not built: kept until build
+    model = _model()
+    fresh.build(model.trainable_variables)
+    for a, b in zip(_values(fresh), _values(source.optimizer)):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- Weight-decay exclusions persist ----------------------------------------
+
+def _adamw_with_exclusions(model):
+    optimizer = keras_adam.AdamW(learning_rate=1e-2, weight_decay=0.5)
+    optimizer.exclude_from_weight_decay(var_list=[model.layers[1].kernel], var_names=["bias"])
+    model.compile(optimizer=optimizer, loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def _decayed(optimizer, model):
+    return [optimizer._use_weight_decay(v) for v in model.trainable_variables]
+
+
+def test_exclusions_survive_get_config_and_keras_files(tmp_path):
+    model = _adamw_with_exclusions(_model())
+    # hidden/kernel decays; both biases (by name) and out/kernel (by variable) do not.
+    assert _decayed(model.optimizer, model) == [True, False, False, False]
+    config = model.optimizer.get_config()
+    rebuilt = keras_adam.AdamW.from_config(config)
+    rebuilt.build(model.trainable_variables)
+    assert _decayed(rebuilt, model) == [True, False, False, False]
+
+    _train(model, 2)
+    path = str(tmp_path / "w.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert _decayed(loaded.optimizer, loaded) == [True, False, False, False]
+    _train(model, 3, seed=9)
+    _train(loaded, 3, seed=9)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- Migration ----------------------------------------------------------------
+
+N, M = 6, 6
+
+
+@pytest.mark.parametrize("builtin_cls,kwargs", [
+    (keras.optimizers.Adam, dict(amsgrad=True)),
+    (keras.optimizers.AdamW, dict(weight_decay=0.1)),
+], ids=["adam-amsgrad", "adamw"])
+def test_migration_from_keras_and_back_continues_the_run(builtin_cls, kwargs):
+    # N steps with one optimizer, convert, M more == N + M with the first.
+    reference = _compiled(builtin_cls(learning_rate=1e-2, **kwargs))
+    _train(reference, N + M)
+
+    model = _compiled(builtin_cls(learning_rate=1e-2, **kwargs))
+    rng = np.random.default_rng(1)
+    grads = [[rng.normal(size=v.shape).astype("float32") for v in model.trainable_variables]
+             for _ in range(N + M)]
+    for g in grads[:N // 2]:
+        model.optimizer.apply(g, model.trainable_variables)
+    ours = keras_adam.from_keras(model.optimizer)
+    assert type(ours) is (keras_adam.AdamW if builtin_cls is keras.optimizers.AdamW
+                          else keras_adam.Adam)
+    assert int(keras.ops.convert_to_numpy(ours.iterations)) == N // 2
+    for g in grads[N // 2:N]:
+        ours.apply(g, model.trainable_variables)
+    back = keras_adam.to_keras(ours)
+    assert type(back) is builtin_cls
+    for g in grads[N:]:
+        back.apply(g, model.trainable_variables)
+    # Each optimizer is within the float32 drift bound of the exact run
+    # (tests/grid.py), steps at most ~lr = 1e-2.
+    for a, b in zip(model.trainable_variables, reference.trainable_variables):
+        bound = 2 * float32_drift_bound(N + M, 1e-2, 1.0)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a),
+                                   keras.ops.convert_to_numpy(b), rtol=0, atol=bound)
+    # Slots: ~2u relative per step for each (tests/grid.py); m mixes signs,
+    # so its floor is that error times the largest gradient (|g| < 4 here).
+    for a, b in zip(back.variables, reference.optimizer.variables):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b),
+                                   rtol=2 * 2 * (N + M) * 6e-8, atol=2 * 2 * (N + M) * 6e-8 * 4)
+
+
+def test_migration_refuses_what_cannot_be_expressed():
+    with pytest.raises(TypeError, match="keras.optimizers.Adam or AdamW"):
+        keras_adam.from_keras(keras.optimizers.SGD())
+    with pytest.raises(ValueError, match="`nesterov=True`"):
+        keras_adam.to_keras(keras_adam.Adam(nesterov=True))
+    with pytest.raises(ValueError, match="`epsilon_placement='paper'`"):
+        keras_adam.to_keras(keras_adam.Adam(epsilon_placement="paper"))
+
+
+# --- Keras-like identity and errors ------------------------------------------
+
+def test_default_names_are_keras_automatic_names():
+    assert [keras_adam.Adam().name, keras_adam.Adam().name] == ["adam", "adam_1"]
+    assert keras_adam.AdamW().name == "adam_w"
+    assert keras_adam.LazyAdam().name == "lazy_adam"
+    assert keras_adam.Adam(name="mine").name == "mine"
+
+
+@pytest.mark.parametrize("value", ["0.001", True, None, [1e-3]])
+def test_learning_rate_of_the_wrong_type_is_the_builtins_error(value):
+    with pytest.raises(ValueError):
+        keras.optimizers.Adam(learning_rate=value)
+    with pytest.raises(ValueError, match="`learning_rate`"):
+        keras_adam.Adam(learning_rate=value)
+
+
+@pytest.mark.parametrize("name,value,exc", [
+    ("beta_1", 1.5, ValueError), ("beta_2", -0.1, ValueError), ("epsilon", -1.0, ValueError),
+    ("amsgrad", "yes", TypeError), ("epsilon_placement", "torch", ValueError),
+    ("sparse_updates", "dense", ValueError), ("moment_dtype", "int8", ValueError),
+])
+def test_assignments_are_validated_like_the_constructor(name, value, exc):
+    optimizer = keras_adam.Adam()
+    before = getattr(optimizer, name)
+    with pytest.raises(exc, match=f"`{name}`"):
+        setattr(optimizer, name, value)
+    assert getattr(optimizer, name) == before
+
+
+def test_assigned_options_replan_and_slot_options_are_fixed_after_build():
+    optimizer = keras_adam.Adam()
+    optimizer.nesterov = True
+    optimizer.build(_model().trainable_variables)
+    # Nesterov with bias correction has no fused kernel on any backend.
+    assert {r.path for r in optimizer.update_plan().values()} == {"portable"}
+    optimizer.nesterov = False
+    fast = {"tensorflow": "tensorflow-fused", "torch": "torch-multi-tensor",
+            "jax": "portable"}[keras.backend.backend()]
+    assert {r.path for r in optimizer.update_plan().values()} == {fast}
+    with pytest.raises(ValueError, match="`amsgrad` cannot change once the optimizer is built"):
+        optimizer.amsgrad = True
+    assert optimizer.amsgrad is False
+
+
+def test_migration_keeps_weight_decay_exclusions():
+    model = _model()
+    builtin = keras.optimizers.AdamW(weight_decay=0.1)
+    builtin.exclude_from_weight_decay(var_list=[model.layers[0].kernel], var_names=["bias"])
+    builtin.build(model.trainable_variables)
+    ours = keras_adam.from_keras(builtin)
+    want = [builtin._use_weight_decay(v) for v in model.trainable_variables]
+    assert want == [False, False, True, False]
+    assert [ours._use_weight_decay(v) for v in model.trainable_variables] == want
+    back = keras_adam.to_keras(ours)
+    assert [back._use_weight_decay(v) for v in model.trainable_variables] == want
