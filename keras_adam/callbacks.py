@@ -30,6 +30,8 @@ class AdamMonitor(keras.callbacks.Callback):
     Keys are `"<prefix>/<layer path>/step_median"`, `.../step_max`,
     `.../snr_median` and `.../at_bound` (see the module docstring for the
     definitions), so they appear in `History`, `CSVLogger` and `TensorBoard`.
+    Inside a `keras.optimizers.MultiOptimizer`, each keras_adam sub-optimizer
+    reports its own layers under `"<prefix>/<sub-optimizer name>/<layer path>/..."`.
 
     Args:
         every_n_batches: Int or None. Also add the statistics to the batch logs
@@ -39,7 +41,8 @@ class AdamMonitor(keras.callbacks.Callback):
 
     Raises:
         TypeError: at the start of training, if the model's optimizer (inside
-            a `LossScaleOptimizer`, if wrapped) is not a keras_adam optimizer.
+            a `LossScaleOptimizer`, if wrapped) is not a keras_adam optimizer,
+            nor a `MultiOptimizer` with at least one.
 
     Example:
 
@@ -61,7 +64,7 @@ class AdamMonitor(keras.callbacks.Callback):
         self.prefix = prefix
 
     def on_train_begin(self, logs=None):
-        self.adam()  # fail now, with a clear message, rather than at epoch end
+        self.adams()  # fail now, with a clear message, rather than at epoch end
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every_n_batches and (batch + 1) % self.every_n_batches == 0 and logs is not None:
@@ -71,18 +74,31 @@ class AdamMonitor(keras.callbacks.Callback):
         if logs is not None:
             logs.update(self.statistics())
 
-    def adam(self):
-        """The model's keras_adam optimizer, unwrapped from a LossScaleOptimizer."""
+    def adams(self):
+        """[(key infix, keras_adam optimizer)] of the model's optimizer.
+
+        A `LossScaleOptimizer` is unwrapped. A `keras.optimizers.MultiOptimizer`
+        gives each keras_adam sub-optimizer under its name (keys
+        `<prefix>/<sub-optimizer name>/<layer>/...`); sub-optimizers of other
+        kinds are left out.
+        """
         optimizer = getattr(self.model, "optimizer", None)
         inner = getattr(optimizer, "inner_optimizer", optimizer)
-        if not isinstance(inner, Adam):
+        if isinstance(inner, Adam):
+            return [("", inner)]
+        subs = getattr(inner, "optimizers", None) if isinstance(
+            inner, keras.optimizers.MultiOptimizer) else None
+        found = [(f"{sub.name}/", sub) for sub in subs or [] if isinstance(sub, Adam)]
+        if not found:
             raise TypeError(
                 "AdamMonitor reads the slots of a keras_adam optimizer (Adam, "
-                "AdamW, LazyAdam), but this model's optimizer is "
-                f"{type(inner).__module__}.{type(inner).__name__}. Compile the "
-                "model with optimizer=keras_adam.Adam(...)."
+                "AdamW, LazyAdam), also inside a LossScaleOptimizer or a "
+                "MultiOptimizer, but this model's optimizer is "
+                f"{type(inner).__module__}.{type(inner).__name__}"
+                + (" with no keras_adam sub-optimizer" if subs is not None else "")
+                + ". Compile the model with optimizer=keras_adam.Adam(...)."
             )
-        return inner
+        return found
 
     def _layer_of(self, variable):
         """The variable's layer path, without the model's own name ("hidden", not
@@ -93,7 +109,12 @@ class AdamMonitor(keras.callbacks.Callback):
 
     def statistics(self):
         """{key: float} for every layer with trainable variables; {} before step 1."""
-        adam = self.adam()
+        logs = {}
+        for infix, adam in self.adams():
+            logs.update(self._statistics(adam, f"{self.prefix}/{infix}"))
+        return logs
+
+    def _statistics(self, adam, prefix):
         t = int(keras.ops.convert_to_numpy(adam.iterations))
         if not adam.built or t == 0:
             return {}
@@ -124,7 +145,7 @@ class AdamMonitor(keras.callbacks.Callback):
             with np.errstate(divide="ignore", invalid="ignore"):
                 step = np.where(denom > 0, alpha * m / denom, 0.0)
                 snr = np.where(v > 0, (m / c1) / np.sqrt(v / c2), 0.0)
-            key = f"{self.prefix}/{layer}"
+            key = f"{prefix}{layer}"
             logs[f"{key}/step_median"] = float(np.median(step))
             logs[f"{key}/step_max"] = float(np.max(step))
             logs[f"{key}/snr_median"] = float(np.median(snr))

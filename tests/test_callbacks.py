@@ -142,3 +142,41 @@ def test_refuses_a_foreign_optimizer():
 def test_bad_every_n_batches(bad):
     with pytest.raises(ValueError, match="`every_n_batches`"):
         AdamMonitor(every_n_batches=bad)
+
+
+def test_works_inside_a_multi_optimizer_per_sub_optimizer():
+    # Issue #14: each keras_adam sub-optimizer reports its own layers; a
+    # non-keras_adam sub-optimizer is left out. The hidden layer's statistics
+    # under the MultiOptimizer equal those of a plain keras_adam run on the
+    # same data, since Adam updates each variable independently of the others.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 3)).astype("float32"), rng.normal(size=(32, 1)).astype("float32")
+    hidden_adam = keras_adam.Adam(learning_rate=1e-2, name="hidden_adam")
+    multi = keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(
+        default_optimizer=keras.optimizers.SGD(), optimizer_map={".*hidden.*": hidden_adam}))
+    model = _model(multi)
+    history = model.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0,
+                        callbacks=[AdamMonitor()])
+    assert set(k for k in history.history if k.startswith("adam/")) == {
+        f"adam/hidden_adam/hidden/{s}" for s in ("step_median", "step_max", "snr_median",
+                                                  "at_bound")}
+    # The hidden layer's step_max from its slots by the closed form of the
+    # module docstring (placement "hat"), in float64: |m / c1| / D.
+    t = int(keras.ops.convert_to_numpy(hidden_adam.iterations))
+    c1, c2 = 1 - 0.9**t, 1 - 0.999**t
+    steps = []
+    for variable in model.layers[0].trainable_variables:
+        m, v = [keras.ops.convert_to_numpy(s).astype("float64")
+                for s in hidden_adam.slots(variable)[:2]]
+        steps.append(np.abs(m / c1) / ((np.sqrt(v) + 1e-7) / np.sqrt(c2)))
+    want = max(s.max() for s in steps)
+    # float64 on both sides, from the same float32 slots: a few roundings.
+    assert history.history["adam/hidden_adam/hidden/step_max"][0] == pytest.approx(want, rel=1e-12)
+
+
+def test_refuses_a_multi_optimizer_without_keras_adam():
+    model = _model(keras.optimizers.MultiOptimizer(
+        keras.optimizers.OptimizerMap(default_optimizer=keras.optimizers.SGD())))
+    x = np.zeros((8, 3), "float32")
+    with pytest.raises(TypeError, match="with no keras_adam sub-optimizer"):
+        model.fit(x, x[:, :1], epochs=1, verbose=0, callbacks=[AdamMonitor()])
