@@ -82,7 +82,10 @@ def rule(g, m, v, v_max, s, hyper):
     m = s.beta_1 * m + s.one_minus_beta_1 * g
     v = s.beta_2 * v + s.one_minus_beta_2 * ops.square(g)
     if hyper.amsgrad:
-        v_max = ops.maximum(v_max, v)
+        # max(v_max, v), written as a select: keras.ops.maximum on torch
+        # (Keras 3.15) computes float64 inputs in float32 (found by
+        # tests/test_rule.py in float64).
+        v_max = ops.where(v_max > v, v_max, v)
     v_hat_source = v_max if hyper.amsgrad else v
 
     # c1 * m_hat. Nesterov (Dozat 2016, NAdam without the momentum schedule:

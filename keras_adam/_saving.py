@@ -6,7 +6,8 @@ again from t = 0 with zero moments. keras_adam refuses instead:
 
 - Saving writes the positions exactly as Keras does, plus one more entry,
   "slot_roles": each variable's role (`iteration`, `learning_rate`, `m[i]`,
-  `v[i]`, `v_max[i]`, `average[i]`, `accumulator[i]`, for model variable i)
+  `v[i]`, `v_max[i]`, `average[i]`, `accumulator[i]`, for model variable i,
+  and `skipped_steps`)
   and the path of the model variable it belongs to, as UTF-8 text in a uint8
   array (every Keras store holds numeric arrays).
 - Loading checks everything before assigning anything. With roles in the
@@ -31,9 +32,10 @@ ROLES_KEY = "slot_roles"
 def roles(optimizer):
     """[(role, model variable path)] for each of `optimizer.variables`, in order."""
     known = {id(optimizer.iterations): ("iteration", "")}
-    lr = getattr(optimizer, "_learning_rate", None)
-    if lr is not None:
-        known[id(lr)] = ("learning_rate", "")
+    for role, variable in [("learning_rate", getattr(optimizer, "_learning_rate", None)),
+                           ("skipped_steps", getattr(optimizer, "_skipped_steps", None))]:
+        if variable is not None:
+            known[id(variable)] = (role, "")
     model_variables = getattr(optimizer, "_trainable_variables", [])
     per_variable = [("average", getattr(optimizer, "_model_variables_moving_average", None)),
                     ("accumulator", getattr(optimizer, "_accumulated_gradients", None))]

@@ -14,10 +14,12 @@ concern has its own module:
 
 import warnings
 
+import keras
 import numpy as np
 from keras import ops
 from keras.optimizers import Optimizer
 
+from keras_adam import _nonfinite
 from keras_adam import _plan
 from keras_adam import _rule
 from keras_adam import _saving
@@ -120,6 +122,12 @@ class Adam(Optimizer):
             still falls back, since XLA fuses the portable ops itself).
             `False` always uses the portable path. Defaults to `None`.
             `update_plan()` tells which path each variable takes, and why.
+        skip_nonfinite: Bool. If True, a step whose gradients (any of them)
+            hold NaN or Inf changes nothing (no variable, m, v, v_max, nor
+            the step t) but the counter `skipped_steps`, so the next finite
+            step is exactly the one that would have come. Inside a
+            `LossScaleOptimizer`, that wrapper skips such steps first (and
+            lowers its scale); this counter then stays 0. Defaults to `False`.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for
@@ -167,6 +175,7 @@ class Adam(Optimizer):
     sparse_updates = check.Option(check.one_of(_sparse.SPARSE_UPDATES))
     moment_dtype = check.Option(check.one_of(_state.MOMENT_DTYPES, optional=True))
     fused = check.Option(check.optional_boolean)
+    skip_nonfinite = check.Option(check.boolean)
 
     def __init__(
         self,
@@ -181,6 +190,7 @@ class Adam(Optimizer):
         sparse_updates="exact",
         moment_dtype=None,
         fused=None,
+        skip_nonfinite=False,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -221,6 +231,8 @@ class Adam(Optimizer):
         self.sparse_updates = sparse_updates
         self.moment_dtype = moment_dtype
         self.fused = fused
+        self.skip_nonfinite = skip_nonfinite
+        self._skipped_steps = None
         self._sparse = _sparse.SparseUpdates(self.sparse_updates)
         self._per_step = PerStepCache()
         self._decay_exclusions = None
@@ -243,11 +255,11 @@ class Adam(Optimizer):
         """
         if not self.__dict__.get("_options_ready"):
             return
-        if self._moments is not None and name in ("amsgrad", "moment_dtype"):
+        if self._moments is not None and name in ("amsgrad", "moment_dtype", "skip_nonfinite"):
             raise ValueError(
-                f"`{name}` cannot change once the optimizer is built: its slots m, v "
-                "(and v_max) already exist in their layout and dtype. Create a new "
-                "optimizer instead."
+                f"`{name}` cannot change once the optimizer is built: its variables "
+                "(m, v, v_max, skipped_steps) already exist in their layout and dtype. "
+                "Create a new optimizer instead."
             )
         fast, reason = backends.fast_path(self._hyper(), self.fused)
         routes = None
@@ -285,6 +297,13 @@ class Adam(Optimizer):
         super().build(var_list)
         moments.create(var_list)
         self._moments, self._routes = moments, routes
+        if self.skip_nonfinite:
+            # After the slots: the layout of optimizers without it is unchanged.
+            # Assigned only in the cross-replica context under tf.distribute
+            # (as LossScaleOptimizer's counters): no aggregation.
+            self._skipped_steps = self.add_variable(
+                shape=(), dtype="int", name="skipped_steps", aggregation="none",
+            )
         _saving.restore_pending(self)
 
     def _make_routes(self, var_list, fast, fast_reason, moments):
@@ -341,7 +360,7 @@ class Adam(Optimizer):
             )
 
     def apply(self, grads, trainable_variables=None):
-        """As `keras.optimizers.Optimizer.apply`; step-only scalars are shared meanwhile."""
+        """As `keras.optimizers.Optimizer.apply`; with `skip_nonfinite`, only for finite grads."""
         if trainable_variables is None:
             variables = getattr(self, "_trainable_variables", [])
         else:
@@ -352,10 +371,53 @@ class Adam(Optimizer):
             # torch kernel need them.
             grads = [ops.convert_to_tensor(g) if isinstance(g, np.ndarray) else g for g in grads]
             grads = self._sparse.begin(grads, variables, self._var_key)
-            return super().apply(grads, trainable_variables)
+            if not self.skip_nonfinite or self.__dict__.get("_in_stateless_apply"):
+                return super().apply(grads, trainable_variables)
+            if not self.built:
+                # Before the cond: no variable may be created inside a branch.
+                with keras.name_scope(self.name, caller=self):
+                    self.build(variables)
+            _nonfinite.apply_if_finite(
+                grads, variables,
+                lambda g, v: super(Adam, self).apply(g, v),
+                lambda: self._skipped_steps.assign_add(1),
+            )
         finally:
             self._sparse.end()
             self._per_step.close()
+
+    @property
+    def skipped_steps(self):
+        """With `skip_nonfinite=True`: how many steps were skipped for NaN or Inf gradients.
+
+        A saved variable (it is in `.keras` files and checkpoints). None
+        without `skip_nonfinite`, or before `build`.
+        """
+        return self._skipped_steps
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        """As `keras.optimizers.Optimizer.stateless_apply` (JAX's trainer); with
+        `skip_nonfinite`, a step with NaN or Inf gradients returns every value
+        unchanged but `skipped_steps`."""
+        if not self.skip_nonfinite:
+            return super().stateless_apply(optimizer_variables, grads, trainable_variables)
+
+        def finite_step():
+            self._in_stateless_apply = True
+            try:
+                return super(Adam, self).stateless_apply(
+                    optimizer_variables, grads, trainable_variables)
+            finally:
+                self._in_stateless_apply = False
+
+        def skip():
+            mapping = list(zip(self.variables, optimizer_variables))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                self._skipped_steps.assign_add(1)
+            return (list(trainable_variables),
+                    [scope.get_current_value(v) for v in self.variables])
+
+        return ops.cond(_nonfinite.all_finite(grads), finite_step, skip)
 
     def _use_weight_decay(self, variable):
         # A private seam of keras' BaseOptimizer, touched here only: it asks this
@@ -502,6 +564,7 @@ class Adam(Optimizer):
                 "sparse_updates": self.sparse_updates,
                 "moment_dtype": self.moment_dtype,
                 "fused": self.fused,
+                "skip_nonfinite": self.skip_nonfinite,
                 "exclude_from_weight_decay": self._saved_decay_exclusions(),
             }
         )

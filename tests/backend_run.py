@@ -10,6 +10,10 @@ tests/test_persistence.py imports its model, data and training loop.
                                                         train 4 more: DIR/resumed.npz
     KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
         python backend_run.py data_parallel DIR         DIR/single.npz and DIR/parallel.npz
+    KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
+        python backend_run.py model_parallel DIR        DIR/single.npz, DIR/parallel.npz and
+                                                        DIR/sharding.json (whether each slot
+                                                        is laid out as its variable)
 """
 
 import os
@@ -27,8 +31,8 @@ Y = np.tanh(X @ rng.normal(size=(4, 1))).astype("float32")
 
 
 def model_with(optimizer):
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
-                              keras.layers.Dense(1)])
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh", name="hidden"),
+                              keras.layers.Dense(1, name="out")])
     init = np.random.default_rng(1)
     model.set_weights([init.normal(scale=0.5, size=w.shape).astype("float32")
                        for w in model.get_weights()])
@@ -75,6 +79,44 @@ def main():
         parallel = model_with(keras_adam.Adam(learning_rate=1e-2))
         parallel.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
         dump(parallel, os.path.join(out, "parallel.npz"))
+    elif mode == "model_parallel":
+        import json
+
+        import jax
+
+        assert len(jax.devices()) == 4, jax.devices()
+        x, y = X[:BATCH * 8], Y[:BATCH * 8]
+        single = model_with(keras_adam.Adam(learning_rate=1e-2))
+        single.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        dump(single, os.path.join(out, "single.npz"))
+        mesh = keras.distribution.DeviceMesh(
+            shape=(2, 2), axis_names=["batch", "model"], devices=keras.distribution.list_devices())
+        layout_map = keras.distribution.LayoutMap(mesh)
+        # The hidden layer's 8 units split in two (LayoutMap keys match whole paths).
+        layout_map[".*hidden/kernel"] = (None, "model")
+        layout_map[".*hidden/bias"] = ("model",)
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
+        parallel = model_with(keras_adam.Adam(learning_rate=1e-2))
+        parallel.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        dump(parallel, os.path.join(out, "parallel.npz"))
+        # Every slot must be laid out as its variable, also with moments
+        # stored apart (moment_dtype) and with amsgrad's v_max.
+        half = keras_adam.Adam(moment_dtype="bfloat16", amsgrad=True)
+        half.build(parallel.trainable_variables)
+        report = []
+        for optimizer in (parallel.optimizer, half):
+            for variable in parallel.trainable_variables:
+                for slot in optimizer.slots(variable):
+                    if slot is not None:
+                        report.append({
+                            "variable": variable.path,
+                            "sharded": not variable.value.sharding.is_fully_replicated,
+                            "same": slot.value.sharding.is_equivalent_to(
+                                variable.value.sharding, len(variable.shape)),
+                        })
+        with open(os.path.join(out, "sharding.json"), "w") as f:
+            json.dump(report, f)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

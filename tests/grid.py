@@ -73,6 +73,9 @@ HYPERPARAMETER_ROWS = [
     # Moments stored apart from the variable (float32 here: the same numbers;
     # bfloat16 moments have their own tolerance in test_precision.py).
     ("moment-float32-amsgrad", dict(moment_dtype="float32", amsgrad=True)),
+    # With finite gradients the switch changes nothing (test_nonfinite.py
+    # covers the steps it skips).
+    ("skip-nonfinite", dict(skip_nonfinite=True)),
 ]
 
 GRID = list(_switch_rows()) + HYPERPARAMETER_ROWS
