@@ -20,6 +20,10 @@ from keras_adam.optimizer import AdamW
 _SHARED = ("weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema",
            "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
            "gradient_accumulation_steps", "name", "beta_1", "beta_2", "epsilon", "amsgrad")
+# keras_adam options and the only values of them that the built-in computes
+# (skip_nonfinite adds a variable the built-in does not have).
+_BUILTIN_ONLY = [("nesterov", False), ("bias_correction", True), ("epsilon_placement", "hat"),
+                 ("sparse_updates", "exact"), ("skip_nonfinite", False)]
 
 
 def from_keras(optimizer):
@@ -44,16 +48,7 @@ def from_keras(optimizer):
             "`from_keras` takes a keras.optimizers.Adam or AdamW. Received: "
             f"optimizer of type {type(optimizer).__module__}.{type(optimizer).__name__}"
         )
-    config = optimizer.get_config()
-    kwargs = {k: config[k] for k in _SHARED if k in config}
-    kwargs["learning_rate"] = _learning_rate(optimizer)
-    cls = AdamW if isinstance(optimizer, keras.optimizers.AdamW) else Adam
-    ours = cls(**kwargs)
-    _copy_exclusions(optimizer, ours)
-    if optimizer.built:
-        ours.build(optimizer._trainable_variables)
-        _copy_state(optimizer, ours)
-    return ours
+    return _convert(optimizer, AdamW if isinstance(optimizer, keras.optimizers.AdamW) else Adam)
 
 
 def to_keras(optimizer):
@@ -62,37 +57,37 @@ def to_keras(optimizer):
     Raises:
         TypeError: if `optimizer` is not a keras_adam optimizer.
         ValueError: naming the option, where the built-in cannot compute this
-            optimizer's update (nesterov, bias_correction=False,
-            epsilon_placement="paper", sparse_updates="lazy").
+            optimizer's update or hold its state (nesterov, bias_correction=False,
+            epsilon_placement="paper", sparse_updates="lazy", skip_nonfinite).
     """
     if not isinstance(optimizer, Adam):
         raise TypeError(
             "`to_keras` takes a keras_adam optimizer. Received: optimizer of type "
             f"{type(optimizer).__module__}.{type(optimizer).__name__}"
         )
-    unsupported = [(name, getattr(optimizer, name)) for name, builtin in
-                   [("nesterov", False), ("bias_correction", True),
-                    ("epsilon_placement", "hat"), ("sparse_updates", "exact")]
+    unsupported = [(name, getattr(optimizer, name)) for name, builtin in _BUILTIN_ONLY
                    if getattr(optimizer, name) != builtin]
     if unsupported:
         name, value = unsupported[0]
         raise ValueError(
-            f"keras.optimizers.Adam has no equivalent of `{name}={value!r}`: it "
-            "computes nesterov=False, bias_correction=True, "
-            "epsilon_placement='hat', sparse_updates='exact' only."
+            f"keras.optimizers.Adam has no equivalent of `{name}={value!r}`: it has "
+            + ", ".join(f"{n}={v!r}" for n, v in _BUILTIN_ONLY) + " only."
         )
-    config = optimizer.get_config()
+    return _convert(optimizer, keras.optimizers.AdamW if isinstance(optimizer, AdamW)
+                    else keras.optimizers.Adam)
+
+
+def _convert(source, cls):
+    """A `cls` optimizer with `source`'s configuration, exclusions and (if built) state."""
+    config = source.get_config()
     kwargs = {k: config[k] for k in _SHARED if k in config}
-    kwargs["learning_rate"] = _learning_rate(optimizer)
-    cls = keras.optimizers.AdamW if isinstance(optimizer, AdamW) else keras.optimizers.Adam
-    if cls is keras.optimizers.AdamW and kwargs.get("weight_decay") is None:
-        kwargs.pop("weight_decay")
-    builtin = cls(**kwargs)
-    _copy_exclusions(optimizer, builtin)
-    if optimizer.built:
-        builtin.build(optimizer._trainable_variables)
-        _copy_state(optimizer, builtin)
-    return builtin
+    kwargs["learning_rate"] = _learning_rate(source)
+    target = cls(**kwargs)
+    _copy_exclusions(source, target)
+    if source.built:
+        target.build(source._trainable_variables)
+        _copy_state(source, target)
+    return target
 
 
 def _learning_rate(optimizer):

@@ -249,8 +249,9 @@ class Adam(Optimizer):
         """Re-decides what follows from the options after one of them is assigned.
 
         Raises:
-            ValueError: for `amsgrad` or `moment_dtype` once built (the slots
-                exist), or where `fused=True` can no longer hold. The
+            ValueError: for `amsgrad`, `moment_dtype` or `skip_nonfinite` once
+                built (their variables exist), or where `fused=True` can no
+                longer hold. The
                 assignment is then undone (`_validation.Option`).
         """
         if not self.__dict__.get("_options_ready"):
