@@ -5,7 +5,9 @@ gradients, and returns a zero-argument step that applies them the way that
 backend's trainer does: TensorFlow inside tf.function (with and without XLA),
 JAX as jax.jit of stateless_apply with donated state, torch eagerly under
 no_grad. Its `bandwidth` is GB/s of `a += b` on 256 MiB float32 arrays (reads
-two arrays, writes one), the roofline's denominator.
+two arrays, writes one), the roofline's denominator. A harness may also have
+a `reference_step`: the framework's own optimizer on the same shapes (torch:
+`torch.optim.Adam(fused=True)`), timed in the same interleaved run.
 """
 
 import statistics
@@ -149,6 +151,22 @@ class TorchHarness:
             # recording (the trainable variables are Parameters).
             with self.torch.no_grad():
                 optimizer.apply(grads, variables)
+            self._sync()
+
+        return step
+
+    def reference_step(self, shapes, grads):
+        """`torch.optim.Adam(fused=True)` on the same shapes: what a PyTorch user compares with."""
+        torch = self.torch
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen, device=self.device))
+                  for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer = torch.optim.Adam(params, lr=1e-3, eps=1e-7, fused=True)
+
+        def step():
+            optimizer.step()
             self._sync()
 
         return step

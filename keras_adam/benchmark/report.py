@@ -68,18 +68,25 @@ def _time_case(keras, keras_adam, harness, case, grads, xla, args, bandwidth):
     steps = {name: harness.step(keras, keras_adam.Adam(**kwargs), case.shapes, grads, xla)
              for name, kwargs in case.variants.items()}
     steps["builtin"] = harness.step(keras, keras.optimizers.Adam(), case.shapes, grads, xla)
+    reference = getattr(harness, "reference_step", None)
+    if reference is not None and not case.sparse_rows:
+        steps["reference"] = reference(case.shapes, grads)
     timings = timing.time_interleaved(steps, args.repeats, args.min_seconds)
     builtin = statistics.median(timings["builtin"])
     rows = []
     for name, kwargs in case.variants.items():
         ours = statistics.median(timings[name])
-        rows.append({
+        row = {
             "case": case.name, "variant": name, "xla": xla, "parameters": case.parameters,
             "variables": len(case.shapes),
             "keras_adam_ms": timing.summary(timings[name]),
             "builtin_ms": timing.summary(timings["builtin"]),
             **case_table.derive(ours, builtin, case.touched(kwargs), bandwidth),
-        })
+        }
+        if "reference" in timings:
+            row["reference_ms"] = timing.summary(timings["reference"])
+            row["vs_reference"] = ours / statistics.median(timings["reference"])
+        rows.append(row)
     return rows
 
 
@@ -101,6 +108,10 @@ def format_table(report):
         "| speed-up | keras_adam GB/s | % of bandwidth | roofline ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    with_reference = [r for r in report["results"] if "reference_ms" in r]
+    if with_reference:
+        lines[2] += " reference ms (min-max) | keras_adam / reference |"
+        lines[3] += "---|---|"
     for r in report["results"]:
         ours, builtin = r["keras_adam_ms"], r["builtin_ms"]
         lines.append(
@@ -110,6 +121,10 @@ def format_table(report):
             f"| {r['speedup']:.2f}x | {r['keras_adam_gb_per_s']:.1f} "
             f"| {100 * r['fraction_of_bandwidth']:.0f}% | {r['roofline_ms']:.2f} |"
         )
+        if "reference_ms" in r:
+            ref = r["reference_ms"]
+            lines[-1] += (f" {ref['median']:.2f} ({ref['min']:.2f}-{ref['max']:.2f}) "
+                          f"| {r['vs_reference']:.2f} |")
     result = report.get("monitor")
     if result:
         w, wo = result["epoch_ms_with"], result["epoch_ms_without"]
