@@ -10,9 +10,8 @@ have come without the bad one. (Compare optax's `apply_if_finite` and the
 
 The decision is one `cond` on one scalar, computed from every gradient (the
 values of row-sparse ones), so it works inside tf.function, XLA and jax.jit.
-Under tf.distribute without merge-free strategies, the cond has to run in
-the cross-replica context (a cond branch may not call `merge_call`, which
-the update does), as Keras's `LossScaleOptimizer` does.
+Under tf.distribute the cond runs in the cross-replica context
+(`keras_adam.backends.tensorflow.apply_if_finite`).
 """
 
 import keras
@@ -39,7 +38,9 @@ def apply_if_finite(grads, variables, apply, skip):
     """
     apply, skip = _no_result(apply), _no_result(skip)
     if keras.backend.backend() == "tensorflow":
-        return _tensorflow_apply_if_finite(grads, variables, apply, skip)
+        from keras_adam.backends import tensorflow
+
+        return tensorflow.apply_if_finite(grads, variables, apply, skip, all_finite)
     # torch runs eagerly (torch.compile breaks the graph here), and JAX's
     # stateful apply too (jax.jit goes through stateless_apply): a Python
     # branch on the verdict. A traced JAX cond branch could not assign to the
@@ -48,29 +49,6 @@ def apply_if_finite(grads, variables, apply, skip):
         apply(grads, variables)
     else:
         skip()
-
-
-def _tensorflow_apply_if_finite(grads, variables, apply, skip):
-    import tensorflow as tf
-
-    if tf.__internal__.distribute.strategy_supports_no_merge_call() or (
-        not tf.distribute.has_strategy()
-    ):
-        return ops.cond(all_finite(grads), lambda: apply(grads, variables), skip)
-
-    def cross_replica(distribution, grads, variables):
-        # Gradients are all-reduced, so every replica reaches the same
-        # verdict; the first replica's is taken.
-        finite = distribution.experimental_local_results(
-            distribution.extended.call_for_each_replica(all_finite, args=(grads,))
-        )[0]
-        def apply_on_each_replica():
-            distribution.extended.call_for_each_replica(apply, args=(grads, variables))
-
-        ops.cond(finite, apply_on_each_replica, skip)
-
-    return tf.distribute.get_replica_context().merge_call(
-        cross_replica, args=(grads, variables))
 
 
 def _no_result(fn):

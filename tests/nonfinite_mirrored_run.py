@@ -2,8 +2,9 @@
 
 Two logical CPUs (configured before TensorFlow starts, hence a process of its
 own). A custom loop calls optimizer.apply inside strategy.run, once with a
-sequence holding NaN and Inf gradients and skip_nonfinite=True, once with the
-same sequence without those steps. Exits non-zero, saying why, unless the
+sequence holding NaN gradients (on both replicas) and Inf gradients (on one
+replica only) and skip_nonfinite=True, once with the same sequence without
+those steps. Exits non-zero, saying why, unless the
 weights and every optimizer variable agree bit for bit and 2 steps were
 skipped.
 """
@@ -36,15 +37,21 @@ def run(sequence, **kwargs):
         optimizer.build(model.trainable_variables)
 
     @tf.function
-    def step(grads):
-        # tf.identity inside the replica: each replica's gradients then live
-        # on its device, as computed ones do (a constant has no device, and
-        # Keras's all-reduce refuses it as a destination).
-        strategy.run(lambda g: optimizer.apply([tf.identity(x) for x in g],
-                                               model.trainable_variables), args=(grads,))
+    def step(grads, second_replica_grads):
+        def replica_step(g, g2):
+            # Replica 1 may see other gradients than replica 0 (a NaN only
+            # there must stop the step on both). tf.identity inside the
+            # replica: the gradients then live on its device, as computed ones
+            # do (a constant has no device, and Keras's all-reduce refuses it
+            # as a destination).
+            second = tf.distribute.get_replica_context().replica_id_in_sync_group == 1
+            g = [tf.identity(tf.where(second, b, a)) for a, b in zip(g, g2)]
+            optimizer.apply(g, model.trainable_variables)
 
-    for grads in sequence:
-        step([tf.constant(g) for g in grads])
+        strategy.run(replica_step, args=(grads, second_replica_grads))
+
+    for grads, second in sequence:
+        step([tf.constant(g) for g in grads], [tf.constant(g) for g in second])
     return model, optimizer
 
 
@@ -55,8 +62,10 @@ def main():
     poisoned = [[g.copy() for g in grads] for grads in clean]
     for k, value in BAD.items():
         poisoned[k][0][1, 1] = value
-    model_a, opt_a = run(poisoned, skip_nonfinite=True)
-    model_b, opt_b = run([g for k, g in enumerate(clean) if k not in BAD])
+    # Step 2: NaN on both replicas; step 5: Inf on replica 1 only.
+    sequence = [(poisoned[k] if k == 2 else clean[k], poisoned[k]) for k in range(STEPS)]
+    model_a, opt_a = run(sequence, skip_nonfinite=True)
+    model_b, opt_b = run([(g, g) for k, g in enumerate(clean) if k not in BAD])
     skipped = int(opt_a.skipped_steps.numpy())
     if skipped != len(BAD):
         sys.exit(f"skipped_steps={skipped}, expected {len(BAD)}")

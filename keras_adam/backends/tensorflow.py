@@ -141,3 +141,34 @@ def gather_rows(variable, rows):
 def row_slices(values, rows, dense_shape=None):
     """tf.IndexedSlices: Keras's TensorFlow `assign` scatters them into the rows only."""
     return tf.IndexedSlices(values, rows, dense_shape)
+
+
+def apply_if_finite(grads, variables, apply, skip, all_finite):
+    """`apply(grads, variables)` if `all_finite(grads)`, else `skip()`, under tf.distribute too.
+
+    A cond branch may not call `merge_call`, which the optimizer's update does,
+    so with a strategy that needs merge calls the cond runs in the
+    cross-replica context and `apply` on each replica, as Keras's
+    `LossScaleOptimizer` does. (See `keras_adam._nonfinite`.)
+    """
+    if tf.__internal__.distribute.strategy_supports_no_merge_call() or (
+        not tf.distribute.has_strategy()
+    ):
+        return tf.cond(all_finite(grads), lambda: apply(grads, variables), skip)
+
+    def cross_replica(distribution, grads, variables):
+        # Each replica judges its own gradients (before the all-reduce, which
+        # happens inside `apply`); the step runs only if every replica's are
+        # finite, since one replica's NaN would reach all through the sum.
+        verdicts = distribution.experimental_local_results(
+            distribution.extended.call_for_each_replica(all_finite, args=(grads,))
+        )
+        finite = tf.reduce_all(tf.stack(list(verdicts)))
+
+        def apply_on_each_replica():
+            distribution.extended.call_for_each_replica(apply, args=(grads, variables))
+
+        tf.cond(finite, apply_on_each_replica, skip)
+
+    return tf.distribute.get_replica_context().merge_call(
+        cross_replica, args=(grads, variables))
