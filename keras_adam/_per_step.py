@@ -36,6 +36,8 @@ class Step:
 
 
 class PerStepCache:
+    """Values kept while an `apply` runs (nested applies share them), cleared after it."""
+
     def __init__(self):
         self._open = 0
         self._values = {}
@@ -47,11 +49,6 @@ class PerStepCache:
         self._open -= 1
         if self._open == 0:
             self._values.clear()
-
-    def put(self, key, value):
-        """Stores `value` for the `apply` in progress (ignored outside one)."""
-        if self._open:
-            self._values[key] = value
 
     def get(self, key, compute):
         """`compute()`, cached under `key` while an `apply` is in progress."""
