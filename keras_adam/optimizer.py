@@ -251,8 +251,8 @@ class Adam(Optimizer):
         Raises:
             ValueError: for `amsgrad`, `moment_dtype` or `skip_nonfinite` once
                 built (their variables exist), or where `fused=True` can no
-                longer hold. The
-                assignment is then undone (`_validation.Option`).
+                longer hold. The assignment is then undone
+                (`_validation.Option`).
         """
         if not self.__dict__.get("_options_ready"):
             return

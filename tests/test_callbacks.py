@@ -145,10 +145,8 @@ def test_bad_every_n_batches(bad):
 
 
 def test_works_inside_a_multi_optimizer_per_sub_optimizer():
-    # Issue #14: each keras_adam sub-optimizer reports its own layers; a
-    # non-keras_adam sub-optimizer is left out. The hidden layer's statistics
-    # under the MultiOptimizer equal those of a plain keras_adam run on the
-    # same data, since Adam updates each variable independently of the others.
+    # Issue #14: each keras_adam sub-optimizer reports its own layers under
+    # its name; a non-keras_adam sub-optimizer (SGD, for "out") is left out.
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(32, 3)).astype("float32"), rng.normal(size=(32, 1)).astype("float32")
     hidden_adam = keras_adam.Adam(learning_rate=1e-2, name="hidden_adam")
