@@ -34,12 +34,15 @@ class Route:
             `path`), or "none" (this backend makes no sparse gradients).
         steps_aside: when a fast path defers to the portable rule at run time
             (empty if never).
+        state: with `shard_state=True`, where the slots live across devices
+            (`keras_adam._sharding`); empty otherwise.
     """
 
     path: str
     reason: str
     sparse: str = SPARSE_NONE
     steps_aside: str = ""
+    state: str = ""
 
 
 class Plan(dict):
@@ -57,6 +60,8 @@ class Plan(dict):
                 line += f"; sparse gradients: {route.sparse}"
             if route.steps_aside:
                 line += f"; portable {route.steps_aside}"
+            if route.state:
+                line += f"; {route.state}"
             lines.append(line)
         return "\n".join(lines)
 
@@ -82,10 +87,12 @@ def make_routes(variables, hyper, fast, fast_reason, moments, sparse_updates, ov
                                 "the gradient to the variable; there is no Adam step"))
             continue
         reason = fast_reason if fast is None else backends.variable_reason(variable, moments)
+        state = moments.placement.describe(variable)
         if reason is None:
-            routes.append(Route(fast.name, fast.exact_because, sparse, fast.steps_aside(hyper)))
+            routes.append(Route(fast.name, fast.exact_because, sparse, fast.steps_aside(hyper),
+                                state))
         else:
-            routes.append(Route(PORTABLE, reason, sparse))
+            routes.append(Route(PORTABLE, reason, sparse, state=state))
     return routes
 
 

@@ -12,8 +12,10 @@ module's business. Every path goes through one `Moments` object:
 
 `rows` selects rows of a row-sparse update (the lazy sparse path). A new
 storage format for the moments (another dtype today, quantized blocks later)
-is one subclass that overrides `_create`, `compute_dtype`, `in_place_reason`,
-`read` and `write`; no update path changes.
+is one subclass that overrides `_create` (or `_stored_dtype`),
+`compute_dtype`, `in_place_reason`, `read` and `write`; no update path
+changes. Where the slots live across devices is the `placement`'s
+business (`keras_adam._sharding`).
 
 The slots are created in the order of `keras.optimizers.Adam` in Keras 3.15
 (after the base class's variables: m and v interleaved per model variable,
@@ -25,6 +27,7 @@ import keras
 from keras import ops
 
 from keras_adam import _rule
+from keras_adam import _sharding
 from keras_adam import backends
 
 # The dtypes `Adam(moment_dtype=...)` may store the moments in.
@@ -39,11 +42,14 @@ class Moments:
             variables (`add_variable*`) and assigns them (`assign`, which is
             tf.distribute-aware and scatters row updates on TensorFlow).
         amsgrad: whether v_max slots exist.
+        placement: the slots' device layout (`keras_adam._sharding.Placement`);
+            defaults to each variable's own layout, as Keras's.
     """
 
-    def __init__(self, optimizer, amsgrad):
+    def __init__(self, optimizer, amsgrad, placement=None):
         self._owner = optimizer
         self.amsgrad = amsgrad
+        self.placement = placement or _sharding.Placement(shard=False)
         self._slots = None
 
     def create(self, var_list):
@@ -53,8 +59,32 @@ class Moments:
         self._slots = list(zip(m, v, v_max))
 
     def _create(self, var_list, names):
-        """One list per name, one slot per variable (None where Keras overwrites it)."""
-        return self._owner.add_optimizer_variables(var_list, names)
+        """One list per name, one slot per variable (None where Keras overwrites it).
+
+        Each slot gets the name `keras.optimizers.Adam` gives it, the stored
+        dtype (`_stored_dtype`) and its placement's layout.
+        """
+        slots = tuple([] for _ in names)
+        for variable in var_list:
+            for i, name in enumerate(names):
+                if self._owner._overwrite_variable_with_gradient(variable):
+                    slots[i].append(None)
+                    continue
+                dtype = self._stored_dtype(variable)
+                layout = self.placement.layout(variable)
+                if dtype == variable.dtype and layout is getattr(variable, "_layout", None):
+                    # Keras's own way: on TensorFlow it also colocates the
+                    # slot with its variable (parameter servers).
+                    slot = self._owner.add_variable_from_reference(variable, name)
+                else:
+                    slot = self._owner.add_variable(
+                        shape=variable.shape, dtype=dtype, layout=layout,
+                        name=f"{variable.path.replace('/', '_')}_{name}")
+                slots[i].append(slot)
+        return slots
+
+    def _stored_dtype(self, variable):
+        return variable.dtype
 
     def slots(self, variable):
         """The (m, v, v_max) Keras variables of a model variable; v_max is None without amsgrad."""
@@ -103,25 +133,12 @@ class StoredAs(Moments):
     float32 variables.
     """
 
-    def __init__(self, optimizer, amsgrad, dtype):
-        super().__init__(optimizer, amsgrad)
+    def __init__(self, optimizer, amsgrad, dtype, placement=None):
+        super().__init__(optimizer, amsgrad, placement)
         self.dtype = dtype
 
-    def _create(self, var_list, names):
-        slots = tuple([] for _ in names)
-        for variable in var_list:
-            for i, name in enumerate(names):
-                if self._owner._overwrite_variable_with_gradient(variable):
-                    slots[i].append(None)
-                    continue
-                # The name and layout keras.optimizers.Adam would give the slot.
-                slots[i].append(self._owner.add_variable(
-                    shape=variable.shape,
-                    dtype=self.dtype,
-                    name=f"{variable.path.replace('/', '_')}_{name}",
-                    layout=getattr(variable, "_layout", None),
-                ))
-        return slots
+    def _stored_dtype(self, variable):
+        return self.dtype
 
     def compute_dtype(self, variable):
         return _rule.wide_dtype(keras.backend.standardize_dtype(variable.dtype))
@@ -134,8 +151,9 @@ class StoredAs(Moments):
                 f"is {dtype} and moment_dtype={self.dtype!r}")
 
 
-def for_options(optimizer, amsgrad, moment_dtype):
+def for_options(optimizer, amsgrad, moment_dtype, shard_state=False):
     """The `Moments` for an optimizer's options."""
+    placement = _sharding.Placement(shard_state)
     if moment_dtype is None:
-        return Moments(optimizer, amsgrad)
-    return StoredAs(optimizer, amsgrad, moment_dtype)
+        return Moments(optimizer, amsgrad, placement)
+    return StoredAs(optimizer, amsgrad, moment_dtype, placement)

@@ -23,6 +23,7 @@ from keras_adam import _nonfinite
 from keras_adam import _plan
 from keras_adam import _rule
 from keras_adam import _saving
+from keras_adam import _sharding
 from keras_adam import _sparse
 from keras_adam import _state
 from keras_adam import _validation as check
@@ -128,6 +129,16 @@ class Adam(Optimizer):
             step is exactly the one that would have come. Inside a
             `LossScaleOptimizer`, that wrapper skips such steps first (and
             lowers its scale); this counter then stays 0. Defaults to `False`.
+        shard_state: Bool. On JAX under a `keras.distribution` (DataParallel,
+            or ModelParallel on its data axis), store m, v and v_max split
+            across the N data-parallel devices (ZeRO stage 1): each device
+            keeps 1/N of the state, the numbers are unchanged. Variables with
+            fewer than 4096 elements, or no dimension divisible by N, keep
+            their variable's layout; `update_plan()` says where each
+            variable's state lives. With no distribution (one device) it
+            changes nothing; on TensorFlow and torch it changes nothing and
+            warns at `build`, since their replicas mirror all state.
+            Defaults to `False`.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for
@@ -176,6 +187,7 @@ class Adam(Optimizer):
     moment_dtype = check.Option(check.one_of(_state.MOMENT_DTYPES, optional=True))
     fused = check.Option(check.optional_boolean)
     skip_nonfinite = check.Option(check.boolean)
+    shard_state = check.Option(check.boolean)
 
     def __init__(
         self,
@@ -191,6 +203,7 @@ class Adam(Optimizer):
         moment_dtype=None,
         fused=None,
         skip_nonfinite=False,
+        shard_state=False,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -232,6 +245,7 @@ class Adam(Optimizer):
         self.moment_dtype = moment_dtype
         self.fused = fused
         self.skip_nonfinite = skip_nonfinite
+        self.shard_state = shard_state
         self._skipped_steps = None
         self._sparse = _sparse.SparseUpdates(self.sparse_updates)
         self._per_step = PerStepCache()
@@ -249,14 +263,15 @@ class Adam(Optimizer):
         """Re-decides what follows from the options after one of them is assigned.
 
         Raises:
-            ValueError: for `amsgrad`, `moment_dtype` or `skip_nonfinite` once
-                built (their variables exist), or where `fused=True` can no
-                longer hold. The assignment is then undone
+            ValueError: for `amsgrad`, `moment_dtype`, `skip_nonfinite` or
+                `shard_state` once built (their variables exist), or where
+                `fused=True` can no longer hold. The assignment is then undone
                 (`_validation.Option`).
         """
         if not self.__dict__.get("_options_ready"):
             return
-        if self._moments is not None and name in ("amsgrad", "moment_dtype", "skip_nonfinite"):
+        if self._moments is not None and name in (
+                "amsgrad", "moment_dtype", "skip_nonfinite", "shard_state"):
             raise ValueError(
                 f"`{name}` cannot change once the optimizer is built: its variables "
                 "(m, v, v_max, skipped_steps) already exist in their layout and dtype. "
@@ -293,7 +308,10 @@ class Adam(Optimizer):
         """
         if self.built:
             return
-        moments = _state.for_options(self, self.amsgrad, self.moment_dtype)
+        if self.shard_state and _sharding.backend_reason() is not None:
+            warnings.warn(f"`shard_state=True` has no effect here: {_sharding.backend_reason()}.",
+                          stacklevel=2)
+        moments = _state.for_options(self, self.amsgrad, self.moment_dtype, self.shard_state)
         routes = self._make_routes(var_list, self._fast, self._fast_reason, moments)
         super().build(var_list)
         moments.create(var_list)
@@ -566,6 +584,7 @@ class Adam(Optimizer):
                 "moment_dtype": self.moment_dtype,
                 "fused": self.fused,
                 "skip_nonfinite": self.skip_nonfinite,
+                "shard_state": self.shard_state,
                 "exclude_from_weight_decay": self._saved_decay_exclusions(),
             }
         )

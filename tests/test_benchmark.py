@@ -16,6 +16,7 @@ import pytest
 
 from keras_adam import benchmark
 from keras_adam.benchmark import cases
+from keras_adam.benchmark import sharding
 from keras_adam.benchmark import timing
 
 BACKEND = keras.backend.backend()
@@ -29,6 +30,7 @@ TINY = ["--repeats", "1", "--min-seconds", "0.001"]
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--intra-op-threads", "0", "--backend", "tensorflow"], "--intra-op-threads must be >= 1"),
         (["--intra-op-threads", "1", "--backend", "jax"], "tensorflow only"),
+        (["--devices", "1"], "--devices must be >= 2"),
     ],
 )
 def test_bad_arguments_are_named(argv, message, capsys):
@@ -120,3 +122,40 @@ def test_intra_op_threads_reach_tensorflow():
     report = json.loads(out)
     assert report["intra_op_threads"] == 1
     assert "intra-op threads 1" in benchmark.format_table(report)
+
+
+def test_collectives_are_counted_from_the_optimized_hlo(tmp_path):
+    # Two dumped modules: the train step's optimized HLO is the one counted.
+    (tmp_path / "module_1.jit_train_step.cpu_after_optimizations.txt").write_text(
+        "  %a = f32[8]{0} all-reduce(f32[8]{0} %x), replica_groups={}\n"
+        "  %b = f32[64]{0} all-gather(f32[8]{0} %y), dimensions={0}\n"
+        "  %c = (f32[8]{0}, f32[64]{0}) all-gather-start(f32[8]{0} %z)\n"
+        "  %d = f32[64]{0} all-gather-done(%c)\n")
+    (tmp_path / "module_1.jit_train_step.cpu_before_optimizations.txt").write_text(
+        "  %a = f32[8]{0} all-reduce(f32[8]{0} %x)\n" * 5)
+    counts = sharding.count_collectives(str(tmp_path))
+    assert counts == {"all-reduce": 1, "all-gather": 2, "reduce-scatter": 0, "all-to-all": 0,
+                      "collective-permute": 0}
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="shard_state applies on the jax backend")
+def test_sharding_case_report(capsys):
+    benchmark.main(["--cases", "sharding", "--backend", "jax", "--devices", "4", "--json", *TINY])
+    report = json.loads(capsys.readouterr().out)
+    result = report["sharding"]
+    assert result["devices"] == 4 and report["results"] == []
+    width = 1024  # the case's MLP: three Dense(width) and a Dense(1)
+    assert result["parameters"] == 3 * (width * width + width) + width + 1
+    whole, sharded = result["whole"], result["sharded"]
+    # m and v, float32: 8 bytes per parameter in all, either way.
+    assert whole["state_bytes"] == sharded["state_bytes"] == 8 * result["parameters"]
+    assert whole["state_bytes_per_device"] == whole["state_bytes"]
+    # The three kernels' m and v are split 4 ways; the rest (biases, the last
+    # kernel: fewer than 4096 elements each) stay whole.
+    kernels = 3 * width * width * 8
+    assert sharded["state_bytes_per_device"] == kernels // 4 + (whole["state_bytes"] - kernels)
+    # Both all-reduce the gradients; only the sharded step gathers the update.
+    assert whole["collectives"]["all-gather"] == 0 < sharded["collectives"]["all-gather"]
+    assert whole["collectives"]["all-reduce"] >= 1
+    table = benchmark.format_table(report)
+    assert "| whole |" in table and "| sharded |" in table

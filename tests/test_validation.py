@@ -38,6 +38,7 @@ ERRORS = [
     ("amsgrad-int", dict(amsgrad=1), TypeError, r"`amsgrad` must be a bool"),
     ("amsgrad-string", dict(amsgrad="True"), TypeError, r"`amsgrad`"),
     ("nesterov-none", dict(nesterov=None), TypeError, r"`nesterov` must be a bool"),
+    ("shard_state-string", dict(shard_state="yes"), TypeError, r"`shard_state` must be a bool"),
     ("bias_correction-int", dict(bias_correction=0), TypeError, r"`bias_correction` must be a bool"),
     ("weight_decay-negative", dict(weight_decay=-0.1), ValueError, r"`weight_decay`"),
     ("sparse-unknown", dict(sparse_updates="dense"), ValueError,

@@ -59,7 +59,10 @@ CASES = {
 # Not an optimizer step: the epoch-time cost of keras_adam.callbacks.AdamMonitor
 # (keras_adam/benchmark/monitor.py).
 MONITOR = "monitor"
-NAMES = [*CASES, MONITOR]
+# Not an optimizer step either: shard_state=True against whole state on
+# several devices, JAX only (keras_adam/benchmark/sharding.py).
+SHARDING = "sharding"
+NAMES = [*CASES, MONITOR, SHARDING]
 
 
 def derive(ours_ms, builtin_ms, touched, bandwidth_gb_per_s):

@@ -34,6 +34,9 @@ def parse_args(argv=None):
     parser.add_argument("--intra-op-threads", type=int, default=None, metavar="N",
                         help="TensorFlow only: tf.config.threading intra-op threads for the "
                              "whole run (default: TensorFlow's choice, one per core)")
+    parser.add_argument("--devices", type=int, default=8, metavar="N",
+                        help="the sharding case (JAX): devices of the data-parallel mesh; "
+                             "without N real ones, N virtual CPU devices (default 8)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
     if args.intra_op_threads is not None:
@@ -45,6 +48,8 @@ def parse_args(argv=None):
     unknown = [c for c in args.cases if c not in cases.NAMES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {cases.NAMES}")
+    if args.devices < 2:
+        parser.error(f"--devices must be >= 2. Received: {args.devices}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1. Received: {args.repeats}")
     return args

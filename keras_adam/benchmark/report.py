@@ -15,6 +15,7 @@ import sys
 from keras_adam.benchmark import cases as case_table
 from keras_adam.benchmark import harnesses
 from keras_adam.benchmark import monitor
+from keras_adam.benchmark import sharding
 from keras_adam.benchmark import timing
 
 
@@ -40,11 +41,19 @@ def run(args):
     bandwidth = harness.bandwidth(args.repeats, args.min_seconds)
     progress(f"  {bandwidth:.1f} GB/s")
     wanted = {"both": (False, True), "off": (False,), "on": (True,)}[args.xla]
-    results, monitor_result = [], None
+    results, monitor_result, sharding_result = [], None, None
     for name in args.cases:
         if name == case_table.MONITOR:
             progress("   monitor: AdamMonitor on the mlp model's epochs ...")
             monitor_result = monitor.monitor_overhead(keras, keras_adam, args.repeats)
+            continue
+        if name == case_table.SHARDING:
+            if args.backend != "jax":
+                progress(f"{name:>10}: skipped (shard_state applies on jax only)")
+                continue
+            progress(f"{name:>10}: shard_state on {args.devices} devices, in a subprocess ...")
+            sharding_result = sharding.run_in_subprocess(
+                args.devices, args.repeats, args.min_seconds)
             continue
         case = case_table.CASES[name]
         if case.sparse_rows and not harness.sparse:
@@ -60,6 +69,7 @@ def run(args):
         "keras": keras.__version__,
         "framework": _framework_version(args.backend),
         "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor_result,
+        "sharding": sharding_result,
     }
 
 
@@ -132,4 +142,29 @@ def format_table(report):
                   f"{wo['median']:.0f} ms ({wo['min']:.0f}-{wo['max']:.0f}) without, "
                   f"{w['median']:.0f} ms ({w['min']:.0f}-{w['max']:.0f}) with: "
                   f"overhead {100 * result['overhead']:+.1f}%"]
+    result = report.get("sharding")
+    if result:
+        lines += ["", _sharding_table(result)]
+    return "\n".join(lines)
+
+
+def _sharding_table(result):
+    whole = result["whole"]
+    lines = [
+        f"shard_state on {result['devices']} {result['device_kind']} devices "
+        f"(DataParallel; {result['parameters']:,}-parameter MLP, batch {result['batch']}, "
+        "train_on_batch steps):",
+        "",
+        "| state | MB per device | MB in all | step ms (min-max) | vs whole "
+        "| collectives in the train step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in ("whole", "sharded"):
+        r = result[variant]
+        ms = r["step_ms"]
+        collectives = ", ".join(f"{op} {n}" for op, n in r["collectives"].items() if n)
+        lines.append(
+            f"| {variant} | {r['state_bytes_per_device'] / 1e6:.1f} | {r['state_bytes'] / 1e6:.1f} "
+            f"| {ms['median']:.1f} ({ms['min']:.1f}-{ms['max']:.1f}) "
+            f"| {ms['median'] / whole['step_ms']['median']:.2f} | {collectives or 'none'} |")
     return "\n".join(lines)
