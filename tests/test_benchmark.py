@@ -159,3 +159,4 @@ def test_sharding_case_report(capsys):
     assert whole["collectives"]["all-reduce"] >= 1
     table = benchmark.format_table(report)
     assert "| whole |" in table and "| sharded |" in table
+    assert "| case | variant |" not in table  # no step case ran: no empty step table

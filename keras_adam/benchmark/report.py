@@ -107,7 +107,7 @@ def _framework_version(backend):
 
 def format_table(report):
     """The report as a Markdown table (what the README quotes)."""
-    lines = [
+    header = [
         f"backend {report['backend']}, {report['cpus']} CPUs, keras {report['keras']}, "
         f"{report['framework']}; measured bandwidth "
         f"{report['bandwidth_gb_per_s']:.1f} GB/s; {report['repeats']} repeats"
@@ -118,6 +118,8 @@ def format_table(report):
         "| speed-up | keras_adam GB/s | % of bandwidth | roofline ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    # Only the non-step cases (monitor, sharding) ran: no step table.
+    lines = header if report["results"] else header[:1]
     with_reference = [r for r in report["results"] if "reference_ms" in r]
     if with_reference:
         lines[2] += " reference ms (min-max) | keras_adam / reference |"
