@@ -160,3 +160,38 @@ def test_sharding_case_report(capsys):
     table = benchmark.format_table(report)
     assert "| whole |" in table and "| sharded |" in table
     assert "| case | variant |" not in table  # no step case ran: no empty step table
+
+
+def test_fit_case_rows_and_columns():
+    import keras_adam
+    from keras_adam.benchmark import fit
+
+    rows = fit.fit_steps(keras, keras_adam, repeats=1, names=("mlp", "recommender"),
+                         sparse=BACKEND == "tensorflow", progress=lambda message: None)
+    # TensorFlow gives the recommender IndexedSlices gradients: exact and lazy rows.
+    expected = [("mlp", "keras_adam")] + (
+        [("recommender", "keras_adam exact"), ("recommender", "keras_adam lazy")]
+        if BACKEND == "tensorflow" else [("recommender", "keras_adam")])
+    assert [(r["model"], r["variant"]) for r in rows] == expected
+    for r in rows:
+        ours, builtin, bare = (r[k]["median"] for k in ("keras_adam_ms", "builtin_ms",
+                                                        "no_update_ms"))
+        assert ours > 0 and builtin > 0 and bare > 0
+        # The derived columns are the medians' ratios.
+        assert r["speedup"] == pytest.approx(builtin / ours)
+        assert r["keras_adam_share"] == pytest.approx(1 - bare / ours)
+        assert r["builtin_share"] == pytest.approx(1 - bare / builtin)
+    table = fit.format_rows(rows)
+    assert table.count("| recommender |") == len(expected) - 1
+
+
+def test_json_path_is_written_beside_the_table(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    benchmark.main(["--cases", "mlp", "--backend", BACKEND, "--json", str(path), *TINY])
+    captured = capsys.readouterr()
+    report = json.loads(path.read_text())
+    assert [r["case"] for r in report["results"]] == ["mlp"] * len(report["results"])
+    # The table printed is the one the written report formats to.
+    assert captured.out.strip() == benchmark.format_table(report).strip()
+    # Progress went to stderr as the run went.
+    assert "mlp xla=" in captured.err and f"results written to {path}" in captured.err

@@ -1,9 +1,12 @@
 """Times one optimizer step of keras_adam.Adam beside keras.optimizers.Adam.
 
-Run:  python -m keras_adam.benchmark [--cases large,many-small,mlp,embedding,monitor]
-                                      [--repeats 15] [--xla both|off|on]
-                                      [--backend tensorflow|jax|torch]
-                                      [--intra-op-threads N] [--json]
+Run:  python -m keras_adam.benchmark
+          [--cases large,many-small,mlp,embedding,monitor,fit,sharding]
+          [--repeats 15] [--xla both|off|on] [--backend tensorflow|jax|torch]
+          [--intra-op-threads N] [--devices 8] [--json [PATH]]
+
+Progress goes to stderr as the cases run; the table (or, with `--json`
+alone, the JSON report) to stdout; `--json PATH` also writes the JSON there.
 
 Both optimizers run in the same process on the same variables' shapes, with
 gradients precomputed, so only the update is timed, the way each backend's
@@ -21,12 +24,16 @@ theta, m, v: 7 x 4 = 28 bytes. A step can be no faster than
 the rows in the gradient).
 
 The "embedding" case (1,000,000 x 64 table, a tf.IndexedSlices gradient of
-1,000 rows) compares keras_adam's exact and lazy sparse modes. The "monitor"
-case is not a step: it is the epoch-time cost of AdamMonitor.
+1,000 rows) compares keras_adam's exact and lazy sparse modes. Three cases
+are not a lone step: "monitor" is the epoch-time cost of AdamMonitor; "fit"
+times whole model.fit steps of four models with keras_adam and the built-in,
+and the optimizer's share of a step; "sharding" (JAX) compares
+shard_state=True with whole state on `--devices` devices.
 
 Modules: `timing` (the harness), `cases` (what is timed, its roofline),
 `harnesses` (each backend's step and bandwidth), `monitor` (AdamMonitor's
-cost), `report` (running and the table), `cli` (arguments and the launcher).
+cost), `fit` (model.fit steps), `sharding` (shard_state on N devices),
+`report` (running and the table), `cli` (arguments and the launcher).
 """
 
 from keras_adam.benchmark.cases import BYTES_PER_PARAMETER

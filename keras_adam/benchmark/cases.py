@@ -62,7 +62,9 @@ MONITOR = "monitor"
 # Not an optimizer step either: shard_state=True against whole state on
 # several devices, JAX only (keras_adam/benchmark/sharding.py).
 SHARDING = "sharding"
-NAMES = [*CASES, MONITOR, SHARDING]
+# Whole model.fit steps of four models (keras_adam/benchmark/fit.py).
+FIT = "fit"
+NAMES = [*CASES, MONITOR, FIT, SHARDING]
 
 
 def derive(ours_ms, builtin_ms, touched, bandwidth_gb_per_s):

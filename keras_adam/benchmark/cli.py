@@ -37,7 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--devices", type=int, default=8, metavar="N",
                         help="the sharding case (JAX): devices of the data-parallel mesh; "
                              "without N real ones, N virtual CPU devices (default 8)")
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                        help="the results as JSON: printed instead of the table, or with "
+                             "PATH written there (the table is still printed)")
     args = parser.parse_args(argv)
     if args.intra_op_threads is not None:
         if args.backend != "tensorflow":
@@ -65,4 +67,11 @@ def main(argv=None):
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "keras_adam.benchmark", *argv], env)
     result = report.run(args)
-    print(json.dumps(result, indent=2) if args.json else report.format_table(result))
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+        return
+    if args.json is not None:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        report.progress(f"results written to {args.json}")
+    print(report.format_table(result))

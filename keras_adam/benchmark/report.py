@@ -13,6 +13,7 @@ import statistics
 import sys
 
 from keras_adam.benchmark import cases as case_table
+from keras_adam.benchmark import fit
 from keras_adam.benchmark import harnesses
 from keras_adam.benchmark import monitor
 from keras_adam.benchmark import sharding
@@ -41,8 +42,12 @@ def run(args):
     bandwidth = harness.bandwidth(args.repeats, args.min_seconds)
     progress(f"  {bandwidth:.1f} GB/s")
     wanted = {"both": (False, True), "off": (False,), "on": (True,)}[args.xla]
-    results, monitor_result, sharding_result = [], None, None
+    results, monitor_result, sharding_result, fit_rows = [], None, None, None
     for name in args.cases:
+        if name == case_table.FIT:
+            fit_rows = fit.fit_steps(keras, keras_adam, args.repeats, sparse=harness.sparse,
+                                     progress=progress)
+            continue
         if name == case_table.MONITOR:
             progress("   monitor: AdamMonitor on the mlp model's epochs ...")
             monitor_result = monitor.monitor_overhead(keras, keras_adam, args.repeats)
@@ -69,7 +74,7 @@ def run(args):
         "keras": keras.__version__,
         "framework": _framework_version(args.backend),
         "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor_result,
-        "sharding": sharding_result,
+        "sharding": sharding_result, "fit": fit_rows,
     }
 
 
@@ -144,6 +149,8 @@ def format_table(report):
                   f"{wo['median']:.0f} ms ({wo['min']:.0f}-{wo['max']:.0f}) without, "
                   f"{w['median']:.0f} ms ({w['min']:.0f}-{w['max']:.0f}) with: "
                   f"overhead {100 * result['overhead']:+.1f}%"]
+    if report.get("fit"):
+        lines += ["", fit.format_rows(report["fit"])]
     result = report.get("sharding")
     if result:
         lines += ["", _sharding_table(result)]

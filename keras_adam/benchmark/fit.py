@@ -1,0 +1,168 @@
+"""The `fit` case: `model.fit` steps with keras_adam against `keras.optimizers.Adam`.
+
+What a user feels is the whole training step, not the optimizer's part of
+it. For four models a user would train, each optimizer's model runs whole
+`model.fit` epochs of `STEPS` batches (after warm-up epochs), alternating
+epoch by epoch in one process; ms per step is an epoch's time over `STEPS`.
+
+The optimizer's share of a step is measured the same way, against a model
+whose optimizer changes nothing (`NoUpdate` in `_no_update`: Keras's whole
+apply pipeline, each gradient summed, no update): share = (step - step
+without update) / step.
+It is the time keras_adam's update adds to forward, backward and Keras's
+own per-step work.
+
+The models (synthetic data; the default `jit_compile="auto"`, which on a CPU
+is XLA on JAX and none on TensorFlow and torch):
+  mlp           the main example's Dense 3-64-64-1, batch 64
+  cnn           Conv2D 16 and 32 (3x3) on 28x28x1 images, 10 classes, batch 64
+  recommender   Embedding tables of 100,000 users and 50,000 items (dim 32),
+                dot product, batch 256; TensorFlow gives it IndexedSlices
+                gradients, so keras_adam runs it exact and lazy
+  transformer   an encoder block (4-head attention over 32 tokens of width 64,
+                feed-forward 128), vocabulary 2,000, batch 32
+"""
+
+import statistics
+
+import numpy as np
+
+from keras_adam import _sparse
+from keras_adam.benchmark import timing
+
+STEPS = 16
+MODELS = ("mlp", "cnn", "recommender", "transformer")
+
+
+def _builders(keras):
+    """{model name: (build() -> uncompiled model, loss, x, y, batch size)}."""
+    rng = np.random.default_rng(0)
+    layers = keras.layers
+
+    def mlp():
+        return keras.Sequential([keras.Input((3,)), layers.Dense(64, activation="relu"),
+                                 layers.Dense(64, activation="relu"), layers.Dense(1)])
+
+    def cnn():
+        return keras.Sequential([
+            keras.Input((28, 28, 1)), layers.Conv2D(16, 3, activation="relu"),
+            layers.MaxPooling2D(), layers.Conv2D(32, 3, activation="relu"),
+            layers.GlobalAveragePooling2D(), layers.Dense(10)])
+
+    def recommender():
+        user, item = keras.Input((), dtype="int32"), keras.Input((), dtype="int32")
+        u = layers.Embedding(100_000, 32)(user)
+        i = layers.Embedding(50_000, 32)(item)
+        return keras.Model([user, item], layers.Dot(axes=-1)([u, i]))
+
+    def transformer():
+        tokens = keras.Input((32,), dtype="int32")
+        h = layers.Embedding(2_000, 64)(tokens)
+        h = layers.LayerNormalization()(h + layers.MultiHeadAttention(4, 16)(h, h))
+        ffn = layers.Dense(64)(layers.Dense(128, activation="relu")(h))
+        h = layers.LayerNormalization()(h + ffn)
+        return keras.Model(tokens, layers.Dense(2)(layers.GlobalAveragePooling1D()(h)))
+
+    x_mlp = rng.normal(size=(64 * STEPS, 3)).astype("float32")
+    ids = [rng.integers(0, n, size=256 * STEPS).astype("int32") for n in (100_000, 50_000)]
+    sparse_ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return {
+        "mlp": (mlp, "mse", x_mlp, (x_mlp @ [2.0, -1.0, 3.0] + 1.5).astype("float32"), 64),
+        "cnn": (cnn, sparse_ce, rng.normal(size=(64 * STEPS, 28, 28, 1)).astype("float32"),
+                rng.integers(0, 10, size=64 * STEPS), 64),
+        "recommender": (recommender, "mse", ids,
+                        rng.normal(size=256 * STEPS).astype("float32"), 256),
+        "transformer": (transformer, sparse_ce,
+                        rng.integers(0, 2_000, size=(32 * STEPS, 32)).astype("int32"),
+                        rng.integers(0, 2, size=32 * STEPS), 32),
+    }
+
+
+def _no_update(keras):
+    class NoUpdate(keras.optimizers.Optimizer):
+        """Keras's apply pipeline, and every gradient summed, but no update.
+
+        The sum keeps the backward pass: a gradient nobody reads would be
+        pruned from the compiled step (tf.function, XLA), and the baseline
+        would lose it. It reads each gradient once, 1/7 of Adam's memory
+        traffic (see `cases`), so shares are understated by about that much
+        of the update's time.
+        """
+
+        def build(self, variables):
+            super().build(variables)
+            self._sink = self.add_variable((), name="sink")
+
+        def update_step(self, gradient, variable, learning_rate):
+            # A tf.IndexedSlices: sum its rows.
+            values = gradient.values if _sparse.is_sparse(gradient) else gradient
+            self._sink.assign_add(keras.ops.cast(keras.ops.sum(values), self._sink.dtype))
+
+    return NoUpdate(learning_rate=0.0)
+
+
+def variants(keras, keras_adam, sparse):
+    """{name: () -> optimizer}: keras_adam (exact and lazy where gradients are sparse),
+    the built-in, and the no-update baseline."""
+    found = {"keras_adam": lambda: keras_adam.Adam()}
+    if sparse:
+        found = {"keras_adam exact": lambda: keras_adam.Adam(),
+                 "keras_adam lazy": lambda: keras_adam.Adam(sparse_updates="lazy")}
+    found["builtin"] = lambda: keras.optimizers.Adam()
+    found["no update"] = lambda: _no_update(keras)
+    return found
+
+
+def fit_steps(keras, keras_adam, repeats, names=MODELS, sparse=False, progress=print):
+    """One row per model and keras_adam variant: ms per fit step against the built-in's."""
+    builders = _builders(keras)
+    rows = []
+    for name in names:
+        build, loss, x, y, batch = builders[name]
+        epochs = {}
+        for variant, make in variants(keras, keras_adam, sparse and name == "recommender").items():
+            keras.utils.set_random_seed(0)
+            model = build()
+            model.compile(optimizer=make(), loss=loss)
+            epochs[variant] = (lambda m=model: m.fit(x, y, batch_size=batch, epochs=1,
+                                                     shuffle=False, verbose=0))
+        progress(f"{'fit':>10} {name} ...")
+        # min_seconds=0: one epoch of STEPS steps per sample, after two warm-up epochs.
+        samples = timing.time_interleaved(epochs, repeats, min_seconds=0)
+        per_step = {v: [ms / STEPS for ms in s] for v, s in samples.items()}
+        builtin = statistics.median(per_step["builtin"])
+        bare = statistics.median(per_step["no update"])
+        for variant in epochs:
+            if variant in ("builtin", "no update"):
+                continue
+            ours = statistics.median(per_step[variant])
+            rows.append({
+                "model": name, "variant": variant,
+                "keras_adam_ms": timing.summary(per_step[variant]),
+                "builtin_ms": timing.summary(per_step["builtin"]),
+                "no_update_ms": timing.summary(per_step["no update"]),
+                "speedup": builtin / ours,
+                "keras_adam_share": (ours - bare) / ours,
+                "builtin_share": (builtin - bare) / builtin,
+            })
+    return rows
+
+
+def format_rows(rows):
+    lines = [
+        f"model.fit steps ({STEPS} per epoch, medians over epochs; share = the optimizer's "
+        "part of a step, against a no-update optimizer):",
+        "",
+        "| model | variant | keras_adam ms/step (min-max) | built-in ms/step (min-max) "
+        "| speed-up | keras_adam share | built-in share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ours, builtin = r["keras_adam_ms"], r["builtin_ms"]
+        lines.append(
+            f"| {r['model']} | {r['variant']} "
+            f"| {ours['median']:.2f} ({ours['min']:.2f}-{ours['max']:.2f}) "
+            f"| {builtin['median']:.2f} ({builtin['min']:.2f}-{builtin['max']:.2f}) "
+            f"| {r['speedup']:.2f}x | {100 * r['keras_adam_share']:.0f}% "
+            f"| {100 * r['builtin_share']:.0f}% |")
+    return "\n".join(lines)
