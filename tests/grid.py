@@ -76,6 +76,10 @@ HYPERPARAMETER_ROWS = [
     # With finite gradients the switch changes nothing (test_nonfinite.py
     # covers the steps it skips).
     ("skip-nonfinite", dict(skip_nonfinite=True)),
+    # On one device the placement of the state is all it changes, so the
+    # numbers are the same (TensorFlow and torch warn that it has no effect);
+    # test_sharding.py runs it on 8 devices.
+    ("shard-state", dict(shard_state=True)),
 ]
 
 GRID = list(_switch_rows()) + HYPERPARAMETER_ROWS
