@@ -102,8 +102,22 @@ def path_now(route, gradient_is_sparse, fast, hyper):
     A row-sparse gradient in lazy mode takes the lazy row update; a fast path
     steps aside where its `step_aside_reason` says so (the compile context).
     """
-    if gradient_is_sparse and route.sparse == "lazy":
-        return LAZY
-    if fast is not None and route.path == fast.name and fast.step_aside_reason(hyper):
-        return PORTABLE
-    return route.path
+    return paths_now([route], [gradient_is_sparse], fast, hyper)[0]
+
+
+def paths_now(routes, gradients_sparse, fast, hyper):
+    """`path_now` for many variables at once, asking about the compile context once."""
+    aside = None
+    paths = []
+    for route, sparse in zip(routes, gradients_sparse):
+        if sparse and route.sparse == "lazy":
+            paths.append(LAZY)
+            continue
+        if fast is not None and route.path == fast.name:
+            if aside is None:
+                aside = fast.step_aside_reason(hyper) is not None
+            if aside:
+                paths.append(PORTABLE)
+                continue
+        paths.append(route.path)
+    return paths

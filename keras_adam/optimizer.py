@@ -523,10 +523,12 @@ class Adam(Optimizer):
         fast = self._fast
         if fast is not None and not fast.per_variable:
             hyper = self._hyper()
+            routes = [self._route(v) for v in trainable_variables]
+            sparse = [_sparse.is_sparse(g) for g in grads]
             mine, rest = [], []
-            for g, v in zip(grads, trainable_variables):
-                path = _plan.path_now(self._route(v), _sparse.is_sparse(g), fast, hyper)
-                (mine if path == fast.name else rest).append((g, v))
+            for pair, path in zip(zip(grads, trainable_variables),
+                                  _plan.paths_now(routes, sparse, fast, hyper)):
+                (mine if path == fast.name else rest).append(pair)
             rest += fast.apply(mine, hyper, self._step(learning_rate), self._moments)
             if not rest:
                 return

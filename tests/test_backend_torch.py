@@ -101,3 +101,40 @@ def test_fit_with_jit_compile():
     history = model.fit(x, y, epochs=10, batch_size=32, verbose=0)
     # A linear target and model: the MSE (~14 at the start) falls far below 10%.
     assert history.history["loss"][-1] < 0.1 * history.history["loss"][0]
+
+
+def _variables(seed):
+    return [keras.Variable(x) for x in initial_values(seed=seed)]
+
+
+def test_the_kernel_follows_assignments_and_stateless_apply():
+    """The kernel reuses last step's tensors (backends/torch.py `_tensors`); it must
+    still see assignments, and leave the variables alone under stateless_apply."""
+    grads = [torch.as_tensor(g) for g in SEQUENCE[0]]
+    runs = {}
+    for fused in (True, False):
+        variables = _variables(7)
+        optimizer = keras_adam.Adam(fused=fused)
+        optimizer.build(variables)
+        optimizer.apply(grads, variables)
+        # Assignments between steps (as load_weights or a callback would do).
+        for variable in variables:
+            variable.assign(variable.numpy() * 0.5)
+        optimizer.slots(variables[0])[0].assign(np.ones(variables[0].shape, "float32"))
+        optimizer.apply(grads, variables)
+        # A stateless step after stateful ones: new values returned, none assigned.
+        before = [v.numpy().copy() for v in variables]
+        state = [keras.ops.convert_to_numpy(v) for v in optimizer.variables]
+        new_variables, new_state = optimizer.stateless_apply(
+            [keras.ops.convert_to_tensor(s) for s in state], grads,
+            [keras.ops.convert_to_tensor(b) for b in before])
+        for variable, b in zip(variables, before):
+            np.testing.assert_array_equal(variable.numpy(), b)
+        for v, s in zip(optimizer.variables, state):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), s)
+        runs[fused] = before + [keras.ops.convert_to_numpy(x) for x in new_variables]
+    for a, b in zip(runs[True], runs[False]):
+        # Three steps of the kernel against the portable rule: a few float32
+        # roundings apart (test_fused_matches_portable bounds 100 steps).
+        np.testing.assert_allclose(a, b, rtol=0, atol=3 * float32_drift_bound(
+            3, 4e-3, np.abs(b).max()))

@@ -55,6 +55,10 @@ class MultiTensor:
             return "the in-place kernel fails torch.compile's functionalization"
         return None
 
+    def __init__(self):
+        # The last step's tensor lists, for the same variables (see `_tensors`).
+        self._cached = None
+
     def apply(self, pairs, hyper, step, moments):
         """One fused Adam step on all (gradient, variable) pairs."""
         if not pairs:
@@ -66,20 +70,11 @@ class MultiTensor:
             lr, c1, c2, hyper.epsilon, hyper.epsilon_placement, sqrt=math.sqrt
         )
         kernel_step = float(t) if hyper.bias_correction else _NO_BIAS_CORRECTION_STEP
-
-        groups = {}
-        for g, variable in pairs:
-            param = variable.value
-            m, v, v_max = moments.slots(variable)
-            group = groups.setdefault((param.device, param.dtype), ([], [], [], [], []))
-            group[0].append(param)
-            group[1].append(g.to(param.dtype).contiguous())
-            group[2].append(m.value)
-            group[3].append(v.value)
-            if v_max is not None:
-                group[4].append(v_max.value)
         with torch.no_grad():
-            for (device, _), (params, gs, ms, vs, v_maxes) in groups.items():
+            for device, params, ms, vs, v_maxes, positions in self._tensors(pairs, moments):
+                gs = [pairs[i][0] for i in positions]
+                gs = [(g if g.dtype == p.dtype else g.to(p.dtype)).contiguous()
+                      for g, p in zip(gs, params)]
                 steps = [torch.tensor(kernel_step, dtype=torch.float32, device=device)] * len(params)
                 torch._fused_adam_(
                     params, gs, ms, vs, v_maxes, steps,
@@ -87,3 +82,50 @@ class MultiTensor:
                     eps=epsilon / math.sqrt(c2), amsgrad=hyper.amsgrad, maximize=False,
                 )
         return []
+
+    def _tensors(self, pairs, moments):
+        """Per (device, dtype): params, m, v, v_max tensors, and the pairs' positions.
+
+        Reading a Keras variable's `value` costs some microseconds of checks
+        (stateless scope, autocast), three times per variable and step: more
+        than the kernel itself for small variables (issue #17). Outside a
+        StatelessScope and an autocast scope `value` is the variable's own
+        Parameter, which assignments update in place, so the lists of the
+        last step are reused while the same variables come. Inside such a
+        scope (`stateless_apply`), `value` is read as before.
+        """
+        variables = [variable for _, variable in pairs]
+        key = (tuple(map(id, variables)), id(moments))
+        scoped = _keras_scope_active()
+        if not scoped and self._cached is not None and self._cached[0] == key:
+            return self._cached[2]
+        groups = {}
+        for i, variable in enumerate(variables):
+            param = variable.value
+            m, v, v_max = moments.slots(variable)
+            group = groups.setdefault((param.device, param.dtype), ([], [], [], [], []))
+            group[0].append(param)
+            group[1].append(m.value)
+            group[2].append(v.value)
+            if v_max is not None:
+                group[3].append(v_max.value)
+            group[4].append(i)
+        tensors = [(device, *lists) for (device, _), lists in groups.items()]
+        if not scoped:
+            # The variables are kept with their ids, so that no id is reused.
+            self._cached = (key, (variables, moments), tensors)
+        return tensors
+
+
+def _keras_scope_active():
+    """Whether a Keras StatelessScope or AutocastScope is active: then a variable's
+    `value` may be another tensor than its Parameter.
+
+    Keras has no public accessor for either (Keras 3.15); this module alone
+    touches them. tests/test_backend_torch.py fails if they move: it runs
+    the kernel under `stateless_apply` and after a variable's assignment.
+    """
+    from keras.src.backend.common import stateless_scope
+    from keras.src.backend.common import variables
+
+    return stateless_scope.in_stateless_scope() or variables.get_autocast_scope() is not None
