@@ -15,12 +15,25 @@ class Step:
     """One step's data for the update paths: t (a 1-based tensor), lr, and its scalars.
 
     This record, not the optimizer, is what the fast paths receive.
+
+    Args:
+        iterations: the optimizer's step counter (steps done before this one).
+        lr: this step's learning rate.
     """
 
-    def __init__(self, t, lr):
-        self.t = t
+    def __init__(self, iterations, lr):
+        self.iterations = iterations
         self.lr = lr
         self._memo = {}
+
+    @property
+    def t(self):
+        """t = iterations + 1 (Algorithm 1's 1-based step), as a tensor, made once.
+
+        Made on first use: the torch kernel reads `iterations` as a number and
+        needs no tensor (issue #17).
+        """
+        return self.memo("t", lambda: self.iterations + 1)
 
     def scalars(self, hyper, dtype):
         """The `_rule.Scalars` for `hyper` in `dtype`, computed once per step."""

@@ -16,9 +16,10 @@ element-wise, so each element gets the same arithmetic as without sharding.
 
 The dimension: the largest one that is not sharded already and whose size
 N divides (the first of equal ones). A slot keeps its variable's layout when
-  - it has fewer than `MIN_ELEMENTS` elements: the state saved is at most
-    2 * 3 * MIN_ELEMENTS * 4 bytes per device, and each sharded variable adds
-    one all-gather per step, whose fixed cost dominates for small tensors;
+  - it has fewer than `MIN_ELEMENTS` elements: sharding would save under
+    3 * MIN_ELEMENTS * 4 bytes (48 KiB of float32 m, v, v_max) per device,
+    and each sharded variable adds an all-gather per step, whose fixed cost
+    dominates for small tensors;
   - no free dimension is divisible by N (the update would need padding);
   - the variable's layout already uses the data axis;
   - there is one data-parallel device, or no distribution is set (one device:

@@ -511,7 +511,7 @@ class Adam(Optimizer):
     def _step(self, learning_rate):
         """This step's `Step` (t, lr and its scalars), once per apply and graph."""
         return self._per_step.get(
-            ("step", backends.trace_key()), lambda: Step(self.iterations + 1, learning_rate)
+            ("step", backends.trace_key()), lambda: Step(self.iterations, learning_rate)
         )
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
