@@ -49,14 +49,8 @@ class Placement:
 
     def layout(self, variable):
         """The layout for `variable`'s slots (`None`: the backend's default placement)."""
-        own = getattr(variable, "_layout", None)
-        axis, _ = self._plan(variable)
-        if axis is None:
-            return own
-        data_axis = self._distribution.batch_dim_name
-        spec = list(own.axes) if own is not None else [None] * len(variable.shape)
-        spec[axis] = data_axis
-        return keras.distribution.TensorLayout(spec, self._distribution.device_mesh)
+        sharded, _ = self._plan(variable)
+        return sharded if sharded is not None else getattr(variable, "_layout", None)
 
     def describe(self, variable):
         """Where `variable`'s slots live, in words ("" without `shard_state`)."""
@@ -66,7 +60,7 @@ class Placement:
         return words
 
     def _plan(self, variable):
-        """(dimension to shard or None, why in words)."""
+        """(the sharded layout, or None to keep the variable's; why, in words)."""
         reason = backend_reason()
         if reason is None and self._distribution is None:
             reason = "no keras.distribution is set"
@@ -90,7 +84,9 @@ class Placement:
             return None, (f"state {REPLICATED}: no unsharded dimension of {shape} "
                           f"is divisible by {n}")
         axis = max(free, key=lambda d: (shape[d], -d))
-        return axis, f"state sharded {n} ways over {data_axis!r} along dimension {axis}"
+        spec[axis] = data_axis
+        return (keras.distribution.TensorLayout(spec, mesh),
+                f"state sharded {n} ways over {data_axis!r} along dimension {axis}")
 
 
 def backend_reason():

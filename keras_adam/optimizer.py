@@ -308,9 +308,9 @@ class Adam(Optimizer):
         """
         if self.built:
             return
-        if self.shard_state and _sharding.backend_reason() is not None:
-            warnings.warn(f"`shard_state=True` has no effect here: {_sharding.backend_reason()}.",
-                          stacklevel=2)
+        no_sharding = _sharding.backend_reason()
+        if self.shard_state and no_sharding is not None:
+            warnings.warn(f"`shard_state=True` has no effect here: {no_sharding}.", stacklevel=2)
         moments = _state.for_options(self, self.amsgrad, self.moment_dtype, self.shard_state)
         routes = self._make_routes(var_list, self._fast, self._fast_reason, moments)
         super().build(var_list)

@@ -6,6 +6,7 @@ The multi-device runs happen in a subprocess on 8 virtual CPU devices
 tested in every suite.
 """
 
+import ast
 import json
 import math
 import os
@@ -61,7 +62,7 @@ def test_placement_picks_the_largest_divisible_dimension(tmp_path):
         axes = chosen[shape]["axes"]
         got = axes.index("batch") if axes and "batch" in axes else None
         assert got == axis, (shape, chosen[shape])
-        assert got == _expected_axis(eval(shape), 8)
+        assert got == _expected_axis(ast.literal_eval(shape), 8)
         assert ("sharded 8 ways" in chosen[shape]["words"]) == (axis is not None)
 
 
@@ -92,7 +93,7 @@ def test_sharded_training_equals_unsharded(equal_runs):
         whole, sharded = _weights(arrays, f"{run}/whole"), _weights(arrays, f"{run}/sharded")
         error = _max_difference(whole, sharded)
         model, options, _ = run.split("/")
-        if "bfloat16" in OPTION_NAMES.get(options, ""):
+        if options in BFLOAT16_OPTIONS:
             # The update is element-wise, but the sharded step is another XLA
             # program, whose float32 results may differ in the last bit
             # (measured with float32 state: 1.5e-8 after 20 steps). A
@@ -111,8 +112,8 @@ def test_sharded_training_equals_unsharded(equal_runs):
         assert error <= tolerance, (run, error, tolerance)
 
 
-# Which option sets store bfloat16 moments (sharding_run.OPTIONS).
-OPTION_NAMES = {"bfloat16": "bfloat16", "all": "bfloat16"}
+# The option sets of sharding_run.OPTIONS that store bfloat16 moments.
+BFLOAT16_OPTIONS = {"bfloat16", "all"}
 
 
 def _max_difference(a, b):
