@@ -212,3 +212,35 @@ def fold_step_size(lr, c1, c2, epsilon, epsilon_placement, sqrt=ops.sqrt):
     if epsilon_placement == "paper":
         epsilon = epsilon * sqrt_c2
     return alpha, epsilon
+
+
+def moment_bound(beta_1, beta_2, n):
+    """K_n with m^2 <= K_n * v for every element after n steps of `rule`, or None if unbounded.
+
+    By Cauchy-Schwarz, with r = beta_1^2 / beta_2 and c = (1 - beta_1)^2 / (1 - beta_2),
+
+        (beta_1 m + (1 - beta_1) g)^2 <= (r m^2 / v + c) (beta_2 v + (1 - beta_2) g^2),
+
+    so m_n^2 <= K_n v_n with K_0 = 0 and K_n = r K_(n-1) + c, i.e.
+    K_n = c (1 + r + ... + r^(n-1)) <= c / (1 - r) when r < 1 (the usual case:
+    beta_1 = 0.9, beta_2 = 0.999 give K = 52.9). This is what keeps
+    |m| / sqrt(v) <= sqrt(K) in exact arithmetic: the float32 rule's largest
+    step. Quantized moments can break it (v stored as 0 where m is not); an
+    8-bit read restores it (`keras_adam._state.Blockwise8bit`). With
+    beta_2 = 0, v = g^2 alone and m is not bounded by it: None.
+
+    Args:
+        beta_1, beta_2: Python floats.
+        n: the number of steps taken (a scalar tensor; used only when r >= 1).
+    """
+    if beta_2 == 0.0:
+        return None
+    r = beta_1 * beta_1 / beta_2
+    c = (1.0 - beta_1) ** 2 / (1.0 - beta_2)
+    if r < 1.0:
+        # K_n grows towards this limit: using it is valid for every n.
+        return c / (1.0 - r)
+    n = ops.maximum(ops.cast(n, "float32"), 1.0)
+    if r == 1.0:
+        return c * n
+    return c * (ops.power(r, n) - 1.0) / (r - 1.0)

@@ -39,14 +39,14 @@ def roles(optimizer):
     model_variables = getattr(optimizer, "_trainable_variables", [])
     per_variable = [("average", getattr(optimizer, "_model_variables_moving_average", None)),
                     ("accumulator", getattr(optimizer, "_accumulated_gradients", None))]
-    if optimizer._moments is not None:
-        slots = [optimizer._moments.slots(v) for v in model_variables]
-        for k, kind in enumerate(("m", "v", "v_max")):
-            per_variable.append((kind, [s[k] for s in slots]))
     for kind, variables in per_variable:
         for i, variable in enumerate(variables or []):
             if variable is not None:
                 known[id(variable)] = (f"{kind}[{i}]", model_variables[i].path)
+    if optimizer._moments is not None:
+        for i, model_variable in enumerate(model_variables):
+            for kind, variable in optimizer._moments.state_variables(model_variable).items():
+                known[id(variable)] = (f"{kind}[{i}]", model_variable.path)
     return [known.get(id(v), (v.path, "")) for v in optimizer.variables]
 
 

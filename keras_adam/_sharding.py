@@ -52,6 +52,19 @@ class Placement:
         sharded, _ = self._plan(variable)
         return sharded if sharded is not None else getattr(variable, "_layout", None)
 
+    def replicated(self, shape):
+        """A layout keeping a tensor of `shape` whole on every device, or None
+        (the backend's default) when no distribution is set.
+
+        Explicit, because a `LayoutMap` matches variables by path: a small
+        companion tensor (an 8-bit block's scales) must not inherit the
+        layout meant for the variable it belongs to.
+        """
+        distribution = keras.distribution.distribution() if backend_reason() is None else None
+        if distribution is None:
+            return None
+        return keras.distribution.TensorLayout([None] * len(shape), distribution.device_mesh)
+
     def describe(self, variable):
         """Where `variable`'s slots live, in words ("" without `shard_state`)."""
         if not self.shard:

@@ -23,15 +23,21 @@ then all v_max). `.keras` files store optimizer variables by position, so
 this order is part of the file format.
 """
 
+import math
+
 import keras
 from keras import ops
 
+from keras_adam import _quantize
 from keras_adam import _rule
 from keras_adam import _sharding
 from keras_adam import backends
 
 # The dtypes `Adam(moment_dtype=...)` may store the moments in.
-MOMENT_DTYPES = ("float32", "bfloat16", "float16")
+MOMENT_DTYPES = ("float32", "bfloat16", "float16", "8bit")
+EIGHT_BIT = "8bit"
+# With "8bit", variables with fewer elements keep float32 moments (`Blockwise8bit`).
+MIN_8BIT_SIZE = 4096
 
 
 class Moments:
@@ -59,29 +65,37 @@ class Moments:
         self._slots = list(zip(m, v, v_max))
 
     def _create(self, var_list, names):
-        """One list per name, one slot per variable (None where Keras overwrites it).
-
-        Each slot gets the name `keras.optimizers.Adam` gives it, the stored
-        dtype (`_stored_dtype`) and its placement's layout.
-        """
+        """One list per name, one slot per variable (None where Keras overwrites it)."""
         slots = tuple([] for _ in names)
         for variable in var_list:
             for i, name in enumerate(names):
                 if self._owner._overwrite_variable_with_gradient(variable):
                     slots[i].append(None)
-                    continue
-                dtype = self._stored_dtype(variable)
-                layout = self.placement.layout(variable)
-                if dtype == variable.dtype and layout is getattr(variable, "_layout", None):
-                    # Keras's own way: on TensorFlow it also colocates the
-                    # slot with its variable (parameter servers).
-                    slot = self._owner.add_variable_from_reference(variable, name)
                 else:
-                    slot = self._owner.add_variable(
-                        shape=variable.shape, dtype=dtype, layout=layout,
-                        name=f"{variable.path.replace('/', '_')}_{name}")
-                slots[i].append(slot)
+                    slots[i].append(self._new_slot(variable, name))
         return slots
+
+    def _new_slot(self, variable, name):
+        """The slot `name` of `variable`: the name `keras.optimizers.Adam` gives
+        it, the stored dtype (`_stored_dtype`) and its placement's layout."""
+        dtype = self._stored_dtype(variable)
+        layout = self.placement.layout(variable)
+        if dtype == variable.dtype and layout is getattr(variable, "_layout", None):
+            # Keras's own way: on TensorFlow it also colocates the
+            # slot with its variable (parameter servers).
+            return self._owner.add_variable_from_reference(variable, name)
+        return self._owner.add_variable(
+            shape=variable.shape, dtype=dtype, layout=layout,
+            name=f"{variable.path.replace('/', '_')}_{name}")
+
+    def state_variables(self, variable):
+        """{role: Keras variable} for every variable holding `variable`'s state.
+
+        The roles are "m", "v", "v_max" here; a format that stores more (the
+        8-bit scales) adds its own. `keras_adam._saving` names them in files.
+        """
+        return {kind: slot for kind, slot in zip(("m", "v", "v_max"), self.slots(variable))
+                if slot is not None}
 
     def _stored_dtype(self, variable):
         return variable.dtype
@@ -151,9 +165,130 @@ class StoredAs(Moments):
                 f"is {dtype} and moment_dtype={self.dtype!r}")
 
 
-def for_options(optimizer, amsgrad, moment_dtype, shard_state=False):
+class Blockwise8bit(Moments):
+    """m, v (and v_max) as blockwise 8-bit codes with a float32 scale per block (`"8bit"`).
+
+    Each block of `block_size` elements of a row (`keras_adam._quantize`)
+    stores 8-bit codes and its absmax s_b: m with the signed cubic table,
+    v and v_max with the unsigned one. A step decodes them to float32,
+    applies the float32 rule, and encodes the results:
+
+        m = q_m(code) * s_b,  v = q_v(code) * s_b            (read)
+        v <- max(v, m^2 / K), v_max <- max(v_max, m^2 / K)   (read)
+        m, v, v_max <- rule(g, m, v, v_max)                  (float32)
+        code, s_b <- nearest code, absmax of each block      (write)
+
+    The second line is the guard against quantization's one dangerous error:
+    the float32 rule keeps m^2 <= K v (`keras_adam._rule.moment_bound`), so
+    its step is at most lr * sqrt(K) * sqrt(c2) / c1; a v rounded to 0 where
+    m is not would break that and divide by epsilon alone. Raising v to
+    m^2 / K restores the float32 rule's own bound, and changes nothing where
+    quantization kept it.
+
+    Variables with fewer than `min_size` elements keep float32 moments (the
+    variable's dtype for float64), as `StoredAs("float32")`: their state is
+    small, their blocks would be mostly scale, and biases and norms are
+    where precision matters most.
+
+    Args:
+        optimizer, amsgrad, placement: as for `Moments`.
+        block_size: elements per block (B).
+        min_size: the fewest elements a variable needs to be quantized.
+    """
+
+    def __init__(self, optimizer, amsgrad, placement=None, block_size=_quantize.BLOCK_SIZE,
+                 min_size=MIN_8BIT_SIZE):
+        super().__init__(optimizer, amsgrad, placement)
+        self.block_size = block_size
+        self.min_size = min_size
+        # id(code slot) -> (its scale variable, `Blocking`, signed)
+        self._codes = {}
+
+    def quantizes(self, variable):
+        """Whether `variable`'s moments are stored as 8-bit codes."""
+        return math.prod(variable.shape) >= self.min_size
+
+    def _stored_dtype(self, variable):
+        return _rule.wide_dtype(keras.backend.standardize_dtype(variable.dtype))
+
+    def _new_slot(self, variable, name):
+        if not self.quantizes(variable):
+            return super()._new_slot(variable, name)
+        signed = name == "m"
+        prefix = f"{variable.path.replace('/', '_')}_{name}"
+        codes = self._owner.add_variable(
+            shape=variable.shape, dtype="int8" if signed else "uint8",
+            layout=self.placement.layout(variable), name=prefix)
+        blocks = _quantize.blocking(variable.shape, self.block_size)
+        scale = self._owner.add_variable(
+            shape=blocks.scale_shape, dtype="float32",
+            layout=self.placement.replicated(blocks.scale_shape), name=f"{prefix}_scale")
+        self._codes[id(codes)] = (scale, blocks, signed)
+        return codes
+
+    def state_variables(self, variable):
+        state = super().state_variables(variable)
+        for kind, slot in list(state.items()):
+            if id(slot) in self._codes:
+                state[f"{kind}_scale"] = self._codes[id(slot)][0]
+        return state
+
+    def compute_dtype(self, variable):
+        return _rule.wide_dtype(keras.backend.standardize_dtype(variable.dtype))
+
+    def in_place_reason(self, variable):
+        if self.quantizes(variable):
+            return ("moment_dtype='8bit' stores m and v as 8-bit codes with a scale per "
+                    "block; the fused kernels update float m and v in place")
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        if self._stored_dtype(variable) != dtype:
+            return (f"with moment_dtype='8bit' this variable's moments are float32 (fewer "
+                    f"than {self.min_size} elements), and the variable is {dtype}")
+        return None
+
+    def read(self, variable, rows=None):
+        m, v, v_max = super().read(variable, rows)
+        if not self.quantizes(variable):
+            return m, v, v_max
+        owner = self._owner
+        bound = _rule.moment_bound(owner.beta_1, owner.beta_2, owner.iterations)
+        if bound is None:
+            return m, v, v_max
+        floor = m * m / ops.cast(bound, m.dtype)
+        return (m, ops.maximum(v, floor),
+                None if v_max is None else ops.maximum(v_max, floor))
+
+    def _decode(self, slot, dtype, rows):
+        if id(slot) not in self._codes:
+            return super()._decode(slot, dtype, rows)
+        scale, blocks, signed = self._codes[id(slot)]
+        codes, scales = slot, scale
+        if rows is not None:
+            codes, scales = backends.gather_rows(slot, rows), backends.gather_rows(scale, rows)
+        return ops.cast(_quantize.decode(codes, scales, signed, blocks), dtype)
+
+    def write(self, variable, m, v, v_max, rows=None):
+        if not self.quantizes(variable):
+            return super().write(variable, m, v, v_max, rows)
+        for slot, value in zip(self.slots(variable), (m, v, v_max)):
+            if slot is None:
+                continue
+            scale, blocks, signed = self._codes[id(slot)]
+            codes, scales = _quantize.encode(ops.cast(value, "float32"), signed, blocks)
+            if rows is not None:
+                codes = backends.row_slices(codes, rows)
+                scales = backends.row_slices(scales, rows)
+            self._owner.assign(slot, codes)
+            self._owner.assign(scale, scales)
+
+
+def for_options(optimizer, amsgrad, moment_dtype, shard_state=False,
+                block_size=_quantize.BLOCK_SIZE, min_8bit_size=None):
     """The `Moments` for an optimizer's options."""
     placement = _sharding.Placement(shard_state)
     if moment_dtype is None:
         return Moments(optimizer, amsgrad, placement)
+    if moment_dtype == EIGHT_BIT:
+        return Blockwise8bit(optimizer, amsgrad, placement, block_size,
+                             MIN_8BIT_SIZE if min_8bit_size is None else min_8bit_size)
     return StoredAs(optimizer, amsgrad, moment_dtype, placement)

@@ -78,6 +78,18 @@ def boolean(name, value):
     return bool(value)
 
 
+def integer(minimum):
+    """A check for an int >= `minimum` (a bool, a float or a string is refused)."""
+    def check(name, value):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) \
+                or value < minimum:
+            raise ValueError(
+                f"`{name}` must be an int >= {minimum}. Received: {name}={value!r}"
+            )
+        return int(value)
+    return check
+
+
 def optional_boolean(name, value):
     """None (meaning: choose automatically) or a real bool."""
     return None if value is None else boolean(name, value)

@@ -21,6 +21,7 @@ from keras.optimizers import Optimizer
 
 from keras_adam import _nonfinite
 from keras_adam import _plan
+from keras_adam import _quantize
 from keras_adam import _rule
 from keras_adam import _saving
 from keras_adam import _sharding
@@ -104,14 +105,17 @@ class Adam(Optimizer):
             bit. Dense gradients, and every gradient on JAX and torch (which
             have no IndexedSlices), always get the standard update. Defaults
             to `"exact"`.
-        moment_dtype: `None`, `"float32"`, `"bfloat16"` or `"float16"`. The
-            dtype in which m, v (and v_max) are stored. `None` keeps each in
+        moment_dtype: `None`, `"float32"`, `"bfloat16"`, `"float16"` or
+            `"8bit"`. How m, v (and v_max) are stored. `None` keeps each in
             its variable's dtype, as `keras.optimizers.Adam` does. Otherwise
             the update is computed in float32 (float64 for float64
-            variables) and the moments are cast to this dtype when stored:
+            variables) and the moments are converted when stored:
             `"float32"` for bfloat16/float16 variables (accuracy),
-            `"bfloat16"` for float32 variables (half the optimizer's memory).
-            Defaults to `None`.
+            `"bfloat16"` for float32 variables (half the optimizer's memory),
+            `"8bit"` for a quarter of it: blockwise 8-bit codes with one
+            float32 scale per block (Dettmers et al., 2022), about 2 bytes
+            of state per parameter (see `keras_adam._state.Blockwise8bit`
+            for the scheme). Defaults to `None`.
         fused: `None`, `True` or `False`. Whether to update each variable with
             TensorFlow's fused kernel (`ResourceApplyAdam`), one pass over
             memory instead of about ten. `None` uses it wherever it computes
@@ -139,6 +143,13 @@ class Adam(Optimizer):
             changes nothing; on TensorFlow and torch it changes nothing and
             warns at `build`, since their replicas mirror all state.
             Defaults to `False`.
+        moment_block_size: Int >= 1. With `moment_dtype="8bit"`: the
+            elements per block, each block with its own scale. Blocks run
+            along a variable's rows (never across two), so lazy sparse updates
+            leave other rows' codes untouched. Defaults to `256`.
+        min_8bit_size: Int >= 0. With `moment_dtype="8bit"`: variables with
+            fewer elements keep float32 moments (biases, norms: little
+            memory, and where precision matters most). Defaults to `4096`.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for
@@ -154,9 +165,11 @@ class Adam(Optimizer):
     Raises:
         ValueError: if learning_rate is negative or NaN, beta_1 or beta_2 is
             outside [0, 1), epsilon or weight_decay is negative,
-            epsilon_placement, sparse_updates or moment_dtype is unknown, or
+            epsilon_placement, sparse_updates or moment_dtype is unknown,
             fused=True where no fused kernel computes the rule (at `build`
-            for what depends on the variables).
+            for what depends on the variables) or with moment_dtype="8bit",
+            or moment_block_size / min_8bit_size is not an int in range or is
+            set without moment_dtype="8bit".
         TypeError: if learning_rate is not a number, schedule or callable, or
             amsgrad, nesterov, bias_correction or fused is not a bool.
 
@@ -188,6 +201,8 @@ class Adam(Optimizer):
     fused = check.Option(check.optional_boolean)
     skip_nonfinite = check.Option(check.boolean)
     shard_state = check.Option(check.boolean)
+    moment_block_size = check.Option(check.integer(minimum=1))
+    min_8bit_size = check.Option(check.integer(minimum=0))
 
     def __init__(
         self,
@@ -204,6 +219,8 @@ class Adam(Optimizer):
         fused=None,
         skip_nonfinite=False,
         shard_state=False,
+        moment_block_size=256,
+        min_8bit_size=4096,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -246,6 +263,9 @@ class Adam(Optimizer):
         self.fused = fused
         self.skip_nonfinite = skip_nonfinite
         self.shard_state = shard_state
+        self.moment_block_size = moment_block_size
+        self.min_8bit_size = min_8bit_size
+        self._check_8bit_options()
         self._skipped_steps = None
         self._sparse = _sparse.SparseUpdates(self.sparse_updates)
         self._per_step = PerStepCache()
@@ -271,12 +291,14 @@ class Adam(Optimizer):
         if not self.__dict__.get("_options_ready"):
             return
         if self._moments is not None and name in (
-                "amsgrad", "moment_dtype", "skip_nonfinite", "shard_state"):
+                "amsgrad", "moment_dtype", "skip_nonfinite", "shard_state",
+                "moment_block_size", "min_8bit_size"):
             raise ValueError(
                 f"`{name}` cannot change once the optimizer is built: its variables "
                 "(m, v, v_max, skipped_steps) already exist in their layout and dtype. "
                 "Create a new optimizer instead."
             )
+        self._check_8bit_options()
         fast, reason = backends.fast_path(self._hyper(), self.fused)
         routes = None
         if self._moments is not None:
@@ -285,6 +307,25 @@ class Adam(Optimizer):
         if routes is not None:
             self._routes = routes
         self._sparse.mode = self.sparse_updates
+
+    def _check_8bit_options(self):
+        """Refuses combinations with `moment_dtype="8bit"` that cannot mean what they say."""
+        eight_bit = self.moment_dtype == _state.EIGHT_BIT
+        if eight_bit and self.fused:
+            raise ValueError(
+                "`fused=True` and `moment_dtype='8bit'` cannot be combined: the fused "
+                "kernels update float m and v in place, and 8-bit moments are stored as "
+                "codes with a scale per block. Use fused=None (variables that keep "
+                "float32 moments still take the kernel) or another moment_dtype."
+            )
+        if not eight_bit and (self.moment_block_size != _quantize.BLOCK_SIZE
+                              or self.min_8bit_size != _state.MIN_8BIT_SIZE):
+            raise ValueError(
+                "`moment_block_size` and `min_8bit_size` apply only with "
+                f"moment_dtype='8bit'. Received: moment_dtype={self.moment_dtype!r}, "
+                f"moment_block_size={self.moment_block_size}, "
+                f"min_8bit_size={self.min_8bit_size}"
+            )
 
     def _hyper(self):
         """The rule's hyperparameters as a frozen record (what the update paths receive)."""
@@ -311,7 +352,9 @@ class Adam(Optimizer):
         no_sharding = _sharding.backend_reason()
         if self.shard_state and no_sharding is not None:
             warnings.warn(f"`shard_state=True` has no effect here: {no_sharding}.", stacklevel=2)
-        moments = _state.for_options(self, self.amsgrad, self.moment_dtype, self.shard_state)
+        moments = _state.for_options(
+            self, self.amsgrad, self.moment_dtype, self.shard_state,
+            block_size=self.moment_block_size, min_8bit_size=self.min_8bit_size)
         routes = self._make_routes(var_list, self._fast, self._fast_reason, moments)
         super().build(var_list)
         moments.create(var_list)
@@ -587,6 +630,8 @@ class Adam(Optimizer):
                 "fused": self.fused,
                 "skip_nonfinite": self.skip_nonfinite,
                 "shard_state": self.shard_state,
+                "moment_block_size": self.moment_block_size,
+                "min_8bit_size": self.min_8bit_size,
                 "exclude_from_weight_decay": self._saved_decay_exclusions(),
             }
         )

@@ -129,3 +129,63 @@ def run(theta, gradients, learning_rates=None, **options):
             options["learning_rate"] = learning_rates[i]
         theta, state = step(theta, g, state, **options)
     return theta, state
+
+
+# --- Blockwise 8-bit moments (moment_dtype="8bit") ---------------------------
+# The same scheme as keras_adam's, written independently: float64 tables from
+# their formulas, and the nearest code found by exhaustive search.
+
+M_VALUES = (np.arange(-127, 128) / 127.0) ** 3          # m: signed codes -127..127
+V_VALUES = ((np.arange(256) / 255.0) ** 3) ** 2         # v: unsigned codes 0..255
+
+
+def quantize(x, values, block_size=256):
+    """(codes as indices into `values`, scales): absmax per block of each row, nearest value.
+
+    Rows are x's first dimension (a 1-D x is one row); blocks of `block_size`
+    run along each row, the last one shorter if needed.
+    """
+    rows = np.reshape(x, (x.shape[0] if x.ndim >= 2 else 1, -1)).astype(np.float64)
+    codes = np.zeros(rows.shape, dtype=np.int64)
+    scales = np.zeros((rows.shape[0], -(-rows.shape[1] // block_size)))
+    for b in range(scales.shape[1]):
+        block = rows[:, b * block_size:(b + 1) * block_size]
+        scale = np.max(np.abs(block), axis=1, keepdims=True)
+        a = block / np.where(scale > 0, scale, 1.0)
+        codes[:, b * block_size:(b + 1) * block_size] = np.argmin(
+            np.abs(a[..., None] - values), axis=-1)
+        scales[:, b] = scale[:, 0]
+    return codes.reshape(x.shape), scales
+
+
+def dequantize(codes, scales, values, block_size=256):
+    """The values of `codes` times their blocks' scales (the inverse of `quantize`)."""
+    rows = np.reshape(codes, (codes.shape[0] if codes.ndim >= 2 else 1, -1))
+    per_element = np.repeat(scales, block_size, axis=1)[:, :rows.shape[1]]
+    return (values[rows] * per_element).reshape(codes.shape)
+
+
+def run_8bit(theta, gradients, block_size=256, **options):
+    """`run` with m, v, v_max stored as blockwise 8-bit codes between steps.
+
+    Before each step the moments are dequantized and v, v_max raised to
+    m^2 / K (K = (1 - beta_1)^2 / ((1 - beta_2) (1 - beta_1^2 / beta_2)), the
+    bound m^2 <= K v of exact arithmetic, for beta_1^2 < beta_2); after it
+    they are quantized again. Returns (final theta, final dequantized State).
+    """
+    beta_1, beta_2 = options.get("beta_1", 0.9), options.get("beta_2", 0.999)
+    if beta_1 ** 2 >= beta_2:
+        raise ValueError("run_8bit models beta_1^2 < beta_2 only")
+    bound = (1 - beta_1) ** 2 / ((1 - beta_2) * (1 - beta_1 ** 2 / beta_2))
+    theta = np.asarray(theta, dtype=np.float64)
+    state = init_state(theta)
+    for g in gradients:
+        theta, state = step(theta, g, state, **options)
+        stored = {}
+        for name, values in (("m", M_VALUES), ("v", V_VALUES), ("v_max", V_VALUES)):
+            stored[name] = dequantize(*quantize(getattr(state, name), values, block_size),
+                                      values, block_size)
+        floor = stored["m"] ** 2 / bound
+        state = State(t=state.t, m=stored["m"], v=np.maximum(stored["v"], floor),
+                      v_max=np.maximum(stored["v_max"], floor))
+    return theta, state

@@ -1,0 +1,191 @@
+"""moment_dtype="8bit": the codec, the guard against blow-up, accuracy, and every context.
+
+Oracles: the tables' closed forms, an exhaustive nearest-code search, the
+float64 8-bit emulation `keras_adam.reference.run_8bit` (written apart from
+`keras_adam._quantize`), float32 keras_adam from the same start, and the
+Cauchy-Schwarz bound of `keras_adam._rule.moment_bound` in closed form.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_adam
+from keras_adam import _quantize
+from keras_adam import _rule
+from keras_adam import reference
+
+BACKEND = keras.backend.backend()
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+# --- The codec ------------------------------------------------------------
+
+def test_the_tables_are_the_cubic_laws_and_decode_equals_them():
+    # Byte 128 (j = -128) is never written; the table holds -1 there.
+    j = np.maximum(np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float64), -127)
+    # float32 rounding of (j/127)^3 and ((k/255)^3)^2: at most a few ulps.
+    np.testing.assert_allclose(_quantize.M_TABLE, (j / 127) ** 3, rtol=4e-7)
+    np.testing.assert_allclose(_quantize.V_TABLE, (np.arange(256) / 255) ** 6, rtol=4e-7)
+    codes_m = np.arange(-127, 128, dtype=np.int8)
+    assert np.all(np.diff(_quantize.M_TABLE[codes_m.view(np.uint8)]) > 0)
+    assert np.all(np.diff(_quantize.V_TABLE) > 0)
+    assert _quantize.M_TABLE[127] == 1.0 and _quantize.V_TABLE[255] == 1.0
+    # decode with scale 1 is the table lookup, bit for bit, on this backend.
+    b = _quantize.blocking((255,), 255)
+    got = _np(_quantize.decode(keras.ops.convert_to_tensor(codes_m), np.ones(1, "float32"),
+                               True, b))
+    np.testing.assert_array_equal(got, _quantize.M_TABLE[codes_m.view(np.uint8)])
+    codes_v = np.arange(256, dtype=np.uint8)
+    b = _quantize.blocking((256,), 256)
+    got = _np(_quantize.decode(keras.ops.convert_to_tensor(codes_v), np.ones(1, "float32"),
+                               False, b))
+    np.testing.assert_array_equal(got, _quantize.V_TABLE)
+
+
+def _wide_range(shape, seed=0):
+    """Values spread over six orders of magnitude, of both signs, with exact zeros."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape) * 10.0 ** rng.uniform(-6, 0, size=shape)
+    x[rng.random(size=shape) < 0.05] = 0.0
+    return x.astype("float32")
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["m", "v"])
+def test_encode_picks_the_nearest_code(signed):
+    x = _wide_range((6, 700))
+    if not signed:
+        x = x * x
+    b = _quantize.blocking(x.shape, 256)
+    codes, scales = _quantize.encode(keras.ops.convert_to_tensor(x), signed, b)
+    codes, scales = _np(codes), _np(scales)
+    assert scales.shape == (6, 3) and b.block == 256  # 700 = 256 + 256 + 188
+    table = _quantize.M_TABLE if signed else _quantize.V_TABLE
+    values = table[codes.view(np.uint8)] if signed else table[codes]
+    per_element = np.repeat(scales, 256, axis=1)[:, :700]
+    a = (x / np.where(per_element > 0, per_element, 1)).astype(np.float64)
+    # Every code's value is as near to x / s as any table entry (exhaustive).
+    candidates = np.sort(table[np.arange(-127, 128).astype(np.int8).view(np.uint8)]
+                         if signed else table)
+    best = np.min(np.abs(a[..., None] - candidates), axis=-1)
+    # Equal up to the float32 rounding of x / s (one ulp of a value <= 1).
+    assert np.all(np.abs(a - values) <= best + 1.2e-7)
+    # Each block's largest |x| is stored exactly.
+    np.testing.assert_array_equal(np.max(np.abs(values * per_element), axis=1),
+                                  np.max(np.abs(x), axis=1))
+    assert np.all(values[x == 0] == 0)
+
+
+def test_blocks_never_span_rows():
+    x = _wide_range((10, 300), seed=1)
+    b = _quantize.blocking(x.shape, 128)
+    rows = np.array([7, 2, 3])
+    whole = [_np(t) for t in _quantize.encode(keras.ops.convert_to_tensor(x), True, b)]
+    part = [_np(t) for t in _quantize.encode(keras.ops.convert_to_tensor(x[rows]), True, b)]
+    np.testing.assert_array_equal(part[0], whole[0][rows])
+    np.testing.assert_array_equal(part[1], whole[1][rows])
+    assert _quantize.blocking((3, 3, 64, 8), 256) == _quantize.Blocking(3, 1536, 256, 6, (3, 6))
+    assert _quantize.blocking((1000,), 256).scale_shape == (4,)
+    assert _quantize.blocking((50000, 16), 256).block == 16  # narrow rows: one block each
+
+
+# --- The guard: no step larger than the float32 rule allows ----------------
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.95), (0.9, 0.8)],
+                         ids=["defaults", "fast", "beta_1^2>beta_2"])
+def test_the_moment_bound_holds_for_the_float32_rule(betas):
+    beta_1, beta_2 = betas
+    rng = np.random.default_rng(2)
+    variable = keras.Variable(np.zeros((40,), "float32"))
+    optimizer = keras_adam.Adam(beta_1=beta_1, beta_2=beta_2, fused=False)
+    optimizer.build([variable])
+    for n in range(1, 31):
+        g = rng.normal(size=40) * 10.0 ** rng.uniform(-8, 3, size=40)
+        optimizer.apply([keras.ops.convert_to_tensor(g.astype("float32"))], [variable])
+        m, v = (_np(s).astype(np.float64) for s in optimizer.slots(variable)[:2])
+        # The closed form: K_n = c (1 + r + ... + r^(n-1)).
+        r, c = beta_1 ** 2 / beta_2, (1 - beta_1) ** 2 / (1 - beta_2)
+        k_n = c * sum(r ** i for i in range(n))
+        bound = float(_np(keras.ops.convert_to_tensor(
+            _rule.moment_bound(beta_1, beta_2, n))))
+        assert bound >= k_n * (1 - 1e-6)  # the limit (r < 1) or K_n itself
+        # float32 m and v: each ~4 roundings per step, relative (tests/grid.py).
+        assert np.all(m * m <= k_n * v * (1 + 1e-5) + 1e-45)
+
+
+def test_a_v_quantized_to_zero_cannot_blow_up_the_step():
+    # One block: a huge gradient G at step 1 sets both scales; 40 zero steps
+    # let m's scale decay (0.9^40 = 0.015) while v's barely does
+    # (0.999^40 = 0.96); then a tiny gradient s = 1e-8 G elsewhere. Its v is
+    # 1e-16 of v's scale, below the unsigned table's smallest value (3.6e-15):
+    # stored as 0. Its m is 7e-7 of m's scale, above the signed table's
+    # half-smallest (2.4e-7): stored non-zero. Unguarded, the next zero-gradient
+    # step would be lr * m_hat / (epsilon / sqrt(c2)), about 2000 lr.
+    lr, size, big, tiny = 1e-3, 4096, 1e6, 1e-2
+    variable = keras.Variable(np.zeros(size, "float32"))
+    optimizer = keras_adam.Adam(learning_rate=lr, moment_dtype="8bit")
+    optimizer.build([variable])
+
+    def step(index=None, value=0.0):
+        g = np.zeros(size, "float32")
+        if index is not None:
+            g[index] = value
+        optimizer.apply([keras.ops.convert_to_tensor(g)], [variable])
+
+    step(0, big)
+    for _ in range(40):
+        step()
+    step(1, tiny)
+    m_codes, v_codes, _ = optimizer.slots(variable)
+    assert _np(v_codes)[1] == 0 and _np(m_codes)[1] != 0, "the adversarial case did not arise"
+
+    before = _np(variable).copy()
+    step()
+    # The float32 rule's largest step at t = 43: |m_hat| / sqrt(v_hat) is at
+    # most sqrt(K) sqrt(c2) / c1 (keras_adam._rule.moment_bound, closed form).
+    t = 43
+    c1, c2 = 1 - 0.9 ** t, 1 - 0.999 ** t
+    bound = (1 - 0.9) ** 2 / ((1 - 0.999) * (1 - 0.9 ** 2 / 0.999))
+    largest = lr * math.sqrt(bound) * math.sqrt(c2) / c1
+    moved = np.abs(_np(variable) - before)
+    assert moved[1] > 0  # the guard bounds the step; it does not freeze the element
+    # 1e-5: float32 rounding of the step and of K.
+    assert np.all(moved <= largest * (1 + 1e-5))
+
+
+# --- Accuracy against float32 (bitsandbytes' test design) --------------------
+
+def test_fifty_steps_track_float32():
+    rng = np.random.default_rng(3)
+    shape = (64, 1024)
+    theta = (rng.normal(size=shape) * 0.1).astype("float32")
+    full_var, q_var = keras.Variable(theta), keras.Variable(theta)
+    full, quantized = keras_adam.Adam(), keras_adam.Adam(moment_dtype="8bit")
+    full.build([full_var])
+    quantized.build([q_var])
+    errors = []
+    for _ in range(50):
+        g = keras.ops.convert_to_tensor((rng.normal(size=shape) * 0.01).astype("float32"))
+        full.apply([g], [full_var])
+        quantized.apply([g], [q_var])
+        errors.append(np.mean(np.abs(_np(q_var) - _np(full_var))))
+        q_var.assign(full_var)  # re-synced: each step's error is that step's alone
+    m, v = (quantized._moments.read(q_var)[i] for i in (0, 1))
+    m_full, v_full = (_np(s) for s in full.slots(full_var)[:2])
+    for got, want in ((_np(m), m_full), (_np(v), v_full)):
+        wrong = ~np.isclose(got, want, atol=3e-3, rtol=1e-3)
+        assert wrong.sum() <= 20
+    # Issue #15's target; measured ~3e-6 (steps are ~lr = 1e-3).
+    assert np.mean(errors) < 6e-5
+    # Stricter than the issue, a closed-form worst case: the 8-bit m minus the
+    # float32 m obeys e_t = beta_1 e_(t-1) + (this step's rounding), and a
+    # rounding is at most half the table's widest gap, (1 - (126/127)^3) / 2
+    # = 0.0118 of the block's scale; so |e| <= 0.0118 / (1 - beta_1) = 0.118
+    # of the scale (the scale drifts a little between steps: 0.12).
+    scale = np.repeat(np.max(np.abs(m_full.reshape(64, 4, 256)), -1), 256, 1)
+    assert np.max(np.abs(_np(m) - m_full) / scale) < 0.12
