@@ -189,3 +189,60 @@ def test_fifty_steps_track_float32():
     # of the scale (the scale drifts a little between steps: 0.12).
     scale = np.repeat(np.max(np.abs(m_full.reshape(64, 4, 256)), -1), 256, 1)
     assert np.max(np.abs(_np(m) - m_full) / scale) < 0.12
+
+
+# --- Every context and option, against the float64 8-bit emulation -----------
+
+# The kernel has 7,200 elements (quantized; rows of 600 = blocks of 256, 256
+# and 88); the bias keeps float32 moments (fewer than min_8bit_size).
+SHAPES = [(12, 600), (11,)]
+STEPS = 12
+OPTION_ROWS = [
+    ("defaults", {}),
+    ("amsgrad", dict(amsgrad=True)),
+    ("nesterov-paper", dict(nesterov=True, epsilon_placement="paper", epsilon=1e-8)),
+    ("decay-uncorrected", dict(weight_decay=0.1, bias_correction=False, learning_rate=1e-2)),
+]
+CONTEXTS = {"tensorflow": ["eager", "function", "xla"], "jax": ["eager", "jit"],
+            "torch": ["eager"]}
+
+
+def _run_in(context, optimizer, x0, sequence):
+    from grid import run_optimizer
+
+    if context != "xla":
+        return run_optimizer(optimizer, x0, sequence, compiled=context != "eager")
+    import tensorflow as tf
+
+    variables = [keras.Variable(x) for x in x0]
+    optimizer.build(variables)
+    step = tf.function(lambda grads: optimizer.apply(grads, variables), jit_compile=True)
+    for grads in sequence:
+        step([tf.constant(g) for g in grads])
+    return variables
+
+
+@pytest.mark.parametrize("context", CONTEXTS[BACKEND])
+@pytest.mark.parametrize("kwargs", [r[1] for r in OPTION_ROWS], ids=[r[0] for r in OPTION_ROWS])
+def test_matches_the_8bit_reference(kwargs, context):
+    from grid import float32_drift_bound, gradient_sequence, initial_values, reference_options
+
+    sequence, x0 = gradient_sequence(STEPS, SHAPES), initial_values(SHAPES)
+    optimizer = keras_adam.Adam(moment_dtype="8bit", **kwargs)
+    got = [_np(v).astype(np.float64) for v in _run_in(context, optimizer, x0, sequence)]
+    options = reference_options(kwargs)
+    want_kernel, _ = reference.run_8bit(x0[0], [s[0] for s in sequence], **options)
+    want_bias, _ = reference.run(x0[1], [s[1] for s in sequence], **options)
+    lr = options.get("learning_rate", 1e-3)
+    # The float32 path and the float64 emulation round the same way except
+    # where a value sits within float32 rounding of a midpoint between two
+    # codes; then one code differs by one table gap (at most 2.4% of the
+    # block's scale, for a few steps). Each step moves theta by at most a few
+    # lr (4 lr bounds it without bias correction), so: nearly every element
+    # within float32 drift (tests/grid.py), every element within 5% of the
+    # steps' total.
+    drift = float32_drift_bound(STEPS, 4 * lr, max(np.abs(x).max() for x in x0))
+    diff = np.abs(got[0] - want_kernel)
+    assert np.mean(diff <= drift) > 0.99
+    assert np.max(diff) <= 0.05 * STEPS * lr
+    np.testing.assert_allclose(got[1], want_bias, rtol=0, atol=drift)
