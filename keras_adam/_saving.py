@@ -6,7 +6,8 @@ again from t = 0 with zero moments. keras_adam refuses instead:
 
 - Saving writes the positions exactly as Keras does, plus one more entry,
   "slot_roles": each variable's role (`iteration`, `learning_rate`, `m[i]`,
-  `v[i]`, `v_max[i]`, `average[i]`, `accumulator[i]`, for model variable i,
+  `v[i]`, `v_max[i]`, `m_scale[i]`, `v_scale[i]`, `v_max_scale[i]` (8-bit
+  moments), `average[i]`, `accumulator[i]`, for model variable i,
   and `skipped_steps`)
   and the path of the model variable it belongs to, as UTF-8 text in a uint8
   array (every Keras store holds numeric arrays).
@@ -24,6 +25,7 @@ names that Keras assigns per process (`sequential_3`), so two runs of the
 same program can legitimately differ in paths; they cannot differ in roles.
 """
 
+import keras
 import numpy as np
 
 ROLES_KEY = "slot_roles"
@@ -98,8 +100,9 @@ def _assign(optimizer, saved_roles, values):
                 f"Missing from the file: {missing or 'none'}. "
                 f"In the file but not in this optimizer: {extra or 'none'}"
                 + ("" if missing or extra else "; the same slots in another order")
-                + ". Check amsgrad, use_ema, gradient_accumulation_steps and the "
-                "model's trainable variables against those the file was saved with."
+                + "." + _format_hint(saved_roles, ours, optimizer)
+                + " Check amsgrad, use_ema, gradient_accumulation_steps, moment_dtype and "
+                "the model's trainable variables against those the file was saved with."
             )
     elif len(values) != len(ours):
         raise ValueError(
@@ -116,9 +119,45 @@ def _assign(optimizer, saved_roles, values):
                 f"The saved {_describe(role, path)} of optimizer {name!r} has shape "
                 f"{tuple(np.shape(value))}, and this optimizer's has "
                 f"{tuple(variable.shape)}; nothing was loaded."
+                + (" The scales' shape follows moment_block_size: load with the one the "
+                   "file was saved with." if role.split("[")[0].endswith("_scale") else "")
+            )
+        saved_kind, our_kind = np.asarray(value).dtype.kind, _kind(variable)
+        if (saved_kind in "iu") != (our_kind in "iu"):
+            # Files without roles: 8-bit codes and float moments must not be
+            # mistaken for each other, whatever the count.
+            raise ValueError(
+                f"The saved {_describe(role, path)} of optimizer {name!r} is "
+                f"{np.asarray(value).dtype}, and this optimizer's is "
+                f"{variable.dtype}: 8-bit codes and float moments do not convert; "
+                "nothing was loaded. Load with the moment_dtype the file was saved with."
             )
     for variable, value in zip(optimizer.variables, values):
         variable.assign(value)
+
+
+def _kind(variable):
+    return np.dtype(keras.backend.standardize_dtype(variable.dtype)).kind
+
+
+def _format_hint(saved_roles, ours, optimizer):
+    """A sentence naming moment_dtype when one side holds 8-bit scales and the other not."""
+    def scaled(roles):
+        return {r.split("[")[1] for r, _ in roles if r.split("[")[0].endswith("_scale")}
+
+    saved, here = scaled(saved_roles), scaled(ours)
+    if saved == here:
+        return ""
+    if saved and not here:
+        return (f" The file holds 8-bit moments (moment_dtype='8bit'), and this optimizer "
+                f"has moment_dtype={optimizer.moment_dtype!r}: load it with "
+                "moment_dtype='8bit' (8-bit codes are not converted).")
+    if here and not saved:
+        return (" This optimizer has moment_dtype='8bit', and the file holds float "
+                "moments: load it with the moment_dtype it was saved with (float "
+                "moments are not converted to 8-bit codes).")
+    return (" Both hold 8-bit moments for different variables: check min_8bit_size "
+            "against the one the file was saved with.")
 
 
 def _describe(role, path):

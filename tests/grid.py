@@ -73,6 +73,10 @@ HYPERPARAMETER_ROWS = [
     # Moments stored apart from the variable (float32 here: the same numbers;
     # bfloat16 moments have their own tolerance in test_precision.py).
     ("moment-float32-amsgrad", dict(moment_dtype="float32", amsgrad=True)),
+    # 8-bit moments: these variables are smaller than min_8bit_size, so their
+    # moments stay float32 and exact (test_eight_bit.py tests quantized ones).
+    ("8bit-small-variables", dict(moment_dtype="8bit", moment_block_size=256,
+                                  min_8bit_size=4096)),
     # With finite gradients the switch changes nothing (test_nonfinite.py
     # covers the steps it skips).
     ("skip-nonfinite", dict(skip_nonfinite=True)),

@@ -37,6 +37,10 @@ STATES = [
     ("schedule", lambda: keras_adam.Adam(learning_rate=_schedule())),
     ("adamw-nesterov", lambda: keras_adam.AdamW(nesterov=True, epsilon_placement="paper")),
     ("portable", lambda: keras_adam.Adam(fused=False, amsgrad=True)),
+    # The hidden kernel (4 x 8) is quantized, in blocks of 4; the rest keeps
+    # float32 moments: codes, scales and float slots side by side.
+    ("8bit", lambda: keras_adam.Adam(moment_dtype="8bit", amsgrad=True, moment_block_size=4,
+                                     min_8bit_size=16)),
 ]
 IDS = [s[0] for s in STATES]
 FACTORIES = [s[1] for s in STATES]
@@ -82,11 +86,12 @@ def test_keras_file_resume_is_identical(tmp_path, factory):
     _assert_identical(_state(loaded), _uninterrupted(factory))
 
 
-def test_checkpoint_manager_with_deferred_restoration(tmp_path):
+@pytest.mark.parametrize("kind", ["amsgrad", "8bit"])
+def test_checkpoint_manager_with_deferred_restoration(tmp_path, kind):
     tf = pytest.importorskip("tensorflow")
     if keras.backend.backend() != "tensorflow":
         pytest.skip("tf.train.Checkpoint needs the TensorFlow backend")
-    factory = FACTORIES[IDS.index("amsgrad")]
+    factory = FACTORIES[IDS.index(kind)]
     model = _model(factory())
     _train(model, 0, N)
     manager = tf.train.CheckpointManager(
@@ -105,7 +110,8 @@ def test_checkpoint_manager_with_deferred_restoration(tmp_path):
     _assert_identical(_state(fresh), _uninterrupted(factory))
 
 
-def test_saved_model_training_step_continues_the_run(tmp_path):
+@pytest.mark.parametrize("kind", ["amsgrad", "8bit"])
+def test_saved_model_training_step_continues_the_run(tmp_path, kind):
     tf = pytest.importorskip("tensorflow")
     if keras.backend.backend() != "tensorflow":
         pytest.skip("SavedModel needs the TensorFlow backend")
@@ -128,7 +134,7 @@ def test_saved_model_training_step_continues_the_run(tmp_path):
             return [v.value for v in self.model.trainable_variables] + [
                 v.value for v in self.optimizer.variables]
 
-    model = _model(keras_adam.Adam(amsgrad=True))
+    model = _model(FACTORIES[IDS.index(kind)]())
     original = Trainer(model, model.optimizer)
     model.optimizer.build(model.trainable_variables)
     for step in range(N):

@@ -33,7 +33,7 @@ class Negated(_state.Moments):
 
 def _negated_format(patch):
     patch.setattr(_state, "for_options",
-                  lambda optimizer, amsgrad, moment_dtype, shard_state: Negated(optimizer, amsgrad))
+                  lambda optimizer, amsgrad, *_, **__: Negated(optimizer, amsgrad))
 
 
 def _stored(optimizer, variables):
