@@ -248,7 +248,7 @@ class Blockwise8bit(Moments):
 
     def read(self, variable, rows=None):
         m, v, v_max = super().read(variable, rows)
-        if not self.quantizes(variable):
+        if m is None or not self.quantizes(variable):
             return m, v, v_max
         owner = self._owner
         bound = _rule.moment_bound(owner.beta_1, owner.beta_2, owner.iterations)

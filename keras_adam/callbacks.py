@@ -129,7 +129,8 @@ class AdamMonitor(keras.callbacks.Callback):
 
         per_layer = {}
         for variable in adam._trainable_variables:
-            m, v, v_max = adam.slots(variable)
+            # Values, not slots: 8-bit codes are decoded.
+            m, v, v_max = adam.moments(variable)
             if m is None:  # variables Keras overwrites directly have no slots
                 continue
             m = np.abs(keras.ops.convert_to_numpy(m).astype("float64")).ravel()

@@ -414,6 +414,20 @@ class Adam(Optimizer):
         self._require_built("slots()")
         return self._moments.slots(variable)
 
+    def moments(self, variable):
+        """The values of m, v (and v_max) of a model variable, in the update's compute dtype.
+
+        Whatever the storage: 8-bit codes are decoded (as the next step reads
+        them, guard included; see `keras_adam._state.Blockwise8bit`), bfloat16
+        moments widened. v_max is None without amsgrad; all three are None for
+        a variable Keras overwrites with its gradient.
+
+        Raises:
+            ValueError: if the optimizer is not built yet.
+        """
+        self._require_built("moments()")
+        return self._moments.read(variable)
+
     def _require_built(self, what):
         if self._moments is None:
             raise ValueError(

@@ -395,3 +395,56 @@ def test_lazy_rows_keep_codes_and_scales_and_touched_rows_follow_the_emulation(m
     diff = np.abs(_np(variable) - state["theta"])
     assert np.mean(diff <= 1e-6) > 0.99
     assert np.max(diff) <= 0.05 * 6 * lr
+
+
+# --- model.fit with Keras's options, compiled and not ------------------------
+
+FIT_ROWS = [
+    ("defaults", {}, "float32"),
+    ("ema", dict(use_ema=True, ema_momentum=0.9), "float32"),
+    ("accumulation", dict(gradient_accumulation_steps=2), "float32"),
+    ("adamw-clipnorm", dict(weight_decay=0.05, clipnorm=1.0), "float32"),
+    ("mixed_float16", {}, "mixed_float16"),
+    ("mixed_bfloat16", {}, "mixed_bfloat16"),
+]
+
+
+def _fit_loss(moment_dtype, kwargs, policy, jit, seed=0):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(seed)
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(512, 64)).astype("float32")
+        y = np.tanh(x @ rng.normal(size=(64, 1)) / 8).astype("float32")
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(128, activation="relu"),
+                                  keras.layers.Dense(1, dtype="float32")])
+        model.compile(optimizer=keras_adam.Adam(learning_rate=3e-3, moment_dtype=moment_dtype,
+                                                **kwargs),
+                      loss="mse", jit_compile=jit)
+        history = model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
+        return history.history["loss"][-1], model
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _assert_tracks(kwargs, policy, jit):
+    full, _ = _fit_loss(None, kwargs, policy, jit)
+    quantized, model = _fit_loss("8bit", kwargs, policy, jit)
+    kernel = model.layers[0].kernel
+    adam = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # mixed_float16: LSO
+    assert keras.backend.standardize_dtype(adam.slots(kernel)[0].dtype) == "int8"
+    # 48 steps, each update within ~1% of float32's (test_fifty_steps_track_float32
+    # measures 0.3%): the loss, which falls ~5x here, ends within 5% of float32's.
+    assert abs(quantized - full) <= 0.05 * full
+
+
+@pytest.mark.parametrize("kwargs,policy", [r[1:] for r in FIT_ROWS], ids=[r[0] for r in FIT_ROWS])
+def test_fit_tracks_float32_moments(kwargs, policy):
+    # jit_compile="auto", as users run it: a tf.function on TensorFlow's CPU,
+    # XLA on JAX, eager on torch.
+    _assert_tracks(kwargs, policy, "auto")
+
+
+def test_fit_with_jit_compile_tracks_float32_moments():
+    # XLA on TensorFlow and JAX, torch.compile on torch.
+    _assert_tracks({}, "float32", True)
