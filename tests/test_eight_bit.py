@@ -448,3 +448,31 @@ def test_fit_tracks_float32_moments(kwargs, policy):
 def test_fit_with_jit_compile_tracks_float32_moments():
     # XLA on TensorFlow and JAX, torch.compile on torch.
     _assert_tracks({}, "float32", True)
+
+
+# --- Full training: the final loss within 2% of float32's (issue #15) ---------
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_full_training_ends_within_two_percent_of_float32(model_name):
+    # examples/memory.py's runs: the main example's MLP (its 64 x 64 kernel in
+    # 8 bits) and a small CNN (its 3x3x16x32 kernel in 8 bits), 640 and 256
+    # steps, 3 seeds. Measured 8-bit / float32 mean final loss: MLP 0.987
+    # (TensorFlow), 0.973 (torch); CNN 0.999. bfloat16 moments give 1.147 on
+    # the MLP. The MLP's final loss varies by +-30% across seeds, so the two
+    # runs' difference is mostly where each trajectory happens to end: the
+    # check is one-sided at 2% (no worse than float32), and a lower loss is
+    # bounded only loosely (10%: beyond that, suspect the run, not luck).
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "memory.py"
+    spec = importlib.util.spec_from_file_location("memory", path)
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    losses = {}
+    for moment_dtype in (None, "8bit"):
+        runs = [memory.train(model_name, seed, moment_dtype) for seed in range(3)]
+        losses[moment_dtype] = np.mean([r[0] for r in runs])
+        if moment_dtype == "8bit":
+            assert runs[0][2] is not None  # some tensor really is stored in 8 bits
+    assert 0.9 * losses[None] <= losses["8bit"] <= 1.02 * losses[None]
