@@ -36,6 +36,8 @@ OPTIONS = {
     "weight-decay": dict(weight_decay=0.05),
     "bfloat16": dict(moment_dtype="bfloat16"),
     "all": dict(amsgrad=True, weight_decay=0.05, moment_dtype="bfloat16", nesterov=True),
+    # Every kernel and the embedding table in 8 bits (each has >= 4096 elements).
+    "8bit": dict(moment_dtype="8bit", amsgrad=True),
 }
 
 
@@ -110,13 +112,15 @@ def equal(out):
     layout_map[".*dense.*kernel"] = (None, "model")
     keras.distribution.set_distribution(
         keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
-    for shard in (False, True):
-        key = f"mlp/model-parallel/8/{'sharded' if shard else 'whole'}"
-        model = compiled("mlp", dict(amsgrad=True), shard)
-        fit(model, X_DENSE, 0, STEPS)
-        for i, w in enumerate(model.get_weights()):
-            weights[f"{key}/{i}"] = w
-        layouts[key] = slot_report(model.optimizer, model)
+    for name, options in [("model-parallel", dict(amsgrad=True)),
+                          ("model-parallel-8bit", dict(amsgrad=True, moment_dtype="8bit"))]:
+        for shard in (False, True):
+            key = f"mlp/{name}/8/{'sharded' if shard else 'whole'}"
+            model = compiled("mlp", options, shard)
+            fit(model, X_DENSE, 0, STEPS)
+            for i, w in enumerate(model.get_weights()):
+                weights[f"{key}/{i}"] = w
+            layouts[key] = slot_report(model.optimizer, model)
     # A custom loop: eager optimizer.apply on sharded slots.
     data_parallel(8)
     for shard in (False, True):

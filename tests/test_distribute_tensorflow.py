@@ -23,7 +23,10 @@ pytest.importorskip("tensorflow")
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 TIMEOUT = 240  # seconds per subprocess; a hung collective must not hang CI
 
-OPTIONS = [("fused", {}), ("amsgrad", dict(amsgrad=True)), ("portable", dict(fused=False))]
+OPTIONS = [("fused", {}), ("amsgrad", dict(amsgrad=True)), ("portable", dict(fused=False)),
+           # The 6 x 16 kernel in 8 bits (blocks of 8), the rest float32.
+           ("8bit", dict(moment_dtype="8bit", amsgrad=True, moment_block_size=8,
+                         min_8bit_size=16))]
 
 
 def _env(**extra):

@@ -88,7 +88,7 @@ def _weights(arrays, key):
 def test_sharded_training_equals_unsharded(equal_runs):
     arrays, layouts = equal_runs
     runs = sorted(key.rsplit("/", 1)[0] for key in layouts if key.endswith("/sharded"))
-    assert len(runs) == 2 * 5 * 2 + 2  # models x options x device counts, + two on 8
+    assert len(runs) == 2 * 6 * 2 + 3  # models x options x device counts, + three on 8
     for run in runs:
         whole, sharded = _weights(arrays, f"{run}/whole"), _weights(arrays, f"{run}/sharded")
         error = _max_difference(whole, sharded)
@@ -112,7 +112,10 @@ def test_sharded_training_equals_unsharded(equal_runs):
         assert error <= tolerance, (run, error, tolerance)
 
 
-# The option sets of sharding_run.OPTIONS that store bfloat16 moments.
+# The option sets of sharding_run.OPTIONS that store bfloat16 moments. 8-bit
+# moments ("8bit", "model-parallel-8bit") are held to 1e-6: a last-bit
+# difference would have to land within rounding of a midpoint between two
+# codes to matter (measured: 0 on the MLP, 7e-9 on the embedding model).
 BFLOAT16_OPTIONS = {"bfloat16", "all"}
 
 
