@@ -169,7 +169,7 @@ class Blockwise8bit(Moments):
     """m, v (and v_max) as blockwise 8-bit codes with a float32 scale per block (`"8bit"`).
 
     Each block of `block_size` elements of a row (`keras_adam._quantize`)
-    stores 8-bit codes and its absmax s_b: m with the signed cubic table,
+    stores 8-bit codes and its absmax s_b: m with the signed quartic table,
     v and v_max with the unsigned one. A step decodes them to float32,
     applies the float32 rule, and encodes the results:
 

@@ -132,37 +132,47 @@ def run(theta, gradients, learning_rates=None, **options):
 
 
 # --- Blockwise 8-bit moments (moment_dtype="8bit") ---------------------------
-# The same scheme as keras_adam's, written independently: float64 tables from
-# their formulas, and the nearest code found by exhaustive search.
+# The same scheme as keras_adam's, written apart from it, in float64: codes
+# are rounded in the law's scale, j = round(127 (|x| / s)^(1/4)) for m and
+# k = round(255 (v / s)^(1/8)) for v, and decode to sign(j) (|j| / 127)^4 s
+# and (k / 255)^8 s.
 
-M_VALUES = (np.arange(-127, 128) / 127.0) ** 3          # m: signed codes -127..127
-V_VALUES = ((np.arange(256) / 255.0) ** 3) ** 2         # v: unsigned codes 0..255
+M_VALUES = np.sign(np.arange(-127, 128)) * (np.abs(np.arange(-127, 128)) / 127.0) ** 4
+V_VALUES = (np.arange(256) / 255.0) ** 8
 
 
-def quantize(x, values, block_size=256):
-    """(codes as indices into `values`, scales): absmax per block of each row, nearest value.
+def _rows(x):
+    return np.reshape(x, (x.shape[0] if x.ndim >= 2 else 1, -1))
+
+
+def quantize(x, signed, block_size=256):
+    """(codes, scales): absmax per block of each row, codes j in -127..127 (m) or k in 0..255 (v).
 
     Rows are x's first dimension (a 1-D x is one row); blocks of `block_size`
     run along each row, the last one shorter if needed.
     """
-    rows = np.reshape(x, (x.shape[0] if x.ndim >= 2 else 1, -1)).astype(np.float64)
+    rows = _rows(np.asarray(x, dtype=np.float64))
     codes = np.zeros(rows.shape, dtype=np.int64)
     scales = np.zeros((rows.shape[0], -(-rows.shape[1] // block_size)))
     for b in range(scales.shape[1]):
         block = rows[:, b * block_size:(b + 1) * block_size]
         scale = np.max(np.abs(block), axis=1, keepdims=True)
-        a = block / np.where(scale > 0, scale, 1.0)
-        codes[:, b * block_size:(b + 1) * block_size] = np.argmin(
-            np.abs(a[..., None] - values), axis=-1)
+        a = np.abs(block) / np.where(scale > 0, scale, 1.0)
+        if signed:
+            code = np.sign(block) * np.round(127 * a ** 0.25)
+        else:
+            code = np.round(255 * a ** 0.125)
+        codes[:, b * block_size:(b + 1) * block_size] = code
         scales[:, b] = scale[:, 0]
-    return codes.reshape(x.shape), scales
+    return codes.reshape(np.shape(x)), scales
 
 
-def dequantize(codes, scales, values, block_size=256):
+def dequantize(codes, scales, signed, block_size=256):
     """The values of `codes` times their blocks' scales (the inverse of `quantize`)."""
-    rows = np.reshape(codes, (codes.shape[0] if codes.ndim >= 2 else 1, -1))
+    rows = _rows(codes)
     per_element = np.repeat(scales, block_size, axis=1)[:, :rows.shape[1]]
-    return (values[rows] * per_element).reshape(codes.shape)
+    values = M_VALUES[rows + 127] if signed else V_VALUES[rows]
+    return (values * per_element).reshape(np.shape(codes))
 
 
 def run_8bit(theta, gradients, block_size=256, **options):
@@ -181,10 +191,9 @@ def run_8bit(theta, gradients, block_size=256, **options):
     state = init_state(theta)
     for g in gradients:
         theta, state = step(theta, g, state, **options)
-        stored = {}
-        for name, values in (("m", M_VALUES), ("v", V_VALUES), ("v_max", V_VALUES)):
-            stored[name] = dequantize(*quantize(getattr(state, name), values, block_size),
-                                      values, block_size)
+        stored = {name: dequantize(*quantize(getattr(state, name), name == "m", block_size),
+                                   name == "m", block_size)
+                  for name in ("m", "v", "v_max")}
         floor = stored["m"] ** 2 / bound
         state = State(t=state.t, m=stored["m"], v=np.maximum(stored["v"], floor),
                       v_max=np.maximum(stored["v_max"], floor))

@@ -1,7 +1,7 @@
 """Times one optimizer step of keras_adam.Adam beside keras.optimizers.Adam.
 
 Run:  python -m keras_adam.benchmark
-          [--cases large,many-small,mlp,embedding,monitor,fit,sharding]
+          [--cases large,many-small,mlp,embedding,monitor,fit,moments,sharding]
           [--repeats 15] [--xla both|off|on] [--backend tensorflow|jax|torch]
           [--intra-op-threads N] [--devices 8] [--json [PATH]]
 
@@ -27,12 +27,15 @@ The "embedding" case (1,000,000 x 64 table, a tf.IndexedSlices gradient of
 1,000 rows) compares keras_adam's exact and lazy sparse modes. Three cases
 are not a lone step: "monitor" is the epoch-time cost of AdamMonitor; "fit"
 times whole model.fit steps of four models with keras_adam and the built-in,
-and the optimizer's share of a step; "sharding" (JAX) compares
-shard_state=True with whole state on `--devices` devices.
+and the optimizer's share of a step; "moments" compares moment_dtype
+float32, bfloat16 and 8bit (state bytes per parameter, step time);
+"sharding" (JAX) compares shard_state=True with whole state on `--devices`
+devices.
 
 Modules: `timing` (the harness), `cases` (what is timed, its roofline),
 `harnesses` (each backend's step and bandwidth), `monitor` (AdamMonitor's
-cost), `fit` (model.fit steps), `sharding` (shard_state on N devices),
+cost), `fit` (model.fit steps), `moments` (moment_dtype's bytes and time),
+`sharding` (shard_state on N devices),
 `report` (running and the table), `cli` (arguments and the launcher).
 """
 

@@ -64,7 +64,10 @@ MONITOR = "monitor"
 SHARDING = "sharding"
 # Whole model.fit steps of four models (keras_adam/benchmark/fit.py).
 FIT = "fit"
-NAMES = [*CASES, MONITOR, FIT, SHARDING]
+# moment_dtype float32 / bfloat16 / 8bit: state bytes and step time
+# (keras_adam/benchmark/moments.py).
+MOMENTS = "moments"
+NAMES = [*CASES, MONITOR, FIT, MOMENTS, SHARDING]
 
 
 def derive(ours_ms, builtin_ms, touched, bandwidth_gb_per_s):

@@ -15,6 +15,7 @@ import sys
 from keras_adam.benchmark import cases as case_table
 from keras_adam.benchmark import fit
 from keras_adam.benchmark import harnesses
+from keras_adam.benchmark import moments
 from keras_adam.benchmark import monitor
 from keras_adam.benchmark import sharding
 from keras_adam.benchmark import timing
@@ -43,7 +44,13 @@ def run(args):
     progress(f"  {bandwidth:.1f} GB/s")
     wanted = {"both": (False, True), "off": (False,), "on": (True,)}[args.xla]
     results, monitor_result, sharding_result, fit_rows = [], None, None, None
+    moment_rows = None
     for name in args.cases:
+        if name == case_table.MOMENTS:
+            modes = [x for x in harness.xla_modes if x in wanted]
+            moment_rows = moments.moment_formats(keras, keras_adam, harness, modes, args.repeats,
+                                                 args.min_seconds, progress)
+            continue
         if name == case_table.FIT:
             fit_rows = fit.fit_steps(keras, keras_adam, args.repeats, sparse=harness.sparse,
                                      progress=progress)
@@ -74,7 +81,7 @@ def run(args):
         "keras": keras.__version__,
         "framework": _framework_version(args.backend),
         "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor_result,
-        "sharding": sharding_result, "fit": fit_rows,
+        "sharding": sharding_result, "fit": fit_rows, "moments": moment_rows,
     }
 
 
@@ -151,6 +158,8 @@ def format_table(report):
                   f"overhead {100 * result['overhead']:+.1f}%"]
     if report.get("fit"):
         lines += ["", fit.format_rows(report["fit"])]
+    if report.get("moments"):
+        lines += ["", moments.format_rows(report["moments"])]
     result = report.get("sharding")
     if result:
         lines += ["", _sharding_table(result)]

@@ -1,0 +1,66 @@
+"""Optimizer state in float32, bfloat16 and 8 bits: bytes per parameter and step time (`--cases moments`).
+
+On the large case's shapes (four 2000 x 2000 variables), one keras_adam step
+per stored format, timed interleaved with float32 moments in the same run,
+the way the backend's trainer runs it (`harnesses`), with and without XLA
+where the backend has both. The state bytes are measured from the
+optimizer's variables (every one but the step counter and the learning
+rate): 8 per parameter for float32 m and v, 4 for bfloat16, and for 8 bits
+one byte per code plus one float32 scale per block of 256: 2 + 8/256.
+"""
+
+import math
+import statistics
+
+from keras_adam.benchmark import cases as case_table
+from keras_adam.benchmark import timing
+
+FORMATS = {"float32": None, "bfloat16": "bfloat16", "8bit": "8bit"}
+
+
+def state_bytes(keras, optimizer):
+    """Bytes of every optimizer variable but the step counter and the learning rate."""
+    import numpy as np
+
+    def nbytes(v):
+        return math.prod(v.shape) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+
+    skip = {id(optimizer.iterations), id(optimizer._learning_rate)}
+    return sum(nbytes(v) for v in optimizer.variables if id(v) not in skip)
+
+
+def moment_formats(keras, keras_adam, harness, xla_modes, repeats, min_seconds, progress):
+    """One row per (XLA mode, format): bytes per parameter and ms per step vs float32."""
+    case = case_table.CASES["large"]
+    grads = harness.gradients(case)
+    rows = []
+    for xla in xla_modes:
+        progress(f"   moments xla={'on' if xla else 'off'}: float32, bfloat16, 8bit ...")
+        optimizers = {name: keras_adam.Adam(moment_dtype=dtype) for name, dtype in FORMATS.items()}
+        steps = {name: harness.step(keras, optimizer, case.shapes, grads, xla)
+                 for name, optimizer in optimizers.items()}
+        timings = timing.time_interleaved(steps, repeats, min_seconds)
+        base = statistics.median(timings["float32"])
+        for name, optimizer in optimizers.items():
+            rows.append({
+                "format": name, "xla": xla, "parameters": case.parameters,
+                "bytes_per_parameter": state_bytes(keras, optimizer) / case.parameters,
+                "step_ms": timing.summary(timings[name]),
+                "vs_float32": statistics.median(timings[name]) / base,
+            })
+    return rows
+
+
+def format_rows(rows):
+    lines = [
+        "moment_dtype on the large case (4 x 2000 x 2000), keras_adam steps timed together:",
+        "",
+        "| moments | XLA | state bytes / parameter | step ms (min-max) | vs float32 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = r["step_ms"]
+        lines.append(
+            f"| {r['format']} | {'on' if r['xla'] else 'off'} | {r['bytes_per_parameter']:.3f} "
+            f"| {ms['median']:.2f} ({ms['min']:.2f}-{ms['max']:.2f}) | {r['vs_float32']:.2f} |")
+    return "\n".join(lines)
