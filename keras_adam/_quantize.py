@@ -3,8 +3,9 @@
 A tensor is cut into blocks along its rows: a variable of shape
 (R, d_1, ..., d_k) is viewed as R rows of C = d_1 * ... * d_k elements (a
 1-D or 0-D variable is one row), and each row into ceil(C / B) blocks of at
-most B elements (`block_size`, 256 by default; the last block of a row is
-zero-padded while it is encoded). A block never spans two rows, so updating
+most B elements (`block_size`, 256 by default): equal blocks of a divisor
+of C between B/2 and B when there is one (a row of 2000 is 8 blocks of
+250), else blocks of B with the last one zero-padded while it is encoded. A block never spans two rows, so updating
 some rows of an embedding table (lazy sparse updates) leaves every other
 row's codes and scales bit for bit.
 
@@ -79,7 +80,8 @@ class Blocking:
     Attributes:
         rows: R, the first dimension (1 for 0-D and 1-D tensors).
         cols: C, the elements per row.
-        block: elements per block (B, or C when a row is shorter).
+        block: elements per block: C when a row is shorter than B, a divisor
+            of C in (B/2, B] if there is one, else B.
         blocks: blocks per row, ceil(C / block).
         scale_shape: the shape of the tensor of scales: (R, blocks), or
             (blocks,) for 0-D and 1-D tensors.
@@ -98,6 +100,9 @@ def blocking(shape, block_size=BLOCK_SIZE):
     rows = shape[0] if len(shape) >= 2 else 1
     cols = math.prod(shape) // rows if rows else math.prod(shape[1:])
     block = max(1, min(block_size, cols))
+    # A block size that divides the row, if one is within a factor 2 of
+    # block_size (2000 = 8 x 250): no padding to copy at every step.
+    block = next((d for d in range(block, block // 2, -1) if cols % d == 0), block)
     blocks = -(-cols // block)
     scale_shape = (rows, blocks) if len(shape) >= 2 else (blocks,)
     return Blocking(rows, cols, block, blocks, scale_shape)
@@ -133,7 +138,9 @@ def encode(x, signed, b):
     blocks = _to_blocks(x, b)
     magnitude = ops.abs(blocks)
     scales = ops.max(magnitude, axis=-1)
-    a = magnitude / ops.expand_dims(ops.where(scales > 0, scales, 1.0), -1)
+    # One division per block, then a multiplication per element (a may then
+    # exceed 1 by an ulp; the code still rounds to the top one).
+    a = magnitude * ops.expand_dims(1.0 / ops.where(scales > 0, scales, 1.0), -1)
     root = ops.sqrt(ops.sqrt(a))             # a^(1/4)
     if signed:
         j = ops.round(root * _J)

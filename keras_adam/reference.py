@@ -145,13 +145,24 @@ def _rows(x):
     return np.reshape(x, (x.shape[0] if x.ndim >= 2 else 1, -1))
 
 
+def block_length(cols, block_size):
+    """The blocks' length in a row of `cols`: all of it if shorter than `block_size`;
+    else the largest divisor of `cols` that is at most `block_size` and more
+    than half of it; else `block_size` (the last block shorter)."""
+    if cols <= block_size:
+        return max(cols, 1)
+    divisors = [d for d in range(block_size // 2 + 1, block_size + 1) if cols % d == 0]
+    return max(divisors) if divisors else block_size
+
+
 def quantize(x, signed, block_size=256):
     """(codes, scales): absmax per block of each row, codes j in -127..127 (m) or k in 0..255 (v).
 
-    Rows are x's first dimension (a 1-D x is one row); blocks of `block_size`
-    run along each row, the last one shorter if needed.
+    Rows are x's first dimension (a 1-D x is one row); blocks of
+    `block_length` run along each row.
     """
     rows = _rows(np.asarray(x, dtype=np.float64))
+    block_size = block_length(rows.shape[1], block_size)
     codes = np.zeros(rows.shape, dtype=np.int64)
     scales = np.zeros((rows.shape[0], -(-rows.shape[1] // block_size)))
     for b in range(scales.shape[1]):
@@ -170,6 +181,7 @@ def quantize(x, signed, block_size=256):
 def dequantize(codes, scales, signed, block_size=256):
     """The values of `codes` times their blocks' scales (the inverse of `quantize`)."""
     rows = _rows(codes)
+    block_size = block_length(rows.shape[1], block_size)
     per_element = np.repeat(scales, block_size, axis=1)[:, :rows.shape[1]]
     values = M_VALUES[rows + 127] if signed else V_VALUES[rows]
     return (values * per_element).reshape(np.shape(codes))
