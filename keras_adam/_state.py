@@ -10,17 +10,19 @@ module's business. Every path goes through one `Moments` object:
     moments.in_place_reason(variable)             -> why a fused kernel may not
                                                      update the slots in place, or None
 
-`rows` selects rows of a row-sparse update (the lazy sparse path). A new
-storage format for the moments (another dtype today, quantized blocks later)
-is one subclass that overrides `_create` (or `_stored_dtype`),
-`compute_dtype`, `in_place_reason`, `read` and `write`; no update path
-changes. Where the slots live across devices is the `placement`'s
-business (`keras_adam._sharding`).
+`rows` selects rows of a row-sparse update (the lazy sparse path). A storage
+format is one subclass: `StoredAs` (another dtype) and `Blockwise8bit`
+(8-bit codes with a scale per block, `keras_adam._quantize`) override
+`_new_slot` or `_stored_dtype`, `compute_dtype`, `in_place_reason`, and
+`read`/`write` or `_decode`/`_encode`; no update path changes. Where the
+slots live across devices is the `placement`'s business
+(`keras_adam._sharding`).
 
 The slots are created in the order of `keras.optimizers.Adam` in Keras 3.15
 (after the base class's variables: m and v interleaved per model variable,
-then all v_max). `.keras` files store optimizer variables by position, so
-this order is part of the file format.
+then all v_max; with 8-bit moments each quantized slot is followed by its
+scales, `<path>_m_scale`). `.keras` files store optimizer variables by
+position, so this order is part of the file format.
 """
 
 import math

@@ -185,6 +185,29 @@ def test_fit_case_rows_and_columns():
     assert table.count("| recommender |") == len(expected) - 1
 
 
+def test_moments_case_bytes_and_ratios():
+    import keras_adam
+    from keras_adam.benchmark import cases, harnesses, moments
+
+    harness = harnesses.HARNESSES[BACKEND]()
+    case = cases.StepCase("small", ((64, 1024), (300,)))
+    rows = moments.moment_formats(keras, keras_adam, harness, harness.xla_modes, 1, 0.0,
+                                  lambda message: None, case=case)
+    assert [(r["format"], r["xla"]) for r in rows] == [
+        (f, x) for x in harness.xla_modes for f in ("float32", "bfloat16", "8bit")]
+    # The closed forms: 2 moments of 4 or 2 bytes; in 8 bits the 65,536-element
+    # kernel has 1 byte per code plus 4 per block of 256, the 300-element bias
+    # (below min_8bit_size) keeps float32 m and v.
+    quantized = 2 * (64 * 1024 * (1 + 4 / 256)) + 2 * 4 * 300
+    expected = {"float32": 8.0, "bfloat16": 4.0, "8bit": quantized / case.parameters}
+    for r in rows:
+        assert r["bytes_per_parameter"] == pytest.approx(expected[r["format"]])
+        base = next(b for b in rows if b["format"] == "float32" and b["xla"] == r["xla"])
+        assert r["vs_float32"] == pytest.approx(
+            r["step_ms"]["median"] / base["step_ms"]["median"])
+    assert moments.format_rows(rows).count("| 8bit |") == len(harness.xla_modes)
+
+
 def test_json_path_is_written_beside_the_table(tmp_path, capsys):
     path = tmp_path / "report.json"
     benchmark.main(["--cases", "mlp", "--backend", BACKEND, "--json", str(path), *TINY])

@@ -29,9 +29,13 @@ def state_bytes(keras, optimizer):
     return sum(nbytes(v) for v in optimizer.variables if id(v) not in skip)
 
 
-def moment_formats(keras, keras_adam, harness, xla_modes, repeats, min_seconds, progress):
-    """One row per (XLA mode, format): bytes per parameter and ms per step vs float32."""
-    case = case_table.CASES["large"]
+def moment_formats(keras, keras_adam, harness, xla_modes, repeats, min_seconds, progress,
+                   case=None):
+    """One row per (XLA mode, format): bytes per parameter and ms per step vs float32.
+
+    `case` defaults to the large case (`cases.CASES["large"]`).
+    """
+    case = case or case_table.CASES["large"]
     grads = harness.gradients(case)
     rows = []
     for xla in xla_modes:
