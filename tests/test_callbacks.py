@@ -178,3 +178,20 @@ def test_refuses_a_multi_optimizer_without_keras_adam():
     x = np.zeros((8, 3), "float32")
     with pytest.raises(TypeError, match="with no keras_adam sub-optimizer"):
         model.fit(x, x[:, :1], epochs=1, verbose=0, callbacks=[AdamMonitor()])
+
+
+def test_eight_bit_moments_are_reported_decoded():
+    # AdamMonitor on 8-bit moments reads their values, not their codes: after
+    # step 1 (epsilon = 0) every step is lr and every snr 1 in float32; 8-bit
+    # m and v are each within one code's rounding (1.6% near a block's top,
+    # more for small values), so the medians are within 5%. Read as raw codes
+    # (127 for m, 255 for v) the statistics would be off by orders of magnitude.
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(128, name="wide")])
+    model.compile(optimizer=keras_adam.Adam(epsilon=0.0, moment_dtype="8bit"), loss="mse")
+    _apply(model, _grads(model, 1))
+    assert keras.backend.standardize_dtype(
+        model.optimizer.slots(model.layers[0].kernel)[0].dtype) == "int8"
+    stats = _monitor(model).statistics()
+    layer = next(k for k in stats if k.endswith("/step_median"))
+    assert stats[layer] == pytest.approx(1.0, rel=0.05)
+    assert stats[layer.replace("step_median", "snr_median")] == pytest.approx(1.0, rel=0.05)
