@@ -207,8 +207,8 @@ class Blockwise8bit(Moments):
         self._codes = {}
 
     def quantizes(self, variable):
-        """Whether `variable`'s moments are stored as 8-bit codes."""
-        return math.prod(variable.shape) >= self.min_size
+        """Whether `variable`'s moments are stored as 8-bit codes (never for an empty one)."""
+        return math.prod(variable.shape) >= max(self.min_size, 1)
 
     def _stored_dtype(self, variable):
         return _rule.wide_dtype(keras.backend.standardize_dtype(variable.dtype))

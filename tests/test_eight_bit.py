@@ -485,3 +485,22 @@ def test_full_training_ends_within_two_percent_of_float32(model_name):
         if moment_dtype == "8bit":
             assert runs[0][2] is not None  # some tensor really is stored in 8 bits
     assert 0.9 * losses[None] <= losses["8bit"] <= 1.02 * losses[None]
+
+
+def test_any_shape_can_be_quantized():
+    # min_8bit_size=0 quantizes even a scalar; an empty variable keeps float
+    # moments. With a gradient of ones every element is its block's largest,
+    # stored exactly, so the run is the float32 rule's: the reference within
+    # float32 drift (3 steps of lr on |theta| = 1).
+    shapes = [(), (5,), (3, 4, 5), (2, 0)]
+    variables = [keras.Variable(np.ones(s, "float32")) for s in shapes]
+    optimizer = keras_adam.Adam(moment_dtype="8bit", min_8bit_size=0, moment_block_size=3,
+                                amsgrad=True)
+    optimizer.build(variables)
+    for _ in range(3):
+        optimizer.apply([keras.ops.ones(s) for s in shapes], variables)
+    want, _ = reference.run(np.ones(1), [np.ones(1)] * 3, amsgrad=True)
+    for variable in variables[:3]:
+        assert keras.backend.standardize_dtype(optimizer.slots(variable)[0].dtype) == "int8"
+        np.testing.assert_allclose(_np(variable), want[0], rtol=0, atol=3 * (1e-9 + 6e-8))
+    assert keras.backend.standardize_dtype(optimizer.slots(variables[3])[0].dtype) == "float32"
