@@ -205,6 +205,9 @@ class Blockwise8bit(Moments):
         self.min_size = min_size
         # id(code slot) -> (its scale variable, `Blocking`, signed)
         self._codes = {}
+        # Whole variables: the codec fused (rows vary in number: left as ops).
+        self._encode_whole = backends.one_pass(_quantize.encode)
+        self._decode_whole = backends.one_pass(_quantize.decode)
 
     def quantizes(self, variable):
         """Whether `variable`'s moments are stored as 8-bit codes (never for an empty one)."""
@@ -264,10 +267,12 @@ class Blockwise8bit(Moments):
         if id(slot) not in self._codes:
             return super()._decode(slot, dtype, rows)
         scale, blocks, signed = self._codes[id(slot)]
-        codes, scales = slot, scale
-        if rows is not None:
+        if rows is None:
+            decoded = self._decode_whole(slot.value, scale.value, signed, blocks)
+        else:
             codes, scales = backends.gather_rows(slot, rows), backends.gather_rows(scale, rows)
-        return ops.cast(_quantize.decode(codes, scales, signed, blocks), dtype)
+            decoded = _quantize.decode(codes, scales, signed, blocks)
+        return ops.cast(decoded, dtype)
 
     def write(self, variable, m, v, v_max, rows=None):
         if not self.quantizes(variable):
@@ -276,7 +281,8 @@ class Blockwise8bit(Moments):
             if slot is None:
                 continue
             scale, blocks, signed = self._codes[id(slot)]
-            codes, scales = _quantize.encode(ops.cast(value, "float32"), signed, blocks)
+            encode = _quantize.encode if rows is not None else self._encode_whole
+            codes, scales = encode(ops.cast(value, "float32"), signed, blocks)
             if rows is not None:
                 codes = backends.row_slices(codes, rows)
                 scales = backends.row_slices(scales, rows)

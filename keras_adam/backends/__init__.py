@@ -106,6 +106,19 @@ def trace_key():
     return tensorflow.trace_key()
 
 
+def one_pass(fn):
+    """`fn` compiled into fused passes over memory where the backend would
+    otherwise run one pass per op (TensorFlow without XLA); `fn` elsewhere.
+
+    For whole tensors of fixed shapes only: each new shape compiles again.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    from keras_adam.backends import tensorflow
+
+    return tensorflow.one_pass(fn)
+
+
 # Row primitives. Row-sparse gradients exist only on TensorFlow, so only its
 # module implements these; `keras_adam._sparse` and `keras_adam._state` call them.
 

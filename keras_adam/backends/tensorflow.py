@@ -172,3 +172,9 @@ def apply_if_finite(grads, variables, apply, skip, all_finite):
 
     return tf.distribute.get_replica_context().merge_call(
         cross_replica, args=(grads, variables))
+
+
+def one_pass(fn):
+    """`fn` as one XLA cluster: its element-wise ops fuse into a few passes over
+    memory even inside a tf.function without XLA (model.fit's default on CPU)."""
+    return tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=False)
