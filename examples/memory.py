@@ -26,6 +26,7 @@ import keras
 import numpy as np
 
 import keras_adam
+from keras_adam.benchmark import moments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlp_regression  # noqa: E402
@@ -63,18 +64,16 @@ def cnn_data(seed):
 MODELS = {"mlp": mlp_data, "cnn": cnn_data}
 
 
-def state_bytes(optimizer):
+def state_bytes(model):
     """(all state bytes, bytes per parameter of the 8-bit tensors or None)."""
-    def nbytes(v):
-        return math.prod(v.shape) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
-
-    state = optimizer.variables[2:]  # after the step counter and the learning rate
-    total = sum(nbytes(v) for v in state)
-    quantized = [v for v in optimizer._trainable_variables
+    optimizer = model.optimizer
+    total = moments.state_bytes(keras, optimizer)
+    quantized = [v for v in model.trainable_variables
                  if keras.backend.standardize_dtype(optimizer.slots(v)[0].dtype) == "int8"]
     if not quantized:
         return total, None
-    per = sum(nbytes(s) for v in quantized
+    # Codes and their scales; the scales are not public, the optimizer's state is.
+    per = sum(moments.variable_bytes(keras, s) for v in quantized
               for s in optimizer._moments.state_variables(v).values())
     return total, per / sum(math.prod(v.shape) for v in quantized)
 
@@ -87,7 +86,7 @@ def train(model_name, seed, moment_dtype):
     optimizer = keras_adam.Adam(learning_rate=1e-3, moment_dtype=moment_dtype)
     model.compile(optimizer=optimizer, loss="mse")
     history = model.fit(x, y, shuffle=False, verbose=0, **fit_args)
-    return (history.history["loss"][-1], *state_bytes(optimizer))
+    return (history.history["loss"][-1], *state_bytes(model))
 
 
 def compare(model_name, seeds):

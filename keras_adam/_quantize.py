@@ -5,9 +5,9 @@ A tensor is cut into blocks along its rows: a variable of shape
 1-D or 0-D variable is one row), and each row into ceil(C / B) blocks of at
 most B elements (`block_size`, 256 by default): equal blocks of a divisor
 of C between B/2 and B when there is one (a row of 2000 is 8 blocks of
-250), else blocks of B with the last one zero-padded while it is encoded. A block never spans two rows, so updating
-some rows of an embedding table (lazy sparse updates) leaves every other
-row's codes and scales bit for bit.
+250), else blocks of B with the last one zero-padded while it is encoded.
+A block never spans two rows, so updating some rows of an embedding table
+(lazy sparse updates) leaves every other row's codes and scales bit for bit.
 
 Each block b keeps one float32 scale s_b = max |x| over the block (absmax)
 and one 8-bit code per element. The codes index two 256-entry tables,

@@ -178,7 +178,8 @@ class Blockwise8bit(Moments):
         m = q_m(code) * s_b,  v = q_v(code) * s_b            (read)
         v <- max(v, m^2 / K), v_max <- max(v_max, m^2 / K)   (read)
         m, v, v_max <- rule(g, m, v, v_max)                  (float32)
-        code, s_b <- nearest code, absmax of each block      (write)
+        s_b, code <- absmax of each block, code rounded in   (write)
+                     the table's law (`keras_adam._quantize`)
 
     The second line is the guard against quantization's one dangerous error:
     the float32 rule keeps m^2 <= K v (`keras_adam._rule.moment_bound`), so
@@ -239,7 +240,7 @@ class Blockwise8bit(Moments):
         return state
 
     def compute_dtype(self, variable):
-        return _rule.wide_dtype(keras.backend.standardize_dtype(variable.dtype))
+        return self._stored_dtype(variable)
 
     def in_place_reason(self, variable):
         if self.quantizes(variable):
@@ -291,12 +292,11 @@ class Blockwise8bit(Moments):
 
 
 def for_options(optimizer, amsgrad, moment_dtype, shard_state=False,
-                block_size=_quantize.BLOCK_SIZE, min_8bit_size=None):
+                block_size=_quantize.BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE):
     """The `Moments` for an optimizer's options."""
     placement = _sharding.Placement(shard_state)
     if moment_dtype is None:
         return Moments(optimizer, amsgrad, placement)
     if moment_dtype == EIGHT_BIT:
-        return Blockwise8bit(optimizer, amsgrad, placement, block_size,
-                             MIN_8BIT_SIZE if min_8bit_size is None else min_8bit_size)
+        return Blockwise8bit(optimizer, amsgrad, placement, block_size, min_8bit_size)
     return StoredAs(optimizer, amsgrad, moment_dtype, placement)

@@ -1,4 +1,6 @@
-"""Optimizer state in float32, bfloat16 and 8 bits: bytes per parameter and step time (`--cases moments`).
+"""Optimizer state in float32, bfloat16 and 8 bits: bytes per parameter and step time.
+
+`python -m keras_adam.benchmark --cases moments`.
 
 On the large case's shapes (four 2000 x 2000 variables), one keras_adam step
 per stored format, timed interleaved with float32 moments in the same run,
@@ -18,15 +20,18 @@ from keras_adam.benchmark import timing
 FORMATS = {"float32": None, "bfloat16": "bfloat16", "8bit": "8bit"}
 
 
-def state_bytes(keras, optimizer):
-    """Bytes of every optimizer variable but the step counter and the learning rate."""
+def variable_bytes(keras, variable):
+    """The bytes a Keras variable holds."""
     import numpy as np
 
-    def nbytes(v):
-        return math.prod(v.shape) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+    itemsize = np.dtype(keras.backend.standardize_dtype(variable.dtype)).itemsize
+    return math.prod(variable.shape) * itemsize
 
+
+def state_bytes(keras, optimizer):
+    """Bytes of every optimizer variable but the step counter and the learning rate."""
     skip = {id(optimizer.iterations), id(optimizer._learning_rate)}
-    return sum(nbytes(v) for v in optimizer.variables if id(v) not in skip)
+    return sum(variable_bytes(keras, v) for v in optimizer.variables if id(v) not in skip)
 
 
 def moment_formats(keras, keras_adam, harness, xla_modes, repeats, min_seconds, progress,
