@@ -74,7 +74,7 @@ def state_bytes(model):
         return total, None
     # Codes and their scales; the scales are not public, the optimizer's state is.
     per = sum(moments.variable_bytes(keras, s) for v in quantized
-              for s in optimizer._moments.state_variables(v).values())
+              for s in optimizer.state_variables(v).values())
     return total, per / sum(math.prod(v.shape) for v in quantized)
 
 

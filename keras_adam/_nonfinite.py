@@ -56,3 +56,29 @@ def _no_result(fn):
     def run(*args):
         fn(*args)
     return run
+
+
+def stateless_apply_if_finite(grads, mapping, outputs, apply, skip):
+    """The stateless form, for JAX's trainer: new values from `apply()` if every
+    gradient is finite, else from `skip()`, both run in a `keras.StatelessScope`.
+
+    Args:
+        grads: this step's gradients.
+        mapping: [(Keras variable, its current value)] for every variable the
+            step may read (model and optimizer variables).
+        outputs: lists of Keras variables whose new values are returned
+            (the model's, the optimizer's), in that structure.
+        apply: runs the step (stateful code: it assigns inside the scope).
+        skip: counts a skipped step.
+
+    Returns:
+        One list of new values per list in `outputs`.
+    """
+    def in_scope(fn):
+        def branch():
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                fn()
+            return tuple([scope.get_current_value(v) for v in group] for group in outputs)
+        return branch
+
+    return ops.cond(all_finite(grads), in_scope(apply), in_scope(skip))

@@ -31,7 +31,7 @@ class Step:
         """t = iterations + 1 (Algorithm 1's 1-based step), as a tensor, made once.
 
         Made on first use: the torch kernel reads `iterations` as a number and
-        needs no tensor (issue #17).
+        needs no tensor.
         """
         return self.memo("t", lambda: self.iterations + 1)
 
@@ -40,6 +40,11 @@ class Step:
         return self.memo(
             ("scalars", hyper, dtype), lambda: _rule.step_scalars(hyper, self.t, self.lr, dtype)
         )
+
+    def moment_bound(self, hyper):
+        """K with m^2 <= K v after this step's predecessors (`_rule.moment_bound`), or None."""
+        return self.memo(("bound", hyper.beta_1, hyper.beta_2), lambda: _rule.moment_bound(
+            hyper.beta_1, hyper.beta_2, self.iterations))
 
     def memo(self, key, compute):
         """`compute()` once per step: for a fast path's own per-step constants."""

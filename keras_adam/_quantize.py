@@ -46,11 +46,11 @@ from keras import ops
 BLOCK_SIZE = 256
 
 # Largest code magnitude of each table.
-_J = 127
-_K = 255
+_M_CODE_MAX = 127
+_V_CODE_MAX = 255
 # 1 / 127^2 and 1 / 255^2 in float32; times 127^2 and 255^2 they give exactly 1.
-_M_UNIT = float(np.float32(1.0 / _J ** 2))
-_V_UNIT = float(np.float32(1.0 / _K ** 2))
+_M_UNIT = float(np.float32(1.0 / _M_CODE_MAX ** 2))
+_V_UNIT = float(np.float32(1.0 / _V_CODE_MAX ** 2))
 
 
 def _m_values(j, absolute=ops.abs):
@@ -80,17 +80,17 @@ class Blocking:
     Attributes:
         rows: R, the first dimension (1 for 0-D and 1-D tensors).
         cols: C, the elements per row.
-        block: elements per block: C when a row is shorter than B, a divisor
-            of C in (B/2, B] if there is one, else B.
-        blocks: blocks per row, ceil(C / block).
-        scale_shape: the shape of the tensor of scales: (R, blocks), or
-            (blocks,) for 0-D and 1-D tensors.
+        block_length: elements per block: C when a row is shorter than B, a
+            divisor of C in (B/2, B] if there is one, else B.
+        blocks_per_row: ceil(C / block_length).
+        scale_shape: the shape of the tensor of scales: (R, blocks_per_row),
+            or (blocks_per_row,) for 0-D and 1-D tensors.
     """
 
     rows: int
     cols: int
-    block: int
-    blocks: int
+    block_length: int
+    blocks_per_row: int
     scale_shape: tuple
 
 
@@ -111,22 +111,22 @@ def blocking(shape, block_size=BLOCK_SIZE):
 def _to_blocks(x, b):
     """(n, blocks, block) view of x (n rows of `b.cols`), zero-padding each row's last block."""
     x = ops.reshape(x, (-1, b.cols))
-    pad = b.blocks * b.block - b.cols
+    pad = b.blocks_per_row * b.block_length - b.cols
     if pad:
         x = ops.pad(x, [(0, 0), (0, pad)])
-    return ops.reshape(x, (-1, b.blocks, b.block))
+    return ops.reshape(x, (-1, b.blocks_per_row, b.block_length))
 
 
 def _from_blocks(x, b, shape):
-    x = ops.reshape(x, (-1, b.blocks * b.block))
-    if b.blocks * b.block != b.cols:
+    x = ops.reshape(x, (-1, b.blocks_per_row * b.block_length))
+    if b.blocks_per_row * b.block_length != b.cols:
         x = x[:, :b.cols]
     # The number of rows may be unknown while tracing (gathered rows).
     return ops.reshape(x, (-1, *shape[1:]) if len(shape) else ())
 
 
 def _scale_shape(b, shape):
-    return b.scale_shape if len(shape) < 2 else (-1, b.blocks)
+    return b.scale_shape if len(shape) < 2 else (-1, b.blocks_per_row)
 
 
 def encode(x, signed, b):
@@ -143,10 +143,10 @@ def encode(x, signed, b):
     a = magnitude * ops.expand_dims(1.0 / ops.where(scales > 0, scales, 1.0), -1)
     root = ops.sqrt(ops.sqrt(a))             # a^(1/4)
     if signed:
-        j = ops.round(root * _J)
+        j = ops.round(root * _M_CODE_MAX)
         codes = ops.cast(ops.where(blocks < 0, -j, j), "int8")
     else:
-        codes = ops.cast(ops.round(ops.sqrt(root) * _K), "uint8")
+        codes = ops.cast(ops.round(ops.sqrt(root) * _V_CODE_MAX), "uint8")
     return _from_blocks(codes, b, shape), ops.reshape(scales, _scale_shape(b, shape))
 
 
@@ -155,5 +155,5 @@ def decode(codes, scales, signed, b):
     shape = ops.shape(codes)
     c = ops.cast(_to_blocks(codes, b), "float32")
     q = _m_values(c) if signed else _v_values(c)
-    x = q * ops.expand_dims(ops.reshape(scales, (-1, b.blocks)), -1)
+    x = q * ops.expand_dims(ops.reshape(scales, (-1, b.blocks_per_row)), -1)
     return _from_blocks(x, b, shape)

@@ -37,6 +37,10 @@ class Hyper:
     epsilon_placement: str
 
 
+# The constructor arguments that `Hyper` holds, in its order.
+HYPER_FIELDS = tuple(field.name for field in dataclasses.fields(Hyper))
+
+
 @dataclasses.dataclass(frozen=True)
 class Scalars:
     """One step's scalars in one dtype: the same for every variable of that dtype.

@@ -17,8 +17,11 @@ again from t = 0 with zero moments. keras_adam refuses instead:
   of keras_adam 0.1, or of `keras.optimizers.Adam`/`AdamW`, whose layout is
   ours), the count must match. Every shape must match.
 - An optimizer that is not built yet (a model whose optimizer Keras could
-  not build at load time) keeps the checked values and applies them at
+  not build at load time) keeps what `read` returned and applies it at
   `build`, where the same checks run against the slots it creates.
+
+This module never holds the optimizer: it receives the optimizer's
+variables and their roles (`roles`), which the optimizer names.
 
 Roles rather than paths are compared: a model variable's path depends on
 names that Keras assigns per process (`sequential_3`), so two runs of the
@@ -31,35 +34,31 @@ import numpy as np
 ROLES_KEY = "slot_roles"
 
 
-def roles(optimizer):
-    """[(role, model variable path)] for each of `optimizer.variables`, in order."""
-    known = {id(optimizer.iterations): ("iteration", "")}
-    for role, variable in [("learning_rate", getattr(optimizer, "_learning_rate", None)),
-                           ("skipped_steps", getattr(optimizer, "_skipped_steps", None))]:
-        if variable is not None:
-            known[id(variable)] = (role, "")
-    model_variables = getattr(optimizer, "_trainable_variables", [])
-    per_variable = [("average", getattr(optimizer, "_model_variables_moving_average", None)),
-                    ("accumulator", getattr(optimizer, "_accumulated_gradients", None))]
-    for kind, variables in per_variable:
-        for i, variable in enumerate(variables or []):
-            if variable is not None:
-                known[id(variable)] = (f"{kind}[{i}]", model_variables[i].path)
-    if optimizer._moments is not None:
-        for i, model_variable in enumerate(model_variables):
-            for kind, variable in optimizer._moments.state_variables(model_variable).items():
-                known[id(variable)] = (f"{kind}[{i}]", model_variable.path)
-    return [known.get(id(v), (v.path, "")) for v in optimizer.variables]
+def roles(variables, named):
+    """[(role, model variable path)] for each of `variables`, in order.
+
+    Args:
+        variables: the optimizer's variables (`optimizer.variables`).
+        named: (variable, role, model variable path) for each variable the
+            optimizer knows the role of; any other is named by its own path.
+    """
+    known = {id(variable): (role, path) for variable, role, path in named}
+    return [known.get(id(v), (v.path, "")) for v in variables]
 
 
-def save(optimizer, store):
-    for i, variable in enumerate(optimizer.variables):
+def save(store, variables, roles):
+    """Writes `variables` by position and their `roles` (see the module docstring)."""
+    for i, variable in enumerate(variables):
         store[str(i)] = variable.numpy()
-    text = "\n".join(f"{role} {path}" for role, path in roles(optimizer))
+    text = "\n".join(f"{role} {path}" for role, path in roles)
     store[ROLES_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
-def load(optimizer, store):
+def read(store, name):
+    """(saved roles or None, values by position) from `store`, checked for gaps.
+
+    `name` is the optimizer's, for the error message.
+    """
     keys = set(store.keys())
     saved_roles = None
     if ROLES_KEY in keys:
@@ -69,26 +68,27 @@ def load(optimizer, store):
     values = [store[str(i)] for i in range(len(keys)) if str(i) in keys]
     if len(values) != len(keys):
         raise ValueError(
-            f"The saved state of optimizer {optimizer.name!r} is not a list of "
+            f"The saved state of optimizer {name!r} is not a list of "
             f"positions 0..{len(keys) - 1}: found entries {sorted(keys)}."
         )
-    if not optimizer.built:
-        # Checked against the slots when they exist (`restore_pending`).
-        optimizer._pending_state = (saved_roles, values)
-        return
-    _assign(optimizer, saved_roles, values)
+    return saved_roles, values
 
 
-def restore_pending(optimizer):
-    """Applies state loaded before `build`, now that the slots exist."""
-    pending = optimizer.__dict__.pop("_pending_state", None)
-    if pending is not None:
-        _assign(optimizer, *pending)
+def assign(saved, variables, ours, name, moment_dtype):
+    """Checks what `read` returned against `variables` and their roles `ours`, then
+    assigns every value; assigns nothing if any check fails.
 
+    Args:
+        saved: `read`'s result.
+        variables: the optimizer's variables.
+        ours: their roles (`roles`).
+        name: the optimizer's name, and `moment_dtype` its option, for the
+            error messages.
 
-def _assign(optimizer, saved_roles, values):
-    ours = roles(optimizer)
-    name = optimizer.name
+    Raises:
+        ValueError: naming the slots that differ.
+    """
+    saved_roles, values = saved
     if saved_roles is not None:
         if [r for r, _ in saved_roles] != [r for r, _ in ours]:
             saved_set = {r for r, _ in saved_roles}
@@ -100,7 +100,7 @@ def _assign(optimizer, saved_roles, values):
                 f"Missing from the file: {missing or 'none'}. "
                 f"In the file but not in this optimizer: {extra or 'none'}"
                 + ("" if missing or extra else "; the same slots in another order")
-                + "." + _format_hint(saved_roles, ours, optimizer)
+                + "." + _format_hint(saved_roles, ours, moment_dtype)
                 + " Check amsgrad, use_ema, gradient_accumulation_steps, moment_dtype and "
                 "the model's trainable variables against those the file was saved with."
             )
@@ -113,7 +113,7 @@ def _assign(optimizer, saved_roles, values):
             "keras.optimizers.Adam). Check amsgrad, use_ema, "
             "gradient_accumulation_steps and the model's trainable variables."
         )
-    for (role, path), variable, value in zip(ours, optimizer.variables, values):
+    for (role, path), variable, value in zip(ours, variables, values):
         if tuple(variable.shape) != tuple(np.shape(value)):
             raise ValueError(
                 f"The saved {_describe(role, path)} of optimizer {name!r} has shape "
@@ -132,7 +132,7 @@ def _assign(optimizer, saved_roles, values):
                 f"{variable.dtype}: 8-bit codes and float moments do not convert; "
                 "nothing was loaded. Load with the moment_dtype the file was saved with."
             )
-    for variable, value in zip(optimizer.variables, values):
+    for variable, value in zip(variables, values):
         variable.assign(value)
 
 
@@ -140,7 +140,7 @@ def _kind(variable):
     return np.dtype(keras.backend.standardize_dtype(variable.dtype)).kind
 
 
-def _format_hint(saved_roles, ours, optimizer):
+def _format_hint(saved_roles, ours, moment_dtype):
     """A sentence naming moment_dtype when one side holds 8-bit scales and the other not."""
     def scaled(roles):
         return {r.split("[")[1] for r, _ in roles if r.split("[")[0].endswith("_scale")}
@@ -150,7 +150,7 @@ def _format_hint(saved_roles, ours, optimizer):
         return ""
     if saved and not here:
         return (f" The file holds 8-bit moments (moment_dtype='8bit'), and this optimizer "
-                f"has moment_dtype={optimizer.moment_dtype!r}: load it with "
+                f"has moment_dtype={moment_dtype!r}: load it with "
                 "moment_dtype='8bit' (8-bit codes are not converted).")
     if here and not saved:
         return (" This optimizer has moment_dtype='8bit', and the file holds float "

@@ -4,14 +4,15 @@
 in the batch, possibly with repeated indices. Every part of how keras_adam
 treats one lives here; `keras_adam.optimizer.Adam` keeps only the hooks:
 
-    Adam.apply              -> SparseUpdates.begin / end: sum repeated rows
-                               (before Keras clips, so clipping sees the dense
-                               gradient's numbers) and note which variables
-                               update lazily this step
-    Adam._use_weight_decay  -> SparseUpdates.updates_lazily: Keras's decay of
-                               the whole variable is suppressed for those; the
-                               lazy update decays the rows it touches
-    Adam.update_step        -> densify ("exact") or SparseUpdates.lazy_update ("lazy")
+    Adam.apply                -> deduplicate_all: sum repeated rows (before
+                                 Keras clips, so clipping sees the dense
+                                 gradient's numbers)
+    Adam._backend_update_step -> Keras's decay of the whole variable runs for
+                                 every variable but those a lazy update takes
+                                 this step (known from the gradients it
+                                 receives); the lazy update decays the rows
+                                 it touches
+    Adam.update_step          -> densify ("exact") or lazy_update ("lazy")
 
 "exact": the update of the dense equivalent gradient. "lazy": for the rows r
 present, with the global step t,
@@ -61,63 +62,39 @@ def densify(gradient):
     return ops.scatter(indices, gradient.values, shape)
 
 
-class SparseUpdates:
-    """One optimizer's sparse mode, and which variables update lazily in the current step.
+def deduplicate_all(grads):
+    """`grads` with every row-sparse gradient deduplicated (dense ones as they are)."""
+    if not any(is_sparse(g) for g in grads):
+        return grads
+    return [deduplicate(g) if is_sparse(g) else g for g in grads]
+
+
+def lazy_update(gradient, variable, state, hyper, scalars, weight_decay, assign_sub):
+    """Adam on the rows present in `gradient`; every other row is left as it is.
 
     Args:
-        mode: "exact" or "lazy" (`Adam(sparse_updates=...)`).
+        gradient: the row-sparse gradient.
+        variable: the model variable.
+        state: `(storage, index, bound)`: the optimizer's
+            `keras_adam._state.Storage`, the variable's position in it, and
+            this step's moment bound K (`keras_adam._rule.moment_bound`).
+        hyper, scalars: the rule's `Hyper` and this step's `Scalars` in the
+            compute dtype.
+        weight_decay: the decay rate if decoupled weight decay applies to
+            this variable, else None.
+        assign_sub: the optimizer's `assign_sub` (scatters row updates).
     """
-
-    def __init__(self, mode):
-        self.mode = mode
-        self._lazy_now = frozenset()
-
-    def begin(self, grads, variables, key):
-        """Deduplicates the sparse gradients; notes the variables they update lazily.
-
-        `key` is the optimizer's variable key (`_var_key`), so that variables
-        under tf.distribute are recognised.
-        """
-        if not any(is_sparse(g) for g in grads):
-            return grads
-        grads = [deduplicate(g) if is_sparse(g) else g for g in grads]
-        if self.mode == "lazy":
-            self._lazy_now = frozenset(
-                key(v) for g, v in zip(grads, variables) if is_sparse(g)
-            )
-        return grads
-
-    def end(self):
-        self._lazy_now = frozenset()
-
-    def updates_lazily(self, variable_key):
-        """True while a step updates this variable lazily (so Keras must not decay it whole)."""
-        return variable_key in self._lazy_now
-
-    @staticmethod
-    def lazy_update(gradient, variable, moments, hyper, scalars, weight_decay, assign_sub):
-        """Adam on the rows present in `gradient`; every other row is left as it is.
-
-        Args:
-            gradient: the row-sparse gradient.
-            variable: the model variable.
-            moments: the optimizer's `keras_adam._state.Moments`.
-            hyper, scalars: the rule's `Hyper` and this step's `Scalars` in the
-                compute dtype.
-            weight_decay: the decay rate if decoupled weight decay applies to
-                this variable, else None.
-            assign_sub: the optimizer's `assign_sub` (scatters row updates).
-        """
-        # Deduplicated again: an all-reduce may concatenate replicas' rows.
-        gradient = deduplicate(gradient)
-        rows = gradient.indices
-        dtype = moments.compute_dtype(variable)
-        g = ops.cast(gradient.values, dtype)
-        m, v, v_max = moments.read(variable, rows)
-        m, v, v_max, step = _rule.rule(g, m, v, v_max, scalars, hyper)
-        moments.write(variable, m, v, v_max, rows)
-        if weight_decay is not None:
-            # Keras decays before the step; both are subtracted from the same theta_r.
-            theta = ops.cast(backends.gather_rows(variable, rows), dtype)
-            step += theta * ops.cast(weight_decay, dtype) * scalars.lr
-        assign_sub(variable, backends.row_slices(ops.cast(step, variable.dtype), rows))
+    storage, index, bound = state
+    # Deduplicated again: an all-reduce may concatenate replicas' rows.
+    gradient = deduplicate(gradient)
+    rows = gradient.indices
+    dtype = storage.compute_dtype(variable)
+    g = ops.cast(gradient.values, dtype)
+    m, v, v_max = storage.read(index, rows, bound)
+    m, v, v_max, step = _rule.rule(g, m, v, v_max, scalars, hyper)
+    storage.write(index, m, v, v_max, rows)
+    if weight_decay is not None:
+        # Keras decays before the step; both are subtracted from the same theta_r.
+        theta = ops.cast(backends.gather_rows(variable, rows), dtype)
+        step += theta * ops.cast(weight_decay, dtype) * scalars.lr
+    assign_sub(variable, backends.row_slices(ops.cast(step, variable.dtype), rows))

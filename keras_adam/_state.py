@@ -2,21 +2,31 @@
 
 The rule (`keras_adam._rule.rule`) takes m, v and v_max as arrays of the
 update's compute dtype and returns new ones; how they are stored is this
-module's business. Every path goes through one `Moments` object:
+module's business. Every path goes through one `Storage` object, which
+knows the slots by the model variable's position i among the variables the
+optimizer is built with:
 
-    moments.read(variable, rows=None)             -> (m, v, v_max) in compute dtype
-    moments.write(variable, m, v, v_max, rows=None)
-    moments.slots(variable)                       -> the Keras variables themselves
-    moments.in_place_reason(variable)             -> why a fused kernel may not
+    storage.create(variables, add_like, add_new, overwritten)
+    storage.read(i, rows=None, bound=None)        -> (m, v, v_max) in compute dtype
+    storage.write(i, m, v, v_max, rows=None)
+    storage.slots(i)                              -> the Keras variables themselves
+    storage.state_variables(i)                    -> {role: variable}, scales included
+    storage.in_place_reason(variable)             -> why a fused kernel may not
                                                      update the slots in place, or None
 
-`rows` selects rows of a row-sparse update (the lazy sparse path). A storage
-format is one subclass: `StoredAs` (another dtype) and `Blockwise8bit`
-(8-bit codes with a scale per block, `keras_adam._quantize`) override
-`_new_slot` or `_stored_dtype`, `compute_dtype`, `in_place_reason`, and
-`read`/`write` or `_decode`/`_encode`; no update path changes. Where the
-slots live across devices is the `placement`'s business
-(`keras_adam._sharding`).
+`rows` selects rows of a row-sparse update (the lazy sparse path); `bound`
+is the rule's moment bound K for this step (`keras_adam._rule.moment_bound`),
+which 8-bit storage needs when it reads. A storage format is one subclass:
+`StoredAs` (another dtype) and `Blockwise8bit` (8-bit codes with a scale
+per block, `keras_adam._quantize`) override `_new_slot` or `_stored_dtype`,
+`compute_dtype`, `in_place_reason`, and `read`/`write` or `_decode`/`_encode`;
+no update path changes. Where the slots live across devices is the
+`placement`'s business (`keras_adam._sharding`).
+
+A storage object never holds the optimizer: it receives the functions that
+create variables (`create`) and the one that assigns them (the optimizer's
+`assign`, which is tf.distribute-aware and scatters row updates on
+TensorFlow).
 
 The slots are created in the order of `keras.optimizers.Adam` in Keras 3.15
 (after the base class's variables: m and v interleaved per model variable,
@@ -42,42 +52,54 @@ EIGHT_BIT = "8bit"
 MIN_8BIT_SIZE = 4096
 
 
-class Moments:
+class Storage:
     """m, v (and v_max) in each variable's own dtype, as `keras.optimizers.Adam` stores them.
 
     Args:
-        optimizer: the owning `keras.optimizers.Optimizer`: it creates the
-            variables (`add_variable*`) and assigns them (`assign`, which is
-            tf.distribute-aware and scatters row updates on TensorFlow).
         amsgrad: whether v_max slots exist.
+        assign: `assign(variable, value)`, the optimizer's assignment (a
+            row-sparse `value` assigns those rows only).
         placement: the slots' device layout (`keras_adam._sharding.Placement`);
             defaults to each variable's own layout, as Keras's.
     """
 
-    def __init__(self, optimizer, amsgrad, placement=None):
-        self._owner = optimizer
+    # Whether `read` uses the moment bound (callers skip computing it if not).
+    needs_bound = False
+
+    def __init__(self, amsgrad, assign, placement=None):
         self.amsgrad = amsgrad
         self.placement = placement or _sharding.Placement(shard=False)
+        self._assign = assign
+        self._variables = None
         self._slots = None
 
-    def create(self, var_list):
-        """Creates the slots for `var_list` (see the module docstring for the order)."""
-        m, v = self._create(var_list, ["m", "v"])
-        v_max = self._create(var_list, ["v_max"])[0] if self.amsgrad else [None] * len(m)
+    def create(self, var_list, add_like, add_new, overwritten):
+        """Creates the slots for `var_list` (see the module docstring for the order).
+
+        Args:
+            var_list: the model variables, in the optimizer's order.
+            add_like: `add_like(variable, name)` creates a variable shaped,
+                typed and placed as `variable` (Keras's
+                `add_variable_from_reference`).
+            add_new: `add_new(shape=, dtype=, layout=, name=)` creates one
+                variable (Keras's `add_variable`).
+            overwritten: predicate for the variables Keras overwrites with
+                their gradient; they get no slots (None).
+        """
+        def slots(names):
+            made = {name: [] for name in names}
+            for variable in var_list:  # m and v interleaved per variable
+                for name in names:
+                    made[name].append(None if overwritten(variable) else
+                                      self._new_slot(variable, name, add_like, add_new))
+            return [made[name] for name in names]
+
+        m, v = slots(["m", "v"])
+        v_max = slots(["v_max"])[0] if self.amsgrad else [None] * len(m)
+        self._variables = list(var_list)
         self._slots = list(zip(m, v, v_max))
 
-    def _create(self, var_list, names):
-        """One list per name, one slot per variable (None where Keras overwrites it)."""
-        slots = tuple([] for _ in names)
-        for variable in var_list:
-            for i, name in enumerate(names):
-                if self._owner._overwrite_variable_with_gradient(variable):
-                    slots[i].append(None)
-                else:
-                    slots[i].append(self._new_slot(variable, name))
-        return slots
-
-    def _new_slot(self, variable, name):
+    def _new_slot(self, variable, name, add_like, add_new):
         """The slot `name` of `variable`: the name `keras.optimizers.Adam` gives
         it, the stored dtype (`_stored_dtype`) and its placement's layout."""
         dtype = self._stored_dtype(variable)
@@ -85,26 +107,26 @@ class Moments:
         if dtype == variable.dtype and layout is getattr(variable, "_layout", None):
             # Keras's own way: on TensorFlow it also colocates the
             # slot with its variable (parameter servers).
-            return self._owner.add_variable_from_reference(variable, name)
-        return self._owner.add_variable(
-            shape=variable.shape, dtype=dtype, layout=layout,
-            name=f"{variable.path.replace('/', '_')}_{name}")
+            return add_like(variable, name)
+        return add_new(shape=variable.shape, dtype=dtype, layout=layout,
+                       name=f"{variable.path.replace('/', '_')}_{name}")
 
-    def state_variables(self, variable):
-        """{role: Keras variable} for every variable holding `variable`'s state.
+    def slots(self, index):
+        """The (m, v, v_max) Keras variables of model variable `index`; v_max is
+        None without amsgrad, all three for a variable Keras overwrites."""
+        return self._slots[index]
+
+    def state_variables(self, index):
+        """{role: Keras variable} for every variable holding model variable `index`'s state.
 
         The roles are "m", "v", "v_max" here; a format that stores more (the
         8-bit scales) adds its own. `keras_adam._saving` names them in files.
         """
-        return {kind: slot for kind, slot in zip(("m", "v", "v_max"), self.slots(variable))
+        return {role: slot for role, slot in zip(("m", "v", "v_max"), self.slots(index))
                 if slot is not None}
 
     def _stored_dtype(self, variable):
         return variable.dtype
-
-    def slots(self, variable):
-        """The (m, v, v_max) Keras variables of a model variable; v_max is None without amsgrad."""
-        return self._slots[self._owner._get_variable_index(variable)]
 
     def compute_dtype(self, variable):
         """The dtype of the update's arithmetic for `variable`."""
@@ -117,19 +139,23 @@ class Moments:
         """
         return None
 
-    def read(self, variable, rows=None):
-        """(m, v, v_max) of `variable` (or of its `rows`) in the compute dtype."""
-        dtype = self.compute_dtype(variable)
+    def read(self, index, rows=None, bound=None):
+        """(m, v, v_max) of model variable `index` (or of its `rows`) in the compute dtype.
+
+        `bound` is this step's moment bound K (`_rule.moment_bound`), or None;
+        only a format whose storage can break the bound uses it.
+        """
+        dtype = self.compute_dtype(self._variables[index])
         return tuple(
             None if slot is None else self._decode(slot, dtype, rows)
-            for slot in self.slots(variable)
+            for slot in self.slots(index)
         )
 
-    def write(self, variable, m, v, v_max, rows=None):
-        """Stores new m, v (and v_max) for `variable` (or for its `rows`)."""
-        for slot, value in zip(self.slots(variable), (m, v, v_max)):
+    def write(self, index, m, v, v_max, rows=None):
+        """Stores new m, v (and v_max) for model variable `index` (or for its `rows`)."""
+        for slot, value in zip(self.slots(index), (m, v, v_max)):
             if slot is not None:
-                self._owner.assign(slot, self._encode(slot, value, rows))
+                self._assign(slot, self._encode(slot, value, rows))
 
     def _decode(self, slot, dtype, rows):
         stored = slot if rows is None else backends.gather_rows(slot, rows)
@@ -140,7 +166,7 @@ class Moments:
         return value if rows is None else backends.row_slices(value, rows)
 
 
-class StoredAs(Moments):
+class StoredAs(Storage):
     """m, v (and v_max) stored in one dtype (`moment_dtype`), whatever the variable's.
 
     The update is computed in float32 (float64 for float64 variables) and the
@@ -149,8 +175,8 @@ class StoredAs(Moments):
     float32 variables.
     """
 
-    def __init__(self, optimizer, amsgrad, dtype, placement=None):
-        super().__init__(optimizer, amsgrad, placement)
+    def __init__(self, amsgrad, assign, dtype, placement=None):
+        super().__init__(amsgrad, assign, placement)
         self.dtype = dtype
 
     def _stored_dtype(self, variable):
@@ -167,7 +193,7 @@ class StoredAs(Moments):
                 f"is {dtype} and moment_dtype={self.dtype!r}")
 
 
-class Blockwise8bit(Moments):
+class Blockwise8bit(Storage):
     """m, v (and v_max) as blockwise 8-bit codes with a float32 scale per block (`"8bit"`).
 
     Each block of `block_size` elements of a row (`keras_adam._quantize`)
@@ -186,7 +212,7 @@ class Blockwise8bit(Moments):
     its step is at most lr * sqrt(K) * sqrt(c2) / c1; a v rounded to 0 where
     m is not would break that and divide by epsilon alone. Raising v to
     m^2 / K restores the float32 rule's own bound, and changes nothing where
-    quantization kept it.
+    quantization kept it. The reader passes K (`bound`).
 
     Variables with fewer than `min_size` elements keep float32 moments (the
     variable's dtype for float64), as `StoredAs("float32")`: their state is
@@ -194,21 +220,24 @@ class Blockwise8bit(Moments):
     where precision matters most.
 
     Args:
-        optimizer, amsgrad, placement: as for `Moments`.
+        amsgrad, assign, placement: as for `Storage`.
         block_size: elements per block (B).
         min_size: the fewest elements a variable needs to be quantized.
     """
 
-    def __init__(self, optimizer, amsgrad, placement=None, block_size=_quantize.BLOCK_SIZE,
+    needs_bound = True
+
+    def __init__(self, amsgrad, assign, placement=None, block_size=_quantize.BLOCK_SIZE,
                  min_size=MIN_8BIT_SIZE):
-        super().__init__(optimizer, amsgrad, placement)
+        super().__init__(amsgrad, assign, placement)
         self.block_size = block_size
         self.min_size = min_size
         # id(code slot) -> (its scale variable, `Blocking`, signed)
         self._codes = {}
-        # Whole variables: the codec fused (rows vary in number: left as ops).
-        self._encode_whole = backends.one_pass(_quantize.encode)
-        self._decode_whole = backends.one_pass(_quantize.decode)
+        # Whole variables: the codec compiled as one cluster (a number of rows
+        # that varies per step would compile again each time: left as ops).
+        self._encode_whole = backends.compiled(_quantize.encode)
+        self._decode_whole = backends.compiled(_quantize.decode)
 
     def quantizes(self, variable):
         """Whether `variable`'s moments are stored as 8-bit codes (never for an empty one)."""
@@ -217,26 +246,25 @@ class Blockwise8bit(Moments):
     def _stored_dtype(self, variable):
         return _rule.wide_dtype(keras.backend.standardize_dtype(variable.dtype))
 
-    def _new_slot(self, variable, name):
+    def _new_slot(self, variable, name, add_like, add_new):
         if not self.quantizes(variable):
-            return super()._new_slot(variable, name)
+            return super()._new_slot(variable, name, add_like, add_new)
         signed = name == "m"
         prefix = f"{variable.path.replace('/', '_')}_{name}"
-        codes = self._owner.add_variable(
-            shape=variable.shape, dtype="int8" if signed else "uint8",
-            layout=self.placement.layout(variable), name=prefix)
+        codes = add_new(shape=variable.shape, dtype="int8" if signed else "uint8",
+                        layout=self.placement.layout(variable), name=prefix)
         blocks = _quantize.blocking(variable.shape, self.block_size)
-        scale = self._owner.add_variable(
-            shape=blocks.scale_shape, dtype="float32",
-            layout=self.placement.replicated(blocks.scale_shape), name=f"{prefix}_scale")
+        scale = add_new(shape=blocks.scale_shape, dtype="float32",
+                        layout=self.placement.replicated(blocks.scale_shape),
+                        name=f"{prefix}_scale")
         self._codes[id(codes)] = (scale, blocks, signed)
         return codes
 
-    def state_variables(self, variable):
-        state = super().state_variables(variable)
-        for kind, slot in list(state.items()):
+    def state_variables(self, index):
+        state = super().state_variables(index)
+        for role, slot in list(state.items()):
             if id(slot) in self._codes:
-                state[f"{kind}_scale"] = self._codes[id(slot)][0]
+                state[f"{role}_scale"] = self._codes[id(slot)][0]
         return state
 
     def compute_dtype(self, variable):
@@ -252,13 +280,9 @@ class Blockwise8bit(Moments):
                     f"than {self.min_size} elements), and the variable is {dtype}")
         return None
 
-    def read(self, variable, rows=None):
-        m, v, v_max = super().read(variable, rows)
-        if m is None or not self.quantizes(variable):
-            return m, v, v_max
-        owner = self._owner
-        bound = _rule.moment_bound(owner.beta_1, owner.beta_2, owner.iterations)
-        if bound is None:
+    def read(self, index, rows=None, bound=None):
+        m, v, v_max = super().read(index, rows)
+        if m is None or bound is None or not self.quantizes(self._variables[index]):
             return m, v, v_max
         floor = m * m / ops.cast(bound, m.dtype)
         return (m, ops.maximum(v, floor),
@@ -275,10 +299,10 @@ class Blockwise8bit(Moments):
             decoded = _quantize.decode(codes, scales, signed, blocks)
         return ops.cast(decoded, dtype)
 
-    def write(self, variable, m, v, v_max, rows=None):
-        if not self.quantizes(variable):
-            return super().write(variable, m, v, v_max, rows)
-        for slot, value in zip(self.slots(variable), (m, v, v_max)):
+    def write(self, index, m, v, v_max, rows=None):
+        if not self.quantizes(self._variables[index]):
+            return super().write(index, m, v, v_max, rows)
+        for slot, value in zip(self.slots(index), (m, v, v_max)):
             if slot is None:
                 continue
             scale, blocks, signed = self._codes[id(slot)]
@@ -287,16 +311,16 @@ class Blockwise8bit(Moments):
             if rows is not None:
                 codes = backends.row_slices(codes, rows)
                 scales = backends.row_slices(scales, rows)
-            self._owner.assign(slot, codes)
-            self._owner.assign(scale, scales)
+            self._assign(slot, codes)
+            self._assign(scale, scales)
 
 
-def for_options(optimizer, amsgrad, moment_dtype, shard_state=False,
+def for_options(amsgrad, moment_dtype, assign, shard_state=False,
                 block_size=_quantize.BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE):
-    """The `Moments` for an optimizer's options."""
+    """The `Storage` for an optimizer's options; `assign` is the optimizer's `assign`."""
     placement = _sharding.Placement(shard_state)
     if moment_dtype is None:
-        return Moments(optimizer, amsgrad, placement)
+        return Storage(amsgrad, assign, placement)
     if moment_dtype == EIGHT_BIT:
-        return Blockwise8bit(optimizer, amsgrad, placement, block_size, min_8bit_size)
-    return StoredAs(optimizer, amsgrad, moment_dtype, placement)
+        return Blockwise8bit(amsgrad, assign, placement, block_size, min_8bit_size)
+    return StoredAs(amsgrad, assign, moment_dtype, placement)

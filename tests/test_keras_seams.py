@@ -236,11 +236,11 @@ def test_assigned_options_replan_and_slot_options_are_fixed_after_build():
     optimizer.nesterov = True
     optimizer.build(_model().trainable_variables)
     # Nesterov with bias correction has no fused kernel on any backend.
-    assert {r.path for r in optimizer.update_plan().values()} == {"portable"}
+    assert {r.method for r in optimizer.update_plan().values()} == {"portable"}
     optimizer.nesterov = False
     fast = {"tensorflow": "tensorflow-fused", "torch": "torch-multi-tensor",
             "jax": "portable"}[keras.backend.backend()]
-    assert {r.path for r in optimizer.update_plan().values()} == {fast}
+    assert {r.method for r in optimizer.update_plan().values()} == {fast}
     with pytest.raises(ValueError, match="`amsgrad` cannot change once the optimizer is built"):
         optimizer.amsgrad = True
     assert optimizer.amsgrad is False

@@ -31,7 +31,7 @@ def test_plan_names_every_variable_with_a_path_and_a_reason():
     plan = _built(variables).update_plan()
     assert list(plan) == [v.path for v in variables]
     for route in plan.values():
-        assert route.path == (FAST or "portable")
+        assert route.method == (FAST or "portable")
         assert route.reason
     text = str(plan)
     assert all(v.path in text for v in variables)
@@ -49,7 +49,7 @@ def test_plan_names_every_variable_with_a_path_and_a_reason():
 )
 def test_portable_routes_say_why(kwargs, dtypes, reason):
     route = next(iter(_built(_variables(*dtypes), **kwargs).update_plan().values()))
-    assert route.path == "portable"
+    assert route.method == "portable"
     # On JAX no variable has a fast path, whatever the options: the reason
     # names the backend, except where the options already rule it out.
     if BACKEND == "jax" and reason not in ("fused=False", "epsilon=0"):
@@ -59,13 +59,13 @@ def test_portable_routes_say_why(kwargs, dtypes, reason):
 
 def test_mixed_dtypes_get_a_route_each():
     plan = _built(_variables("float32", "bfloat16")).update_plan()
-    paths = [route.path for route in plan.values()]
+    paths = [route.method for route in plan.values()]
     assert paths == [FAST or "portable", "portable"]
 
 
 def test_nesterov_has_no_fast_path_with_bias_correction():
     route = next(iter(_built(_variables("float32"), nesterov=True).update_plan().values()))
-    assert route.path == "portable"
+    assert route.method == "portable"
     if BACKEND == "tensorflow":
         assert "1 - beta_1^(t+1)" in route.reason
     if BACKEND == "torch":
@@ -91,7 +91,7 @@ def test_overwritten_variables_are_planned_as_such():
     variable = keras.Variable(np.ones(2), name="counter")
     variable.overwrite_with_gradient = True
     plan = _built([variable, *_variables("float32")]).update_plan()
-    assert plan[variable.path].path == "overwritten"
+    assert plan[variable.path].method == "overwritten"
 
 
 def _kernel_runs(optimizer, variables, grads, monkeypatch):
@@ -124,7 +124,7 @@ def _kernel_runs(optimizer, variables, grads, monkeypatch):
 def test_the_plan_is_what_runs(kwargs, monkeypatch):
     variables = _variables("float32", "float32", "bfloat16")
     optimizer = _built(variables, **kwargs)
-    planned_fast = sum(r.path == FAST for r in optimizer.update_plan().values())
+    planned_fast = sum(r.method == FAST for r in optimizer.update_plan().values())
     grads = [keras.ops.ones(v.shape, dtype=v.dtype) for v in variables]
     assert _kernel_runs(optimizer, variables, grads, monkeypatch) == planned_fast
     if FAST is not None and kwargs in ({}, dict(amsgrad=True)):

@@ -1,4 +1,4 @@
-"""The state seam: every path reads and writes m, v, v_max through `keras_adam._state.Moments`.
+"""The state seam: every path reads and writes m, v, v_max through `keras_adam._state.Storage`.
 
 A storage format is one subclass. The test format below stores the moments
 negated (exact in floating point, and wrong if read or written raw). Every
@@ -18,7 +18,7 @@ from keras_adam import _state
 STEPS = 5
 
 
-class Negated(_state.Moments):
+class Negated(_state.Storage):
     """Test-only format: stores -m, -v, -v_max."""
 
     def in_place_reason(self, variable):
@@ -33,7 +33,7 @@ class Negated(_state.Moments):
 
 def _negated_format(patch):
     patch.setattr(_state, "for_options",
-                  lambda optimizer, amsgrad, *_, **__: Negated(optimizer, amsgrad))
+                  lambda amsgrad, moment_dtype, assign, *_, **__: Negated(amsgrad, assign))
 
 
 def _stored(optimizer, variables):
@@ -52,7 +52,7 @@ def test_a_storage_format_is_one_class(kwargs, monkeypatch):
         negated = keras_adam.Adam(**kwargs)
         got = run_optimizer(negated, x0, sequence)
     # The plan sees the format: no fused kernel may update its slots in place.
-    assert all(r.path == "portable" for r in negated.update_plan().values())
+    assert all(r.method == "portable" for r in negated.update_plan().values())
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     for slots_a, slots_b in zip(_stored(negated, got), _stored(standard, expected)):

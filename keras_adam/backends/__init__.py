@@ -7,9 +7,9 @@ a framework that the active Keras backend does not use.
 
 A fast path computes exactly the rule of `keras_adam._rule.rule` (the
 portable path) and is tested equal to it. It receives data, never the
-optimizer: the rule's `Hyper`, the step's `Step` (t, lr, scalars), the
-`Moments` holding the slots, and (gradient, variable) pairs. Each backend
-module defines one class with this interface:
+optimizer: the rule's `Hyper`, the step's `Step` (t, lr, scalars), and
+(gradient, variable, slots) triples, slots being the variable's (m, v, v_max)
+Keras variables. Each backend module defines one class with this interface:
 
     name            the path's name in the optimizer's plan
     exact_because   why it computes the rule exactly (shown in the plan)
@@ -17,10 +17,12 @@ module defines one class with this interface:
                     tf.distribute's per-variable update holds); False: called
                     once per step with all of its variables (multi-tensor)
     option_reason(hyper)                 classmethod: why not for these options
-    steps_aside(hyper)                   when it defers to the portable rule at
-                                         run time, in words ("" if never)
-    step_aside_reason(hyper)             why not in the current compile context
-    apply(pairs, hyper, step, moments)   updates the pairs; returns those it did not
+    portable_when(hyper)                 when the portable rule runs in its place
+                                         (a compile context), in words ("" if never)
+    portable_now(hyper)                  why the portable rule runs in its place in
+                                         the current compile context, or None
+    apply(items, hyper, step)            updates the (gradient, variable, slots)
+                                         triples; returns those it did not
 
 Both kernels update a variable's slots in place and are exact for the same
 dtypes, so which variables they may take is decided here (`variable_reason`).
@@ -80,12 +82,12 @@ def _option_reason(hyper, fused):
     return cls.option_reason(hyper)
 
 
-def variable_reason(variable, moments):
+def variable_reason(variable, storage):
     """Why a fused kernel cannot update `variable` (its dtype, its moments' storage), or None."""
     dtype = keras.backend.standardize_dtype(variable.dtype)
     if dtype not in FUSED_DTYPES:
         return f"the fused kernels are exact only for {FUSED_DTYPES}; the variable is {dtype}"
-    return moments.in_place_reason(variable)
+    return storage.in_place_reason(variable)
 
 
 def makes_sparse_gradients():
@@ -106,9 +108,11 @@ def trace_key():
     return tensorflow.trace_key()
 
 
-def one_pass(fn):
-    """`fn` compiled into fused passes over memory where the backend would
-    otherwise run one pass per op (TensorFlow without XLA); `fn` elsewhere.
+def compiled(fn):
+    """`fn` compiled by XLA as one cluster, fused into a few passes over memory,
+    where the backend would otherwise run one pass per op (TensorFlow, even
+    inside a tf.function without XLA); `fn` elsewhere (JAX's jit and
+    torch.compile fuse it with the rest of the step themselves).
 
     For whole tensors of fixed shapes only: each new shape compiles again.
     """
@@ -116,7 +120,7 @@ def one_pass(fn):
         return fn
     from keras_adam.backends import tensorflow
 
-    return tensorflow.one_pass(fn)
+    return tensorflow.compiled(fn)
 
 
 # Row primitives. Row-sparse gradients exist only on TensorFlow, so only its

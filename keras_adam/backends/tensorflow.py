@@ -52,7 +52,7 @@ class Fused:
     per_variable = True
 
     @staticmethod
-    def steps_aside(hyper):
+    def portable_when(hyper):
         if hyper.amsgrad:
             return "under XLA (ResourceApplyAdamWithAmsgrad has no XLA kernel)"
         return ""
@@ -71,20 +71,20 @@ class Fused:
             )
         return None
 
-    def step_aside_reason(self, hyper):
+    def portable_now(self, hyper):
         if hyper.amsgrad and control_flow_util.GraphOrParentsInXlaContext(
             tf.compat.v1.get_default_graph()
         ):
             return "ResourceApplyAdamWithAmsgrad has no XLA kernel"
         return None
 
-    def apply(self, pairs, hyper, step, moments):
-        """One fused Adam step on each (gradient, variable); see the module docstring."""
-        for gradient, variable in pairs:
+    def apply(self, items, hyper, step):
+        """One fused Adam step on each (gradient, variable, (m, v, v_max)); see the
+        module docstring."""
+        for gradient, variable, (m, v, v_max) in items:
             dtype = variable.dtype
             s = step.scalars(_kernel_hyper(hyper, dtype), dtype)
             zero = step.memo(("tensorflow-zero", dtype), lambda: tf.zeros((), dtype))
-            m, v, v_max = moments.slots(variable)
             common = dict(
                 var=variable.handle, m=m.handle, v=v.handle,
                 beta1_power=zero, beta2_power=zero,
@@ -174,7 +174,7 @@ def apply_if_finite(grads, variables, apply, skip, all_finite):
         cross_replica, args=(grads, variables))
 
 
-def one_pass(fn):
+def compiled(fn):
     """`fn` as one XLA cluster: its element-wise ops fuse into a few passes over
     memory even inside a tf.function without XLA (model.fit's default on CPU)."""
     return tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=False)

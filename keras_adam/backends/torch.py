@@ -38,7 +38,7 @@ class MultiTensor:
     per_variable = False
 
     @staticmethod
-    def steps_aside(hyper):
+    def portable_when(hyper):
         return "under torch.compile (jit_compile=True), which fuses the portable ops itself"
 
     @classmethod
@@ -47,7 +47,7 @@ class MultiTensor:
             return "torch._fused_adam_ has no Nesterov option"
         return None
 
-    def step_aside_reason(self, hyper):
+    def portable_now(self, hyper):
         # Under torch.compile (Keras's jit_compile=True on torch) the in-place
         # multi-tensor kernel fails Inductor's functionalization.
         if torch.compiler.is_compiling():
@@ -58,9 +58,9 @@ class MultiTensor:
         # The last step's tensor lists, for the same variables (see `_tensors`).
         self._cached = None
 
-    def apply(self, pairs, hyper, step, moments):
-        """One fused Adam step on all (gradient, variable) pairs."""
-        if not pairs:
+    def apply(self, items, hyper, step):
+        """One fused Adam step on all (gradient, variable, (m, v, v_max)) triples."""
+        if not items:
             return []
         t = int(_number(step.iterations)) + 1
         lr = _number(step.lr)
@@ -70,8 +70,8 @@ class MultiTensor:
         )
         kernel_step = float(t) if hyper.bias_correction else _NO_BIAS_CORRECTION_STEP
         with torch.no_grad():
-            for device, params, ms, vs, v_maxes, positions in self._tensors(pairs, moments):
-                gs = [pairs[i][0] for i in positions]
+            for device, params, ms, vs, v_maxes, positions in self._tensors(items):
+                gs = [items[i][0] for i in positions]
                 gs = [(g if g.dtype == p.dtype else g.to(p.dtype)).contiguous()
                       for g, p in zip(gs, params)]
                 steps = [torch.tensor(kernel_step, dtype=torch.float32, device=device)] * len(params)
@@ -82,8 +82,8 @@ class MultiTensor:
                 )
         return []
 
-    def _tensors(self, pairs, moments):
-        """Per (device, dtype): params, m, v, v_max tensors, and the pairs' positions.
+    def _tensors(self, items):
+        """Per (device, dtype): params, m, v, v_max tensors, and the items' positions.
 
         Reading a Keras variable's `value` costs some microseconds of checks
         (stateless scope, autocast), three times per variable and step: more
@@ -93,15 +93,16 @@ class MultiTensor:
         last step are reused while the same variables come. Inside such a
         scope (`stateless_apply`), `value` is read as before.
         """
-        variables = [variable for _, variable in pairs]
-        key = (tuple(map(id, variables)), id(moments))
+        variables = [variable for _, variable, _ in items]
+        slots = [slot for _, _, triple in items for slot in triple]
+        key = (tuple(map(id, variables)), tuple(map(id, slots)))
         scoped = _keras_scope_active()
         if not scoped and self._cached is not None and self._cached[0] == key:
             return self._cached[2]
         groups = {}
         for i, variable in enumerate(variables):
             param = variable.value
-            m, v, v_max = moments.slots(variable)
+            m, v, v_max = items[i][2]
             group = groups.setdefault((param.device, param.dtype), ([], [], [], [], []))
             group[0].append(param)
             group[1].append(m.value)
@@ -112,7 +113,7 @@ class MultiTensor:
         tensors = [(device, *lists) for (device, _), lists in groups.items()]
         if not scoped:
             # The variables are kept with their ids, so that no id is reused.
-            self._cached = (key, (variables, moments), tensors)
+            self._cached = (key, (variables, slots), tensors)
         return tensors
 
 

@@ -30,8 +30,9 @@ def variable_bytes(keras, variable):
 
 def state_bytes(keras, optimizer):
     """Bytes of every optimizer variable but the step counter and the learning rate."""
-    skip = {id(optimizer.iterations), id(optimizer._learning_rate)}
-    return sum(variable_bytes(keras, v) for v in optimizer.variables if id(v) not in skip)
+    # Keras names those two "iteration" and "learning_rate" (public variable names).
+    skip = {"iteration", "learning_rate"}
+    return sum(variable_bytes(keras, v) for v in optimizer.variables if v.name not in skip)
 
 
 def moment_formats(keras, keras_adam, harness, xla_modes, repeats, min_seconds, progress,

@@ -75,11 +75,11 @@ def _model(keras, keras_adam, width, shard):
     return model
 
 
-def _state_bytes(optimizer):
+def _state_bytes(model):
     """(bytes on device 0, bytes in all) of the optimizer's m, v, v_max."""
     device = total = 0
-    for variable in optimizer._trainable_variables:
-        for slot in optimizer.slots(variable):
+    for variable in model.trainable_variables:
+        for slot in model.optimizer.slots(variable):
             if slot is not None:
                 device += slot.value.addressable_shards[0].data.nbytes
                 total += slot.value.nbytes
@@ -114,7 +114,7 @@ def _measure(args):
               "parameters": sum(math.prod(v.shape) for v in models["whole"].trainable_weights),
               "batch": batch}
     for v, model in models.items():
-        device, total = _state_bytes(model.optimizer)
+        device, total = _state_bytes(model)
         result[v] = {"state_bytes_per_device": device, "state_bytes": total,
                      "step_ms": timing.summary(timings[v])}
     return result
