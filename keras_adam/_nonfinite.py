@@ -58,27 +58,39 @@ def _no_result(fn):
     return run
 
 
-def stateless_apply_if_finite(grads, mapping, outputs, apply, skip):
+def stateless_apply_if_finite(grads, model, optimizer, apply, skip):
     """The stateless form, for JAX's trainer: new values from `apply()` if every
     gradient is finite, else from `skip()`, both run in a `keras.StatelessScope`.
 
     Args:
         grads: this step's gradients.
-        mapping: [(Keras variable, its current value)] for every variable the
-            step may read (model and optimizer variables).
-        outputs: lists of Keras variables whose new values are returned
-            (the model's, the optimizer's), in that structure.
+        model: (the model variables the optimizer was built with, their values).
+        optimizer: (the optimizer's variables, their values).
         apply: runs the step (stateful code: it assigns inside the scope).
         skip: counts a skipped step.
 
     Returns:
-        One list of new values per list in `outputs`.
+        (new model values, new optimizer values), as
+        `keras.optimizers.Optimizer.stateless_apply`.
+
+    Raises:
+        ValueError: if a list of values does not match its variables.
     """
+    for (variables, values), name in ((model, "trainable_variables"),
+                                      (optimizer, "optimizer_variables")):
+        if len(variables) != len(values):
+            raise ValueError(
+                f"`{name}` must hold one value per variable: expected {len(variables)}, "
+                f"received {len(values)}."
+            )
+    mapping = list(zip(*model)) + list(zip(*optimizer))
+
     def in_scope(fn):
         def branch():
             with keras.StatelessScope(state_mapping=mapping) as scope:
                 fn()
-            return tuple([scope.get_current_value(v) for v in group] for group in outputs)
+            return tuple([scope.get_current_value(v) for v in variables]
+                         for variables in (model[0], optimizer[0]))
         return branch
 
     return ops.cond(all_finite(grads), in_scope(apply), in_scope(skip))

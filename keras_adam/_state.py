@@ -36,6 +36,7 @@ position, so this order is part of the file format.
 """
 
 import math
+import warnings
 
 import keras
 from keras import ops
@@ -315,12 +316,17 @@ class Blockwise8bit(Storage):
             self._assign(scale, scales)
 
 
-def for_options(amsgrad, moment_dtype, assign, shard_state=False,
-                block_size=_quantize.BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE):
-    """The `Storage` for an optimizer's options; `assign` is the optimizer's `assign`."""
-    placement = _sharding.Placement(shard_state)
+def for_options(options, assign):
+    """The `Storage` for an optimizer's `keras_adam._options.Options`; `assign`
+    is the optimizer's `assign`."""
+    no_sharding = _sharding.backend_reason()
+    if options["shard_state"] and no_sharding is not None:
+        warnings.warn(f"`shard_state=True` has no effect here: {no_sharding}.", stacklevel=3)
+    amsgrad, moment_dtype = options["amsgrad"], options["moment_dtype"]
+    placement = _sharding.Placement(options["shard_state"])
     if moment_dtype is None:
         return Storage(amsgrad, assign, placement)
     if moment_dtype == EIGHT_BIT:
-        return Blockwise8bit(amsgrad, assign, placement, block_size, min_8bit_size)
+        return Blockwise8bit(amsgrad, assign, placement, options["moment_block_size"],
+                             options["min_8bit_size"])
     return StoredAs(amsgrad, assign, moment_dtype, placement)

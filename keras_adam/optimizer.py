@@ -7,7 +7,6 @@ README's "How the code is laid out" is the map). The rule is
 any backend (the portable path), and every fast path is tested equal to it.
 """
 
-import warnings
 
 import keras
 import numpy as np
@@ -21,7 +20,6 @@ from keras_adam import _plan
 from keras_adam import _quantize
 from keras_adam import _rule
 from keras_adam import _saving
-from keras_adam import _sharding
 from keras_adam import _sparse
 from keras_adam import _state
 from keras_adam import _validation as check
@@ -37,6 +35,8 @@ class _Option:
     every assignment (`optimizer.beta_1 = 1.5` raises the constructor's error)."""
 
     def __set_name__(self, owner, name):
+        if name not in _options.FIELDS:
+            raise TypeError(f"{name!r} is not an option of keras_adam._options.FIELDS")
         self.name = name
 
     def __get__(self, obj, owner=None):
@@ -129,64 +129,30 @@ class Adam(Optimizer):
         - Dettmers et al., "8-bit Optimizers via Block-wise Quantization", 2022.
     """
 
-    beta_1 = _Option()
-    beta_2 = _Option()
-    epsilon = _Option()
-    amsgrad = _Option()
-    nesterov = _Option()
-    bias_correction = _Option()
-    epsilon_placement = _Option()
-    sparse_updates = _Option()
-    moment_dtype = _Option()
-    fused = _Option()
-    skip_nonfinite = _Option()
-    shard_state = _Option()
-    moment_block_size = _Option()
-    min_8bit_size = _Option()
+    # keras_adam's options (`keras_adam._options.FIELDS`), validated on every assignment.
+    (beta_1, beta_2, epsilon, amsgrad, nesterov, bias_correction, epsilon_placement,
+     sparse_updates, moment_dtype, fused, skip_nonfinite, shard_state, moment_block_size,
+     min_8bit_size) = (_Option() for _ in _options.FIELDS)
 
     def __init__(
-        self,
-        learning_rate=0.001,
-        beta_1=0.9,
-        beta_2=0.999,
-        epsilon=1e-7,
-        amsgrad=False,
-        nesterov=False,
-        bias_correction=True,
-        epsilon_placement="hat",
-        sparse_updates="exact",
-        moment_dtype=None,
-        fused=None,
-        skip_nonfinite=False,
-        shard_state=False,
-        moment_block_size=_quantize.BLOCK_SIZE,
-        min_8bit_size=_state.MIN_8BIT_SIZE,
-        weight_decay=None,
-        clipnorm=None,
-        clipvalue=None,
-        global_clipnorm=None,
-        use_ema=False,
-        ema_momentum=0.99,
-        ema_overwrite_frequency=None,
-        loss_scale_factor=None,
-        gradient_accumulation_steps=None,
-        name=None,
-        exclude_from_weight_decay=None,
+        self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
+        nesterov=False, bias_correction=True, epsilon_placement="hat",
+        sparse_updates="exact", moment_dtype=None, fused=None, skip_nonfinite=False,
+        shard_state=False, moment_block_size=_quantize.BLOCK_SIZE,
+        min_8bit_size=_state.MIN_8BIT_SIZE, weight_decay=None, clipnorm=None,
+        clipvalue=None, global_clipnorm=None, use_ema=False, ema_momentum=0.99,
+        ema_overwrite_frequency=None, loss_scale_factor=None,
+        gradient_accumulation_steps=None, name=None, exclude_from_weight_decay=None,
         **kwargs,
     ):
         super().__init__(
             learning_rate=check.learning_rate(learning_rate),
             weight_decay=check.non_negative("weight_decay", weight_decay, optional=True),
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-            use_ema=use_ema,
-            ema_momentum=ema_momentum,
+            clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm,
+            use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=ema_overwrite_frequency,
             loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            name=name,
-            **kwargs,
+            gradient_accumulation_steps=gradient_accumulation_steps, name=name, **kwargs,
         )
         self._options = _options.Options(
             beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, amsgrad=amsgrad,
@@ -208,23 +174,14 @@ class Adam(Optimizer):
             self._decay_exclusions = exclusions
 
     def build(self, var_list):
-        """Creates the slots m and v (and v_max with amsgrad) and plans each variable's path.
-
-        The slots' order is part of the `.keras` file format (see
-        `keras_adam._state`). The plan (`update_plan()`) is decided first, so
-        that `fused=True` can refuse a variable without leaving a half-built
-        optimizer.
-        """
+        """Creates the slots m and v (and v_max with amsgrad) in the order of the file
+        format (`keras_adam._state`), after planning each variable's update method,
+        so that `fused=True` can refuse a variable before anything is created."""
         if self.built:
             return
         options = self._options
-        no_sharding = _sharding.backend_reason()
-        if options["shard_state"] and no_sharding is not None:
-            warnings.warn(f"`shard_state=True` has no effect here: {no_sharding}.", stacklevel=2)
-        storage = _state.for_options(
-            options["amsgrad"], options["moment_dtype"], self.assign, options["shard_state"],
-            block_size=options["moment_block_size"], min_8bit_size=options["min_8bit_size"])
-        self._plan_now(var_list, storage)  # raises before anything is created
+        storage = _state.for_options(options, self.assign)
+        self._plan_now(var_list, storage)
         super().build(var_list)
         storage.create(var_list, self.add_variable_from_reference, self.add_variable,
                        self._overwrite_variable_with_gradient)
@@ -258,21 +215,12 @@ class Adam(Optimizer):
         return self._plans[key]
 
     def update_plan(self):
-        """Which method updates each variable, and why.
+        """Which method updates each variable, and why: {variable path: `Route`}.
 
-        Returns:
-            A dict {variable path: `Route`}, in the order the optimizer was
-            built with. A `Route` has `method` ("tensorflow-fused",
-            "torch-multi-tensor", "portable" or "overwritten"), `reason`,
-            `sparse` (what a row-sparse gradient gets: "exact", "lazy", or
-            "none" where the backend makes none), `portable_when` (when a fast
-            path gives way to the portable rule at run time) and `state`
-            (with `shard_state`, where the slots live).
-            `print(optimizer.update_plan())` shows one line per variable.
-
-        Raises:
-            ValueError: if the optimizer is not built yet, or `fused=True`
-                was assigned and a variable cannot take the kernel.
+        A `Route` (`keras_adam._plan.Route`) has `method`, `reason`, `sparse`,
+        `portable_when` and `state`; `print(optimizer.update_plan())` shows
+        one line per variable. Raises ValueError before `build`, or where an
+        assigned `fused=True` cannot hold for a variable.
         """
         self._require_built("update_plan()")
         _, routes = self._plan_now()
@@ -295,13 +243,9 @@ class Adam(Optimizer):
         return self._storage.state_variables(self._get_variable_index(variable))
 
     def moments(self, variable):
-        """The values of m, v (and v_max) of a model variable, in the update's compute dtype.
-
-        Whatever the storage: 8-bit codes are decoded (as the next step reads
-        them, guard included; see `keras_adam._state.Blockwise8bit`), bfloat16
-        moments widened. v_max is None without amsgrad; all three are None for
-        a variable Keras overwrites with its gradient.
-        """
+        """The values of m, v (and v_max) of a model variable, in the update's compute
+        dtype, whatever the storage: 8-bit codes decoded as the next step reads them
+        (`keras_adam._state.Blockwise8bit`). None where there is no such slot."""
         self._require_built("moments()")
         hyper = self._options.hyper()
         bound = _rule.moment_bound(hyper.beta_1, hyper.beta_2, self.iterations)
@@ -316,11 +260,8 @@ class Adam(Optimizer):
 
     @property
     def skipped_steps(self):
-        """With `skip_nonfinite=True`: how many steps were skipped for NaN or Inf gradients.
-
-        A saved variable (it is in `.keras` files and checkpoints). None
-        without `skip_nonfinite`, or before `build`.
-        """
+        """With `skip_nonfinite=True`, the (saved) count of steps skipped for NaN or
+        Inf gradients; None without it, or before `build`."""
         return self._skipped_steps
 
     def apply(self, grads, trainable_variables=None):
@@ -342,8 +283,7 @@ class Adam(Optimizer):
                                    lambda: self._skipped_steps.assign_add(1))
 
     def _apply_now(self, grads, trainable_variables=None):
-        """Keras's `apply`, with this step's cache of per-step values open."""
-        self._per_step.open()
+        self._per_step.open()  # Keras's `apply`, with per-step values cached
         try:
             return super().apply(grads, trainable_variables)
         finally:
@@ -356,18 +296,9 @@ class Adam(Optimizer):
         if not self._options["skip_nonfinite"]:
             return super().stateless_apply(optimizer_variables, grads, trainable_variables)
         self._require_built("stateless_apply()")
-        if len(optimizer_variables) != len(self.variables) or \
-                len(trainable_variables) != len(self._trainable_variables):
-            raise ValueError(
-                "`optimizer_variables` and `trainable_variables` must match "
-                f"optimizer.variables ({len(self.variables)}) and the variables the "
-                f"optimizer was built with ({len(self._trainable_variables)}). Received "
-                f"{len(optimizer_variables)} and {len(trainable_variables)}."
-            )
-        mapping = list(zip(self._trainable_variables, trainable_variables)) + list(
-            zip(self.variables, optimizer_variables))
         return _nonfinite.stateless_apply_if_finite(
-            grads, mapping, (self._trainable_variables, self.variables),
+            grads, (self._trainable_variables, trainable_variables),
+            (self.variables, optimizer_variables),
             lambda: self._apply_now(grads), lambda: self._skipped_steps.assign_add(1))
 
     def _apply_weight_decay(self, variables):
@@ -387,25 +318,18 @@ class Adam(Optimizer):
         if self._decay_exclusions is not None and self._decay_exclusions.var_indices:
             if self._decay_exclusions.excludes(self._get_variable_index(variable)):
                 return False
-        return super()._use_weight_decay(self._keras_variable(variable))
-
-    def _keras_variable(self, variable):
-        """The Keras variable for `variable` (Keras's TF optimizer hands update_step the
-        tf.Variable inside it, whose name differs)."""
+        # Keras's TF optimizer hands update_step the tf.Variable inside a Keras
+        # variable, whose name differs: ask with the Keras variable.
         try:
-            return self._trainable_variables[self._get_variable_index(variable)]
+            variable = self._trainable_variables[self._get_variable_index(variable)]
         except (KeyError, AttributeError):
-            return variable
+            pass
+        return super()._use_weight_decay(variable)
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """As `keras.optimizers.Optimizer.exclude_from_weight_decay`, and saved.
-
-        The exclusions become part of `get_config()` (`var_names` as given,
-        `var_list` as positions among the variables the optimizer is built
-        with, which a reloaded model has in the same order), so a reloaded
-        optimizer decays exactly the same variables. Call it before the
-        optimizer is built.
-        """
+        """As `keras.optimizers.Optimizer.exclude_from_weight_decay`, and kept in
+        `get_config()` (`keras_adam._decay`), so a reloaded optimizer decays the
+        same variables. Call it before the optimizer is built."""
         super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
         self._decay_exclusions = _decay.Exclusions(var_names or [])
 
@@ -436,11 +360,7 @@ class Adam(Optimizer):
         # once, which a per-variable update_step cannot do. Elsewhere Keras's
         # own method (tf.distribute-aware on TensorFlow) runs unchanged.
         # tests/test_backend_torch.py checks the kernel runs.
-        fast, routes = self._plan_now()
-        hyper = self._options.hyper()
-        indices = [self._get_variable_index(v) for v in trainable_variables]
-        methods = _plan.methods_now([routes[i] for i in indices],
-                                    [_sparse.is_sparse(g) for g in grads], fast, hyper)
+        fast, hyper, indices, methods = self._methods_now(grads, trainable_variables)
         super()._apply_weight_decay(
             [v for v, method in zip(trainable_variables, methods) if method != _plan.LAZY])
         if fast is not None and not fast.per_variable:
@@ -457,33 +377,34 @@ class Adam(Optimizer):
             grads, trainable_variables = map(list, zip(*rest))
         super()._backend_update_step(grads, trainable_variables, learning_rate)
 
+    def _methods_now(self, grads, variables):
+        """(fast path, Hyper, each variable's index and update method this step)."""
+        fast, routes = self._plan_now()
+        hyper = self._options.hyper()
+        indices = [self._get_variable_index(v) for v in variables]
+        methods = _plan.methods_now([routes[i] for i in indices],
+                                    [_sparse.is_sparse(g) for g in grads], fast, hyper)
+        return fast, hyper, indices, methods
+
     def _step(self, learning_rate):
         """This step's `Step` (t, lr and its scalars), once per apply and graph."""
         return self._per_step.get(
-            ("step", backends.trace_key()), lambda: Step(self.iterations, learning_rate)
-        )
+            ("step", backends.trace_key()), lambda: Step(self.iterations, learning_rate))
 
     def update_step(self, gradient, variable, learning_rate):
         """Applies one Adam step to `variable` by the method its plan names (`update_plan`)."""
-        fast, routes = self._plan_now()
-        hyper = self._options.hyper()
+        fast, hyper, (index,), (method,) = self._methods_now([gradient], [variable])
         step = self._step(learning_rate)
-        index = self._get_variable_index(variable)
-        method = _plan.methods_now([routes[index]], [_sparse.is_sparse(gradient)],
-                                   fast, hyper)[0]
         dtype = self._storage.compute_dtype(variable)
         bound = step.moment_bound(hyper) if self._storage.needs_bound else None
         if method == _plan.LAZY:
             decay = self.weight_decay if self._use_weight_decay(variable) else None
-            _sparse.lazy_update(
-                gradient, variable, (self._storage, index, bound),
-                hyper, step.scalars(hyper, dtype), decay, self.assign_sub,
-            )
-            return
+            return _sparse.lazy_update(gradient, variable, (self._storage, index, bound),
+                                       hyper, step.scalars(hyper, dtype), decay,
+                                       self.assign_sub)
         gradient = _sparse.densify(gradient)
         if fast is not None and method == fast.name and fast.per_variable:
-            fast.apply([(gradient, variable, self._storage.slots(index))], hyper, step)
-            return
+            return fast.apply([(gradient, variable, self._storage.slots(index))], hyper, step)
         # The portable path: the rule of the class docstring in `keras.ops`, on
         # any backend; every fast path is tested equal to it.
         m, v, v_max = self._storage.read(index, bound=bound)
@@ -509,12 +430,9 @@ class Adam(Optimizer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        """Rebuilds the optimizer from `get_config()` output, after checking it.
-
-        Unknown fields raise ValueError; a wrong type or out-of-range value
-        raises the constructor's error naming the field. The caller's dict is
-        not modified.
-        """
+        """Rebuilds the optimizer from `get_config()` output, after checking it: an
+        unknown field, a wrong type or value raises the constructor's error naming
+        it. The caller's dict is not modified."""
         serialization.check_config(cls, config)
         return super().from_config(dict(config), custom_objects=custom_objects)
 
@@ -524,7 +442,9 @@ def _named_variables(optimizer):
     is known: Keras's own (a private seam: Keras names no public accessor for the
     learning-rate variable, EMA averages or accumulators; tests/test_persistence.py
     fails if they move) and the moments' (`keras_adam._state`)."""
-    named = [(optimizer.iterations, "iteration", "")]
+    # `iterations` is a tensor (the optimizer steps) under gradient
+    # accumulation; the counter variable itself is `_iterations`.
+    named = [(optimizer._iterations, "iteration", "")]
     for role, variable in [("learning_rate", getattr(optimizer, "_learning_rate", None)),
                            ("skipped_steps", optimizer.skipped_steps)]:
         if isinstance(variable, keras.Variable):

@@ -33,7 +33,7 @@ class Negated(_state.Storage):
 
 def _negated_format(patch):
     patch.setattr(_state, "for_options",
-                  lambda amsgrad, moment_dtype, assign, *_, **__: Negated(amsgrad, assign))
+                  lambda options, assign: Negated(options["amsgrad"], assign))
 
 
 def _stored(optimizer, variables):
