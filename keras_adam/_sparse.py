@@ -57,7 +57,7 @@ def densify(gradient):
     indices = ops.expand_dims(gradient.indices, -1)
     # The scatter needs the shape in the indices' dtype. They differ in real
     # gradients: an Embedding fed by keras.Input(dtype="int64") gives int64
-    # indices with an int32 dense_shape (issue #14).
+    # indices with an int32 dense_shape.
     shape = ops.cast(gradient.dense_shape, indices.dtype)
     return ops.scatter(indices, gradient.values, shape)
 

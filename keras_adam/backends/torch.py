@@ -87,7 +87,7 @@ class MultiTensor:
 
         Reading a Keras variable's `value` costs some microseconds of checks
         (stateless scope, autocast), three times per variable and step: more
-        than the kernel itself for small variables (issue #17). Outside a
+        than the kernel itself for small variables. Outside a
         StatelessScope and an autocast scope `value` is the variable's own
         Parameter, which assignments update in place, so the lists of the
         last step are reused while the same variables come. Inside such a
