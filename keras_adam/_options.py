@@ -14,6 +14,7 @@ derived from them when it is needed, so nothing has to be kept in sync.
 """
 
 from keras_adam import _quantize
+from keras_adam import _rounding
 from keras_adam import _rule
 from keras_adam import _sparse
 from keras_adam import _state
@@ -38,12 +39,13 @@ FIELDS = {
     "shard_state": (check.boolean, False),
     "moment_block_size": (check.integer(minimum=1), _quantize.BLOCK_SIZE),
     "min_8bit_size": (check.integer(minimum=0), MIN_8BIT_SIZE),
+    "weight_rounding": (check.one_of(_rounding.ROUNDINGS, optional=True), None),
 }
 
-# These decide the optimizer's variables (m, v, v_max, the 8-bit scales,
-# skipped_steps): their number, dtype and layout.
+# These decide the optimizer's variables (m, v, v_max, the 8-bit scales, the
+# compensations, skipped_steps, the rounding seed): their number, dtype and layout.
 FIXED_AFTER_BUILD = ("amsgrad", "moment_dtype", "skip_nonfinite", "shard_state",
-                     "moment_block_size", "min_8bit_size")
+                     "moment_block_size", "min_8bit_size", "weight_rounding")
 
 
 class Options:

@@ -36,6 +36,8 @@ class Route:
             (a compile context; empty if never).
         state: with `shard_state=True`, where the slots live across devices
             (`keras_adam._sharding`); empty otherwise.
+        rounding: how the new value is written: "nearest", or for 16-bit
+            float variables "stochastic" or "compensated" (`keras_adam._rounding`).
     """
 
     method: str
@@ -43,6 +45,7 @@ class Route:
     sparse: str = SPARSE_NONE
     portable_when: str = ""
     state: str = ""
+    rounding: str = "nearest"
 
 
 class Plan(dict):
@@ -62,6 +65,8 @@ class Plan(dict):
                 line += f"; portable {route.portable_when}"
             if route.state:
                 line += f"; {route.state}"
+            if route.rounding != "nearest":
+                line += f"; written with {route.rounding} rounding"
             lines.append(line)
         return "\n".join(lines)
 
@@ -102,7 +107,8 @@ def plan(variables, hyper, fused, sparse_updates, storage, overwritten):
             raise ValueError(
                 f"`fused=True` is not possible: variable {variable.path!r}: {reason}."
             )
-        routes.append(Route(PORTABLE, reason, sparse, state=state))
+        routes.append(Route(PORTABLE, reason, sparse, state=state,
+                            rounding=storage.rounding(variable)))
     return fast, tuple(routes)
 
 

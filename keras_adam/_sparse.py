@@ -69,7 +69,8 @@ def deduplicate_all(grads):
     return [deduplicate(g) if is_sparse(g) else g for g in grads]
 
 
-def lazy_update(gradient, variable, state, hyper, scalars, weight_decay, assign_sub):
+def lazy_update(gradient, variable, state, hyper, scalars, weight_decay, assign_sub,
+                noise=None):
     """Adam on the rows present in `gradient`; every other row is left as it is.
 
     Args:
@@ -83,6 +84,8 @@ def lazy_update(gradient, variable, state, hyper, scalars, weight_decay, assign_
         weight_decay: the decay rate if decoupled weight decay applies to
             this variable, else None.
         assign_sub: the optimizer's `assign_sub` (scatters row updates).
+        noise: (seed, t) for a 16-bit variable written with stochastic or
+            compensated rounding (`keras_adam._rounding`), else None.
     """
     storage, index, bound = state
     # Deduplicated again: an all-reduce may concatenate replicas' rows.
@@ -92,9 +95,14 @@ def lazy_update(gradient, variable, state, hyper, scalars, weight_decay, assign_
     g = ops.cast(gradient.values, dtype)
     m, v, v_max = storage.read(index, rows, bound)
     m, v, v_max, step = _rule.rule(g, m, v, v_max, scalars, hyper)
-    storage.write(index, m, v, v_max, rows)
+    storage.write(index, m, v, v_max, rows, noise)
+    if noise is not None:
+        theta = storage.read_variable(index, variable, rows)
+    elif weight_decay is not None:
+        theta = ops.cast(backends.gather_rows(variable, rows), dtype)
     if weight_decay is not None:
         # Keras decays before the step; both are subtracted from the same theta_r.
-        theta = ops.cast(backends.gather_rows(variable, rows), dtype)
         step += theta * ops.cast(weight_decay, dtype) * scalars.lr
+    if noise is not None:
+        return storage.write_variable(index, variable, theta - step, noise, rows)
     assign_sub(variable, backends.row_slices(ops.cast(step, variable.dtype), rows))

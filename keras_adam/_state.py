@@ -42,6 +42,7 @@ import keras
 from keras import ops
 
 from keras_adam import _quantize
+from keras_adam import _rounding
 from keras_adam import _rule
 from keras_adam import _sharding
 from keras_adam import backends
@@ -62,17 +63,22 @@ class Storage:
             row-sparse `value` assigns those rows only).
         placement: the slots' device layout (`keras_adam._sharding.Placement`);
             defaults to each variable's own layout, as Keras's.
+        weight_rounding: the `weight_rounding` option: how a 16-bit float
+            variable (and its moments stored in 16 bits) is written
+            (`keras_adam._rounding`). Defaults to None.
     """
 
     # Whether `read` uses the moment bound (callers skip computing it if not).
     needs_bound = False
 
-    def __init__(self, amsgrad, assign, placement=None):
+    def __init__(self, amsgrad, assign, placement=None, weight_rounding=None):
         self.amsgrad = amsgrad
         self.placement = placement or _sharding.Placement(shard=False)
+        self.weight_rounding = weight_rounding
         self._assign = assign
         self._variables = None
         self._slots = None
+        self._compensation = None
 
     def create(self, var_list, add_like, add_new, overwritten):
         """Creates the slots for `var_list` (see the module docstring for the order).
@@ -97,6 +103,12 @@ class Storage:
 
         m, v = slots(["m", "v"])
         v_max = slots(["v_max"])[0] if self.amsgrad else [None] * len(m)
+        # Kahan compensations, in the variable's dtype and layout, after
+        # every slot (files of other roundings keep their layout).
+        self._compensation = [
+            add_like(variable, "compensation")
+            if self.rounding(variable) == "compensated" and not overwritten(variable)
+            else None for variable in var_list]
         self._variables = list(var_list)
         self._slots = list(zip(m, v, v_max))
 
@@ -123,15 +135,25 @@ class Storage:
         The roles are "m", "v", "v_max" here; a format that stores more (the
         8-bit scales) adds its own. `keras_adam._saving` names them in files.
         """
-        return {role: slot for role, slot in zip(("m", "v", "v_max"), self.slots(index))
-                if slot is not None}
+        state = {role: slot for role, slot in zip(("m", "v", "v_max"), self.slots(index))
+                 if slot is not None}
+        if self._compensation[index] is not None:
+            state["compensation"] = self._compensation[index]
+        return state
+
+    def rounding(self, variable):
+        """How `variable` is written: "nearest", "stochastic" or "compensated"."""
+        return _rounding.rounding_for(keras.backend.standardize_dtype(variable.dtype),
+                                      self.weight_rounding)
 
     def _stored_dtype(self, variable):
         return variable.dtype
 
     def compute_dtype(self, variable):
-        """The dtype of the update's arithmetic for `variable`."""
-        return keras.backend.standardize_dtype(variable.dtype)
+        """The dtype of the update's arithmetic for `variable`: its own, or float32
+        where a 16-bit variable is written with stochastic or compensated rounding."""
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        return dtype if self.rounding(variable) == "nearest" else _rule.wide_dtype(dtype)
 
     def in_place_reason(self, variable):
         """Why a fused kernel may not update the slots in place, or None.
@@ -152,11 +174,53 @@ class Storage:
             for slot in self.slots(index)
         )
 
-    def write(self, index, m, v, v_max, rows=None):
-        """Stores new m, v (and v_max) for model variable `index` (or for its `rows`)."""
-        for slot, value in zip(self.slots(index), (m, v, v_max)):
+    def write(self, index, m, v, v_max, rows=None, noise=None):
+        """Stores new m, v (and v_max) for model variable `index` (or for its `rows`).
+
+        `noise` is (seed, t) where the variable is written with stochastic or
+        compensated rounding: moments stored in 16 bits are then rounded
+        stochastically too, so that their small updates survive as well.
+        """
+        for kind, (slot, value) in enumerate(zip(self.slots(index), (m, v, v_max))):
             if slot is not None:
+                value = self._rounded(value, slot, index, kind + 1, rows, noise)
                 self._assign(slot, self._encode(slot, value, rows))
+
+    def _rounded(self, value, slot, index, kind, rows, noise):
+        """`value` stochastically rounded to a 16-bit `slot`'s dtype where `noise` says so."""
+        dtype = keras.backend.standardize_dtype(slot.dtype)
+        if noise is None or dtype not in _rounding.SIXTEEN_BIT:
+            return value
+        u = self._uniform(index, kind, rows, noise)
+        return _rounding.stochastic(ops.cast(value, "float32"), dtype, u)
+
+    def _uniform(self, index, kind, rows, noise):
+        # One stream per (variable, slot): kind 0 is the variable, 1-3 m, v, v_max.
+        seed, t = noise
+        positions = _rounding.element_index(self._variables[index].shape, rows)
+        return _rounding.uniform(seed, t, 4 * index + kind, positions)
+
+    def read_variable(self, index, variable, rows=None):
+        """theta of a variable written with stochastic or compensated rounding, in
+        float32: theta + compensation for "compensated" (`keras_adam._rounding`)."""
+        theta = variable if rows is None else backends.gather_rows(variable, rows)
+        theta = ops.cast(theta, "float32")
+        compensation = self._compensation[index]
+        if compensation is None:
+            return theta
+        c = compensation if rows is None else backends.gather_rows(compensation, rows)
+        return theta + ops.cast(c, "float32")
+
+    def write_variable(self, index, variable, target, noise, rows=None):
+        """Writes float32 `target` into a 16-bit variable (or its `rows`) by its rounding."""
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        compensation = self._compensation[index]
+        if compensation is None:
+            values = _rounding.stochastic(target, dtype, self._uniform(index, 0, rows, noise))
+        else:
+            values, c = _rounding.compensated(target, dtype)
+            self._assign(compensation, c if rows is None else backends.row_slices(c, rows))
+        self._assign(variable, values if rows is None else backends.row_slices(values, rows))
 
     def _decode(self, slot, dtype, rows):
         stored = slot if rows is None else backends.gather_rows(slot, rows)
@@ -176,8 +240,8 @@ class StoredAs(Storage):
     float32 variables.
     """
 
-    def __init__(self, amsgrad, assign, dtype, placement=None):
-        super().__init__(amsgrad, assign, placement)
+    def __init__(self, amsgrad, assign, dtype, placement=None, weight_rounding=None):
+        super().__init__(amsgrad, assign, placement, weight_rounding)
         self.dtype = dtype
 
     def _stored_dtype(self, variable):
@@ -229,8 +293,8 @@ class Blockwise8bit(Storage):
     needs_bound = True
 
     def __init__(self, amsgrad, assign, placement=None, block_size=_quantize.BLOCK_SIZE,
-                 min_size=MIN_8BIT_SIZE):
-        super().__init__(amsgrad, assign, placement)
+                 min_size=MIN_8BIT_SIZE, weight_rounding=None):
+        super().__init__(amsgrad, assign, placement, weight_rounding)
         self.block_size = block_size
         self.min_size = min_size
         # id(code slot) -> (its scale variable, `Blocking`, signed)
@@ -300,9 +364,9 @@ class Blockwise8bit(Storage):
             decoded = _quantize.decode(codes, scales, signed, blocks)
         return ops.cast(decoded, dtype)
 
-    def write(self, index, m, v, v_max, rows=None):
+    def write(self, index, m, v, v_max, rows=None, noise=None):
         if not self.quantizes(self._variables[index]):
-            return super().write(index, m, v, v_max, rows)
+            return super().write(index, m, v, v_max, rows, noise)
         for slot, value in zip(self.slots(index), (m, v, v_max)):
             if slot is None:
                 continue
@@ -324,9 +388,10 @@ def for_options(options, assign):
         warnings.warn(f"`shard_state=True` has no effect here: {no_sharding}.", stacklevel=3)
     amsgrad, moment_dtype = options["amsgrad"], options["moment_dtype"]
     placement = _sharding.Placement(options["shard_state"])
+    rounding = options["weight_rounding"]
     if moment_dtype is None:
-        return Storage(amsgrad, assign, placement)
+        return Storage(amsgrad, assign, placement, rounding)
     if moment_dtype == EIGHT_BIT:
         return Blockwise8bit(amsgrad, assign, placement, options["moment_block_size"],
-                             options["min_8bit_size"])
-    return StoredAs(amsgrad, assign, moment_dtype, placement)
+                             options["min_8bit_size"], rounding)
+    return StoredAs(amsgrad, assign, moment_dtype, placement, rounding)

@@ -132,7 +132,7 @@ class Adam(Optimizer):
     # keras_adam's options (`keras_adam._options.FIELDS`), validated on every assignment.
     (beta_1, beta_2, epsilon, amsgrad, nesterov, bias_correction, epsilon_placement,
      sparse_updates, moment_dtype, fused, skip_nonfinite, shard_state, moment_block_size,
-     min_8bit_size) = (_Option() for _ in _options.FIELDS)
+     min_8bit_size, weight_rounding) = (_Option() for _ in _options.FIELDS)
 
     def __init__(
         self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
@@ -143,7 +143,7 @@ class Adam(Optimizer):
         clipvalue=None, global_clipnorm=None, use_ema=False, ema_momentum=0.99,
         ema_overwrite_frequency=None, loss_scale_factor=None,
         gradient_accumulation_steps=None, name=None, exclude_from_weight_decay=None,
-        **kwargs,
+        weight_rounding=None, **kwargs,
     ):
         super().__init__(
             learning_rate=check.learning_rate(learning_rate),
@@ -160,11 +160,12 @@ class Adam(Optimizer):
             epsilon_placement=epsilon_placement, sparse_updates=sparse_updates,
             moment_dtype=moment_dtype, fused=fused, skip_nonfinite=skip_nonfinite,
             shard_state=shard_state, moment_block_size=moment_block_size,
-            min_8bit_size=min_8bit_size,
+            min_8bit_size=min_8bit_size, weight_rounding=weight_rounding,
         )
         self._storage = None
         self._plans = {}  # options -> (fast path, routes): see `_plan_now`
         self._skipped_steps = None
+        self._rounding_seed = None
         self._loaded_before_build = None  # `_saving.read`'s result, applied at build
         self._per_step = PerStepCache()
         self._decay_exclusions = None
@@ -194,6 +195,13 @@ class Adam(Optimizer):
             self._skipped_steps = self.add_variable(
                 shape=(), dtype="int", name="skipped_steps", aggregation="none",
             )
+        if any(storage.rounding(v) != "nearest" for v in var_list):
+            # The seed of the rounding's counter-based randomness
+            # (`keras_adam._rounding`): drawn from NumPy's generator, which
+            # `keras.utils.set_random_seed` seeds, and saved with the state.
+            self._rounding_seed = self.add_variable(
+                shape=(), dtype="int32", name="rounding_seed", aggregation="none")
+            self._rounding_seed.assign(np.random.randint(0, 2**31 - 1))
         if self._loaded_before_build is not None:
             loaded, self._loaded_before_build = self._loaded_before_build, None
             _saving.assign(loaded, self.variables, self._roles(), self.name,
@@ -361,8 +369,13 @@ class Adam(Optimizer):
         # own method (tf.distribute-aware on TensorFlow) runs unchanged.
         # tests/test_backend_torch.py checks the kernel runs.
         fast, hyper, indices, methods = self._methods_now(grads, trainable_variables)
-        super()._apply_weight_decay(
-            [v for v, method in zip(trainable_variables, methods) if method != _plan.LAZY])
+        # Variables written with stochastic or compensated rounding decay in
+        # float32 within their step, as lazy ones do on their rows.
+        decayed = [v for v, method in zip(trainable_variables, methods)
+                   if method != _plan.LAZY and self._storage.rounding(v) == "nearest"
+                   and self._use_weight_decay(v)]
+        if decayed:  # torch's foreach decay refuses an empty list
+            super()._apply_weight_decay(decayed)
         if fast is not None and not fast.per_variable:
             mine, rest = [], []
             for g, v, i, method in zip(grads, trainable_variables, indices, methods):
@@ -397,21 +410,32 @@ class Adam(Optimizer):
         step = self._step(learning_rate)
         dtype = self._storage.compute_dtype(variable)
         bound = step.moment_bound(hyper) if self._storage.needs_bound else None
+        noise = None
+        if self._storage.rounding(variable) != "nearest":
+            noise = (self._rounding_seed, step.t)
+        decay = self.weight_decay if self._use_weight_decay(variable) else None
         if method == _plan.LAZY:
-            decay = self.weight_decay if self._use_weight_decay(variable) else None
             return _sparse.lazy_update(gradient, variable, (self._storage, index, bound),
                                        hyper, step.scalars(hyper, dtype), decay,
-                                       self.assign_sub)
+                                       self.assign_sub, noise)
         gradient = _sparse.densify(gradient)
         if fast is not None and method == fast.name and fast.per_variable:
             return fast.apply([(gradient, variable, self._storage.slots(index))], hyper, step)
         # The portable path: the rule of the class docstring in `keras.ops`, on
         # any backend; every fast path is tested equal to it.
         m, v, v_max = self._storage.read(index, bound=bound)
-        m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max,
-                                        step.scalars(hyper, dtype), hyper)
-        self._storage.write(index, m, v, v_max)
-        self.assign_sub(variable, ops.cast(delta, variable.dtype))
+        scalars = step.scalars(hyper, dtype)
+        m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars,
+                                        hyper)
+        self._storage.write(index, m, v, v_max, noise=noise)
+        if noise is None:
+            return self.assign_sub(variable, ops.cast(delta, variable.dtype))
+        # A 16-bit variable: the new value in float32 (decoupled decay first, as
+        # Keras applies it), then written by its rounding.
+        theta = self._storage.read_variable(index, variable)
+        if decay is not None:
+            delta += theta * ops.cast(decay, dtype) * scalars.lr
+        self._storage.write_variable(index, variable, theta - delta, noise)
 
     def get_config(self):
         config = super().get_config()
@@ -446,7 +470,8 @@ def _named_variables(optimizer):
     # accumulation; the counter variable itself is `_iterations`.
     named = [(optimizer._iterations, "iteration", "")]
     for role, variable in [("learning_rate", getattr(optimizer, "_learning_rate", None)),
-                           ("skipped_steps", optimizer.skipped_steps)]:
+                           ("skipped_steps", optimizer.skipped_steps),
+                           ("rounding_seed", optimizer._rounding_seed)]:
         if isinstance(variable, keras.Variable):
             named.append((variable, role, ""))
     model_variables = optimizer._trainable_variables

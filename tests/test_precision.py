@@ -47,15 +47,16 @@ def test_float32_moments_keep_v_exact_for_bfloat16_variables():
     errors = {}
     for moment_dtype in (None, "float32"):
         variable = keras.Variable(np.zeros(11), dtype="bfloat16")
-        optimizer = keras_adam.Adam(moment_dtype=moment_dtype)
+        # Nearest rounding computes in the variable's dtype, as the built-in.
+        optimizer = keras_adam.Adam(moment_dtype=moment_dtype, weight_rounding="nearest")
         _apply(optimizer, variable, sequence)
         _, state = reference.run(np.zeros(11), sequence)
         v = _np(optimizer.slots(variable)[1])
         errors[moment_dtype] = np.max(np.abs(v - state.v) / state.v)
     # float32 arithmetic and storage: ~2u per step relative (tests/grid.py).
     assert errors["float32"] <= 2 * steps * UNIT_ROUNDOFF
-    # bfloat16 moments (the default for bfloat16 variables, as in the built-in):
-    # beta_2 = 0.999 rounds to 1, so v never decays; the error is large.
+    # bfloat16 moments with bfloat16 arithmetic (nearest rounding, as in the
+    # built-in): beta_2 = 0.999 rounds to 1, so v never decays; the error is large.
     assert errors[None] > 0.05
 
 
@@ -170,17 +171,23 @@ def test_extreme_float32_gradients_behave_as_the_builtin(magnitude):
 
 def test_float16_variables_need_float32_moments_for_large_gradients():
     # In float16, g^2 overflows above |g| = 256 (max 65504): with float16
-    # moments (the default, as the built-in) v = inf and the step is 0. With
-    # float32 moments the first step is lr, as the rule says (closed form).
+    # arithmetic and moments (nearest rounding, as the built-in) v = inf and
+    # the step is 0. With float32 moments, or with the default rounding for
+    # 16-bit variables (float32 arithmetic; v = 1e3 fits float16), the first
+    # step is lr, as the rule says (closed form).
     steps = {}
-    for moment_dtype in (None, "float32"):
+    for moment_dtype, rounding in ((None, "nearest"), ("float32", "nearest"),
+                                   (None, None)):
         variable = keras.Variable(np.array([1.0], "float16"))
-        _apply(keras_adam.Adam(learning_rate=0.01, moment_dtype=moment_dtype), variable,
+        _apply(keras_adam.Adam(learning_rate=0.01, moment_dtype=moment_dtype,
+                               weight_rounding=rounding), variable,
                [np.array([1e3])], dtype="float16")
-        steps[moment_dtype] = 1.0 - _np(variable)[0]
-    assert steps[None] == 0.0
-    # float16 theta near 1 has spacing 2^-10 ~ 1e-3: 0.99 is stored as 0.98999.
-    assert steps["float32"] == pytest.approx(0.01, abs=1e-3)
+        steps[moment_dtype, rounding] = 1.0 - _np(variable)[0]
+    assert steps[None, "nearest"] == 0.0
+    # float16 theta near 1 has spacing 2^-10 ~ 1e-3: 0.99 is stored as 0.98999
+    # (nearest), or as one of its two neighbours (stochastic).
+    assert steps["float32", "nearest"] == pytest.approx(0.01, abs=1e-3)
+    assert steps[None, None] == pytest.approx(0.01, abs=1e-3)
 
 
 def test_nan_and_inf_gradients_as_the_builtin():

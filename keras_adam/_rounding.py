@@ -1,0 +1,135 @@
+"""Writing a float32 result into a 16-bit float variable without losing small updates.
+
+A bfloat16 weight keeps 8 significant bits: writing theta - step back with
+round-to-nearest drops every step below half a unit in the last place
+(ulp, 2^-8 relative), so small updates vanish and training stalls. Two
+remedies (Zamirai et al., 2020), chosen by `Adam(weight_rounding=...)`:
+
+"stochastic": round x to one of its two neighbours y_lo <= x <= y_hi in the
+    16-bit format, up with probability (x - y_lo) / (y_hi - y_lo). Then
+    E[write] = x exactly: the updates survive on average.
+
+"compensated": Kahan summation. A compensation c in the variable's dtype
+    keeps what the write dropped:
+
+        target = (theta + c) - step           (float32)
+        theta  = round_nearest(target)
+        c      = round_nearest(target - theta)
+
+    so theta + c follows the float32 trajectory to within c's own rounding
+    (2^-9 of c, and |c| <= half an ulp of theta).
+
+"nearest": round to nearest (what an assignment does).
+
+The randomness is counter-based: the uniform number for an element is a
+hash of (seed, step t, stream, element index), where the stream names the
+variable and the slot. It needs no state beyond one saved seed, so a run is
+reproducible from `keras.utils.set_random_seed`, resumes bit for bit from a
+file (t and the seed are saved), gives every tf.distribute replica the same
+bits, and draws the same numbers for an element whether a step updates the
+whole variable or some of its rows (the index is the element's position in
+the whole variable).
+"""
+
+from keras import ops
+
+ROUNDINGS = ("nearest", "stochastic", "compensated")
+SIXTEEN_BIT = ("bfloat16", "float16")
+
+# The 16-bit formats: significand bits after the point, smallest normal
+# exponent (below it values are subnormal, with that exponent's spacing).
+_FORMATS = {"bfloat16": (7, -126), "float16": (10, -14)}
+
+# Multipliers of the integer mixer below (odd 32-bit constants with good
+# avalanche; written as int32, the same bits).
+_MIX_1 = 0x7FEB352D
+_MIX_2 = 0x846CA68B - (1 << 32)
+_GOLDEN = 0x9E3779B9 - (1 << 32)
+
+
+def rounding_for(dtype, weight_rounding):
+    """The rounding a variable of `dtype` gets: nearest for all but 16-bit floats, whose
+    default (None) is "stochastic"."""
+    if dtype not in SIXTEEN_BIT:
+        return "nearest"
+    return weight_rounding or "stochastic"
+
+
+def _logical_shift(x, k):
+    """x >> k on int32 bits as unsigned (the backends shift signed ints arithmetically)."""
+    return ops.bitwise_and(ops.right_shift(x, k), (1 << (32 - k)) - 1)
+
+
+def _mix(x):
+    """A bijective 32-bit integer hash on int32 (multiplications wrap modulo 2^32)."""
+    x = ops.bitwise_xor(x, _logical_shift(x, 16))
+    x = x * _MIX_1
+    x = ops.bitwise_xor(x, _logical_shift(x, 15))
+    x = x * _MIX_2
+    return ops.bitwise_xor(x, _logical_shift(x, 16))
+
+
+def uniform(seed, t, stream, index):
+    """Uniform numbers in [0, 1) with 24 random bits, one per element of `index`.
+
+    Args:
+        seed: a scalar int32 tensor (the optimizer's saved rounding seed).
+        t: the 1-based step, a scalar int tensor.
+        stream: a Python int naming the variable and slot.
+        index: int32 positions of the elements in their whole variable.
+    """
+    key = _mix(ops.cast(t, "int32") * _GOLDEN + stream)
+    key = _mix(ops.bitwise_xor(ops.cast(seed, "int32"), key))
+    bits = _mix(ops.bitwise_xor(index * _GOLDEN, key))
+    return ops.cast(_logical_shift(bits, 8), "float32") * (2.0 ** -24)
+
+
+def element_index(shape, rows=None):
+    """int32 positions in the whole variable of the elements of a (rows of a)
+    variable of `shape`; `rows` are the row indices of a row-sparse update."""
+    size = 1
+    for d in shape:
+        size *= int(d)
+    if rows is None:
+        return ops.reshape(ops.arange(size, dtype="int32"), shape)
+    row_size = size // int(shape[0]) if shape and int(shape[0]) else 0
+    within = ops.reshape(ops.arange(row_size, dtype="int32"), (1, *shape[1:]))
+    rows = ops.reshape(ops.cast(rows, "int32"), (-1,) + (1,) * (len(shape) - 1))
+    return rows * row_size + within
+
+
+def stochastic(x, dtype, u):
+    """`x` (float32) rounded to `dtype` up or down at random: E[result] = x.
+
+    y = nearest(x); d = x - y is exact (Sterbenz). The neighbour on d's side
+    is y + sign(d) * s, s the format's spacing there (half below a power of
+    two); it is taken with probability |d| / s, so E = y + d = x. `u` holds
+    uniform numbers in [0, 1), one per element.
+    """
+    mantissa, min_exponent = _FORMATS[dtype]
+    y = ops.cast(ops.cast(x, dtype), "float32")
+    d = x - y
+    # The exponent of |y| from its float32 bits (exact, unlike log2).
+    exponent = ops.bitwise_and(ops.right_shift(ops.view(y, "int32"), 23), 0xFF) - 127
+    exponent = ops.maximum(exponent, min_exponent)
+    # 2^(exponent - mantissa) from its bits; bfloat16's subnormal spacing is
+    # below float32's normals and is floored at 2^-126 (values under 1e-36).
+    spacing = ops.view(ops.left_shift(ops.maximum(exponent - mantissa + 127, 1), 23),
+                       "float32")
+    power_of_two = ops.equal(ops.abs(y), ops.view(ops.left_shift(exponent + 127, 23),
+                                                  "float32"))
+    toward_zero = ops.less(d * y, 0.0)
+    below = ops.logical_and(ops.logical_and(power_of_two, toward_zero),
+                            ops.greater(exponent, min_exponent))
+    spacing = ops.where(below, spacing * 0.5, spacing)
+    away = ops.less(u * spacing, ops.abs(d))
+    # Where y is not finite (overflow, NaN) d is NaN and `away` False: y stays.
+    result = ops.where(away, y + ops.sign(d) * spacing, y)
+    return ops.cast(result, dtype)
+
+
+def compensated(target, dtype):
+    """(theta, c) in `dtype` with theta + c = `target` (float32) to within c's rounding."""
+    theta = ops.cast(target, dtype)
+    c = ops.cast(target - ops.cast(theta, "float32"), dtype)
+    return theta, c

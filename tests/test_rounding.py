@@ -1,0 +1,192 @@
+"""`weight_rounding`: 16-bit float variables written without losing small updates.
+
+Oracles: closed forms (a constant step of lr from a constant gradient, whose
+exact sum is known), the unbiasedness of stochastic rounding, Kahan's bound,
+and float32 runs of the same optimizer with nearest rounding (unchanged code).
+"""
+
+import keras
+import numpy as np
+import pytest
+from grid import gradient_sequence, initial_values, run_optimizer
+
+import keras_adam
+from keras_adam import _rounding
+
+N_STEPS = 200
+LR = 1e-4  # far below half an ulp of 1.0 in bfloat16 (2^-9 = 2e-3)
+SIZE = 4096
+# bfloat16 spacing just below 1.0 (8 significant bits): 2^-8.
+SPACING_BELOW_ONE = 2.0 ** -8
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")).astype(np.float64)
+
+
+def _constant_steps(rounding, steps=N_STEPS):
+    """A bfloat16 variable of ones moved by a constant step of ~lr: with a constant
+    gradient g = 1, m_hat = g and v_hat = g^2 exactly, so each step is
+    lr * 1 / (1 + epsilon) (closed form, epsilon-hat 1e-7 and c2 ~ 1)."""
+    variable = keras.Variable(np.ones(SIZE), dtype="bfloat16")
+    optimizer = keras_adam.Adam(learning_rate=LR, weight_rounding=rounding)
+    optimizer.build([variable])
+    g = keras.ops.ones((SIZE,), "bfloat16")
+    for _ in range(steps):
+        optimizer.apply([g], [variable])
+    return variable, optimizer
+
+
+def test_nearest_never_moves_a_variable_by_a_step_below_half_an_ulp():
+    variable, _ = _constant_steps("nearest", steps=20)
+    np.testing.assert_array_equal(_np(variable), 1.0)
+
+
+def test_stochastic_rounding_is_unbiased():
+    variable, _ = _constant_steps("stochastic")
+    exact = 1.0 - N_STEPS * LR
+    values = _np(variable)
+    # Each write rounds to a neighbour with the probabilities that make it
+    # unbiased given the value before, so E[theta_N] = exact (a martingale).
+    # Each write adds variance at most s^2 / 4 (s the spacing, 2^-8 here), so
+    # an element's std is at most sqrt(N) s / 2 = 0.028 and the mean of SIZE
+    # independent elements has std at most 0.028 / 64 = 4.3e-4. Five of those
+    # is the bound: far inside the total move of 0.02 that nearest loses.
+    bound = 5 * np.sqrt(N_STEPS) * SPACING_BELOW_ONE / 2 / np.sqrt(SIZE)
+    assert abs(values.mean() - exact) < bound
+    # It is random: elements differ, each a bfloat16 neighbour of the path.
+    assert len(np.unique(values)) > 1
+
+
+def test_compensated_stays_within_one_ulp_of_the_exact_result():
+    variable, optimizer = _constant_steps("compensated")
+    exact = 1.0 - N_STEPS * LR
+    assert np.max(np.abs(_np(variable) - exact)) <= SPACING_BELOW_ONE
+    # theta + c follows the float32 sum far more closely: c's own rounding
+    # (2^-9 of |c| <= 2^-9) per step, and the float32 step (u per step).
+    c = optimizer.state_variables(variable)["compensation"]
+    assert np.max(np.abs(_np(variable) + _np(c) - exact)) <= N_STEPS * 2.0 ** -18
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "compensated"])
+def test_float32_variables_are_unchanged_by_every_rounding(rounding):
+    sequence, x0 = gradient_sequence(20), initial_values()
+    expected = run_optimizer(keras_adam.Adam(weight_decay=0.01), x0, sequence)
+    got = run_optimizer(keras_adam.Adam(weight_decay=0.01, weight_rounding=rounding), x0,
+                        sequence)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+
+
+def _bfloat16_run(seed, rounding="stochastic", steps=5):
+    keras.utils.set_random_seed(seed)
+    variables = [keras.Variable(x, dtype="bfloat16") for x in initial_values()]
+    optimizer = keras_adam.Adam(learning_rate=1e-3, weight_rounding=rounding,
+                                weight_decay=0.1)
+    optimizer.build(variables)
+    for grads in gradient_sequence(steps):
+        optimizer.apply(grads, variables)
+    return [_np(v) for v in variables + list(optimizer.variables)]
+
+
+def test_the_randomness_is_reproducible_from_the_seed():
+    a, b, c = _bfloat16_run(1), _bfloat16_run(1), _bfloat16_run(2)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, z) for x, z in zip(a, c))
+
+
+def test_the_uniform_numbers_are_the_same_on_every_backend():
+    # A counter-based hash on int32 bits: these values were computed by hand
+    # from the mixer's definition in NumPy (uint32 arithmetic), independent
+    # of the Keras ops.
+    def mix(x):
+        x = np.uint32(x)
+        x ^= x >> np.uint32(16)
+        x = np.uint32((int(x) * 0x7FEB352D) & 0xFFFFFFFF)
+        x ^= x >> np.uint32(15)
+        x = np.uint32((int(x) * 0x846CA68B) & 0xFFFFFFFF)
+        return x ^ (x >> np.uint32(16))
+
+    golden = 0x9E3779B9
+    seed, t, stream = 12345, 7, 3
+    key = mix(mix((t * golden + stream) & 0xFFFFFFFF) ^ np.uint32(seed))
+    want = [float(mix(np.uint32((i * golden) & 0xFFFFFFFF) ^ key) >> np.uint32(8)) * 2.0 ** -24
+            for i in range(64)]
+    got = _rounding.uniform(keras.ops.convert_to_tensor(seed, "int32"),
+                            keras.ops.convert_to_tensor(t, "int32"), stream,
+                            _rounding.element_index((8, 8)))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(got).ravel(), want)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "compensated"])
+def test_resuming_from_a_keras_file_continues_bit_for_bit(rounding, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+
+    def model():
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, dtype="bfloat16"),
+                              keras.layers.Dense(1, dtype="bfloat16")])
+        m.compile(optimizer=keras_adam.Adam(weight_rounding=rounding), loss="mse")
+        return m
+
+    first = model()
+    first.fit(x[:32], y[:32], batch_size=8, verbose=0)
+    path = str(tmp_path / "model.keras")
+    first.save(path)
+    first.fit(x[32:], y[32:], batch_size=8, verbose=0, shuffle=False)
+    resumed = keras.models.load_model(path)
+    resumed.fit(x[32:], y[32:], batch_size=8, verbose=0, shuffle=False)
+    for a, b in zip(first.get_weights() + [_np(v) for v in first.optimizer.variables],
+                    resumed.get_weights() + [_np(v) for v in resumed.optimizer.variables]):
+        np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def test_the_plan_names_each_variables_rounding():
+    variables = [keras.Variable(np.ones(3), dtype="bfloat16"), keras.Variable(np.ones(3))]
+    optimizer = keras_adam.Adam(weight_rounding="compensated")
+    optimizer.build(variables)
+    plan = list(optimizer.update_plan().values())
+    assert [r.rounding for r in plan] == ["compensated", "nearest"]
+    assert "written with compensated rounding" in str(optimizer.update_plan())
+    default = keras_adam.Adam()
+    default.build([keras.Variable(np.ones(3), dtype="float16")])
+    assert [r.rounding for r in default.update_plan().values()] == ["stochastic"]
+
+
+def test_the_option_is_validated_saved_and_fixed_after_build():
+    with pytest.raises(ValueError, match="`weight_rounding` must be one of"):
+        keras_adam.Adam(weight_rounding="up")
+    optimizer = keras_adam.Adam(weight_rounding="compensated")
+    assert optimizer.get_config()["weight_rounding"] == "compensated"
+    config = optimizer.get_config()
+    del config["weight_rounding"]  # a config from before the option: the default
+    assert keras_adam.Adam.from_config(config).weight_rounding is None
+    optimizer.build([keras.Variable(np.ones(3), dtype="bfloat16")])
+    with pytest.raises(ValueError, match="`weight_rounding` cannot change once"):
+        optimizer.weight_rounding = "stochastic"
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="row-sparse gradients exist only on TensorFlow")
+@pytest.mark.parametrize("rounding", ["stochastic", "compensated"])
+def test_lazy_rows_not_present_stay_bit_for_bit(rounding):
+    import tensorflow as tf
+
+    table = keras.Variable(np.random.default_rng(0).normal(size=(10, 3)), dtype="bfloat16")
+    optimizer = keras_adam.Adam(sparse_updates="lazy", weight_rounding=rounding,
+                                weight_decay=0.1)
+    optimizer.build([table])
+    optimizer.apply([tf.ones((10, 3), tf.bfloat16)], [table])  # every row's state non-zero
+    before = [_np(table)] + [_np(v) for v in optimizer.state_variables(table).values()]
+    grad = tf.IndexedSlices(tf.ones((3, 3), tf.bfloat16), tf.constant([1, 4, 4]),
+                            tf.constant([10, 3]))
+    optimizer.apply([grad], [table])
+    after = [_np(table)] + [_np(v) for v in optimizer.state_variables(table).values()]
+    untouched = [0, 2, 3, 5, 6, 7, 8, 9]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a[untouched], b[untouched])
+    assert not np.array_equal(before[0][[1, 4]], after[0][[1, 4]])
