@@ -9,8 +9,12 @@ From the optimizer's slots after step t (t = iterations), for each parameter:
     bound = (1 - beta_1) / sqrt(1 - beta_2)  if 1 - beta_1 > sqrt(1 - beta_2), else 1
                                              (the step-size bound of section 2.1)
 
-and reports, per layer, the median and maximum step, the median snr and the
-fraction of parameters whose step is within 1% of the bound. With AMSGrad,
+and reports, per layer, the median and maximum step, the median snr, the
+fraction of parameters whose step is within 1% of the bound, and `stalled`:
+the fraction of parameters whose stored value did not change in the last
+step. In float32 that is the parameters with no gradient and no momentum;
+in bfloat16 with nearest rounding it is also every update below half a unit
+in the last place, lost in the write (`Adam(weight_rounding=...)`). With AMSGrad,
 v_max stands for v. With Nesterov, the statistics use m / c1 (the gradient of
 the last step, which the look-ahead adds, is not kept).
 """
@@ -28,7 +32,7 @@ class AdamMonitor(keras.callbacks.Callback):
     """Adds statistics of Adam's m and v, per layer, to the training logs.
 
     Keys are `"<prefix>/<layer path>/step_median"`, `.../step_max`,
-    `.../snr_median` and `.../at_bound` (see the module docstring for the
+    `.../snr_median`, `.../at_bound` and `.../stalled` (see the module docstring for the
     definitions), so they appear in `History`, `CSVLogger` and `TensorBoard`.
     Inside a `keras.optimizers.MultiOptimizer`, each keras_adam sub-optimizer
     reports its own layers under `"<prefix>/<sub-optimizer name>/<layer path>/..."`.
@@ -62,11 +66,32 @@ class AdamMonitor(keras.callbacks.Callback):
             )
         self.every_n_batches = every_n_batches
         self.prefix = prefix
+        self._before = None  # the weights before a step whose logs get `stalled`
+        self._stalled = {}
+
+    def _logged(self, batch):
+        steps = (self.params or {}).get("steps")
+        return (steps is not None and batch + 1 == steps) or (
+            self.every_n_batches is not None and (batch + 1) % self.every_n_batches == 0)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # A copy of the weights only before the steps whose logs report them.
+        self._before = None
+        if self._logged(batch):
+            self._before = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
 
     def on_train_begin(self, logs=None):
         self.adams()  # fail now, with a clear message, rather than at epoch end
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._before is not None:
+            unchanged = {}
+            for variable, old in zip(self.model.trainable_variables, self._before):
+                same = keras.ops.convert_to_numpy(variable) == old
+                unchanged.setdefault(self._layer_of(variable), []).append(same.ravel())
+            self._stalled = {layer: float(np.mean(np.concatenate(parts)))
+                             for layer, parts in unchanged.items()}
+            self._before = None
         if self.every_n_batches and (batch + 1) % self.every_n_batches == 0 and logs is not None:
             logs.update(self.statistics())
 
@@ -151,4 +176,6 @@ class AdamMonitor(keras.callbacks.Callback):
             logs[f"{key}/step_max"] = float(np.max(step))
             logs[f"{key}/snr_median"] = float(np.median(snr))
             logs[f"{key}/at_bound"] = float(np.mean(step >= 0.99 * bound))
+            if layer in self._stalled:
+                logs[f"{key}/stalled"] = self._stalled[layer]
         return logs

@@ -190,3 +190,26 @@ def test_lazy_rows_not_present_stay_bit_for_bit(rounding):
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a[untouched], b[untouched])
     assert not np.array_equal(before[0][[1, 4]], after[0][[1, 4]])
+
+
+def test_adam_monitor_reports_the_stalled_share():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = rng.normal(size=(64, 16)).astype("float32")
+    stalled = {}
+    for dtype, rounding in [("float32", None), ("bfloat16", "nearest")]:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(
+            16, use_bias=False, dtype=dtype, name="hidden")])
+        model.compile(optimizer=keras_adam.Adam(learning_rate=1e-5, weight_rounding=rounding),
+                      loss="mse")
+        history = model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                            callbacks=[keras_adam.callbacks.AdamMonitor()])
+        stalled[dtype] = history.history["adam/hidden/stalled"][-1]
+    # Closed forms: every float32 weight has a gradient here and moves by
+    # ~lr, which float32 represents. In bfloat16, a step of 1e-5 is below half
+    # an ulp (2^-9 |w|) of every weight above 5e-3: Glorot-uniform weights of
+    # limit sqrt(6 / 24) = 0.5 are below that with probability 1%, so nearest
+    # rounding keeps about 99% of them.
+    assert stalled["float32"] == 0.0
+    assert stalled["bfloat16"] > 0.95
