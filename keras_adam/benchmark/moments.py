@@ -74,3 +74,20 @@ def format_rows(rows):
             f"| {r['format']} | {'on' if r['xla'] else 'off'} | {r['bytes_per_parameter']:.3f} "
             f"| {ms['median']:.2f} ({ms['min']:.2f}-{ms['max']:.2f}) | {r['vs_float32']:.2f} |")
     return "\n".join(lines)
+
+
+def training_bytes(keras, model):
+    """Bytes per parameter of training state: weights, gradients and optimizer state.
+
+    Measured from the model's trainable variables (their dtype; the gradient
+    of a variable has its dtype, as Keras's trainers compute it) and the
+    optimizer's variables (`state_bytes`). Returns a dict with the three parts
+    and their sum, each per parameter.
+    """
+    variables = model.trainable_variables
+    parameters = sum(math.prod(v.shape) for v in variables)
+    weights = sum(variable_bytes(keras, v) for v in variables)
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    state = state_bytes(keras, optimizer)
+    return {"weights": weights / parameters, "gradients": weights / parameters,
+            "optimizer": state / parameters, "total": (2 * weights + state) / parameters}
