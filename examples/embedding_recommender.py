@@ -66,7 +66,8 @@ def main():
         history = model.fit([users, items], ratings, batch_size=BATCH, epochs=EPOCHS,
                             verbose=0, callbacks=[timer])
         per_epoch = ", ".join(f"{s:.2f}" for s in timer.seconds)
-        print(f"{label:<22} seconds per epoch: {per_epoch}   final loss {history.history['loss'][-1]:.4f}")
+        loss = history.history["loss"][-1]
+        print(f"{label:<22} seconds per epoch: {per_epoch}   final loss {loss:.4f}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Not a test file: tests/test_cross_backend.py runs it in subprocesses, because
 the Keras backend and JAX's device count are fixed when they are first imported.
 tests/test_persistence.py imports its model, data and training loop.
 
-    KERAS_BACKEND=A python backend_run.py save DIR      train 5 steps, save DIR/model.keras and
-                                                        DIR/saved.npz; train 4 more: DIR/continued.npz
+    KERAS_BACKEND=A python backend_run.py save DIR      train 5 steps, save DIR/model.keras
+                                                        and DIR/saved.npz; train 4 more:
+                                                        DIR/continued.npz
     KERAS_BACKEND=B python backend_run.py resume DIR    load DIR/model.keras: DIR/loaded.npz;
                                                         train 4 more: DIR/resumed.npz
     KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
@@ -31,7 +32,8 @@ Y = np.tanh(X @ rng.normal(size=(4, 1))).astype("float32")
 
 
 def model_with(optimizer):
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh", name="hidden"),
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(8, activation="tanh", name="hidden"),
                               keras.layers.Dense(1, name="out")])
     init = np.random.default_rng(1)
     model.set_weights([init.normal(scale=0.5, size=w.shape).astype("float32")

@@ -74,7 +74,8 @@ def test_nesterov_has_no_fast_path_with_bias_correction():
 
 def test_sparse_field_says_what_row_sparse_gradients_get():
     for mode in ("exact", "lazy"):
-        route = next(iter(_built(_variables("float32"), sparse_updates=mode).update_plan().values()))
+        optimizer = _built(_variables("float32"), sparse_updates=mode)
+        route = next(iter(optimizer.update_plan().values()))
         # Only TensorFlow makes row-sparse gradients.
         assert route.sparse == (mode if BACKEND == "tensorflow" else "none")
 
@@ -111,7 +112,8 @@ def _kernel_runs(optimizer, variables, grads, monkeypatch):
         counted = []
         real = torch._fused_adam_
         monkeypatch.setattr(torch, "_fused_adam_",
-                            lambda params, *a, **k: (counted.append(len(params)), real(params, *a, **k)))
+                            lambda params, *a, **k: (counted.append(len(params)),
+                                                     real(params, *a, **k)))
         optimizer.apply(grads, variables)
         return sum(counted)
     optimizer.apply(grads, variables)

@@ -24,7 +24,8 @@ def _apply(optimizer, variable, grads, dtype="float32"):
 
 def test_bfloat16_moments_halve_the_state():
     variables = [keras.Variable(x) for x in initial_values()]
-    full, half = keras_adam.Adam(amsgrad=True), keras_adam.Adam(amsgrad=True, moment_dtype="bfloat16")
+    full = keras_adam.Adam(amsgrad=True)
+    half = keras_adam.Adam(amsgrad=True, moment_dtype="bfloat16")
     full.build(variables)
     half.build(variables)
     for v in variables:
@@ -118,7 +119,8 @@ def test_lazy_sparse_updates_honour_moment_dtype():
 
 EDGE_OPTIONS = [
     ("defaults", {}), ("paper", dict(epsilon_placement="paper")),
-    ("epsilon-0-hat", dict(epsilon=0.0)), ("epsilon-0-paper", dict(epsilon=0.0, epsilon_placement="paper")),
+    ("epsilon-0-hat", dict(epsilon=0.0)),
+    ("epsilon-0-paper", dict(epsilon=0.0, epsilon_placement="paper")),
     ("amsgrad", dict(amsgrad=True)), ("portable", dict(fused=False)),
 ]
 

@@ -1,4 +1,4 @@
-"""Row-sparse gradients (tf.IndexedSlices): exact mode = dense update; lazy mode = touched rows only.
+"""Row-sparse gradients (tf.IndexedSlices): exact mode = dense update; lazy = touched rows only.
 
 Lazy tests start from a table whose m and v are non-zero in every row (a few
 dense warm-up steps), so that lazy and dense updates genuinely differ, and

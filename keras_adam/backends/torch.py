@@ -74,7 +74,8 @@ class MultiTensor:
                 gs = [items[i][0] for i in positions]
                 gs = [(g if g.dtype == p.dtype else g.to(p.dtype)).contiguous()
                       for g, p in zip(gs, params)]
-                steps = [torch.tensor(kernel_step, dtype=torch.float32, device=device)] * len(params)
+                step_tensor = torch.tensor(kernel_step, dtype=torch.float32, device=device)
+                steps = [step_tensor] * len(params)
                 torch._fused_adam_(
                     params, gs, ms, vs, v_maxes, steps,
                     lr=lr, beta1=hyper.beta_1, beta2=hyper.beta_2, weight_decay=0.0,
