@@ -213,3 +213,31 @@ def test_adam_monitor_reports_the_stalled_share():
     # rounding keeps about 99% of them.
     assert stalled["float32"] == 0.0
     assert stalled["bfloat16"] > 0.95
+
+
+def test_the_memory_table_counts_weights_gradients_and_state():
+    from keras_adam.benchmark import moments
+
+    rows = {r["run"]: r for r in moments.memory_rows(keras, keras_adam, width=512, layers=2)}
+    params = 2 * (512 * 512 + 512)
+    kernels, biases = 2 * 512 * 512, 2 * 512
+    # Closed forms: float32 and mixed_bfloat16 keep float32 weights, gradients
+    # and two float32 moments (4 + 4 + 8).
+    assert rows["float32 + keras.optimizers.Adam"]["total"] == 16.0
+    assert rows["mixed_bfloat16 + keras.optimizers.Adam"]["total"] == 16.0
+    # Pure bfloat16: 2 + 2 + two bfloat16 moments, plus the rounding's int32
+    # seed (4 bytes in all) where the rounding is random.
+    seed = 4 / params
+    assert rows["bfloat16 + keras_adam, moments bfloat16, nearest"]["total"] == 8.0
+    assert rows["bfloat16 + keras_adam, moments bfloat16, stochastic"]["total"] == (
+        pytest.approx(8.0 + seed))
+    # Kahan's compensation: one more bfloat16 per parameter.
+    assert rows["bfloat16 + keras_adam, moments bfloat16, compensated"]["total"] == (
+        pytest.approx(10.0 + seed))
+    # 8-bit: one byte per code and a float32 scale per block of 256 for the
+    # kernels (m and v); the biases (< min_8bit_size) keep float32 m and v;
+    # plus the int32 rounding seed.
+    eight = (2 * kernels * (1 + 4 / 256) + 8 * biases + 4) / params
+    row = rows["bfloat16 + keras_adam, moments 8bit, stochastic"]
+    assert row["optimizer"] == pytest.approx(eight)
+    assert row["total"] == pytest.approx(4 + eight)

@@ -1,7 +1,7 @@
 """Times one optimizer step of keras_adam.Adam beside keras.optimizers.Adam.
 
 Run:  python -m keras_adam.benchmark
-          [--cases large,many-small,mlp,embedding,monitor,fit,moments,sharding]
+          [--cases large,many-small,mlp,embedding,monitor,fit,moments,memory,sharding]
           [--repeats 15] [--xla both|off|on] [--backend tensorflow|jax|torch]
           [--intra-op-threads N] [--devices 8] [--json [PATH]]
 
@@ -29,12 +29,15 @@ are not a lone step: "monitor" is the epoch-time cost of AdamMonitor; "fit"
 times whole model.fit steps of four models with keras_adam and the built-in,
 and the optimizer's share of a step; "moments" compares moment_dtype
 float32, bfloat16 and 8bit (state bytes per parameter, step time);
+"memory" tabulates the training state's bytes per parameter (weights,
+gradients, optimizer state) for float32, mixed_bfloat16 and pure bfloat16
+with each moment format and weight rounding (nothing is timed);
 "sharding" (JAX) compares shard_state=True with whole state on `--devices`
 devices.
 
 Modules: `timing` (the harness), `cases` (what is timed, its roofline),
 `harnesses` (each backend's step and bandwidth), `monitor` (AdamMonitor's
-cost), `fit` (model.fit steps), `moments` (moment_dtype's bytes and time),
+cost), `fit` (model.fit steps), `moments` (moment_dtype's bytes and time, training memory),
 `sharding` (shard_state on N devices),
 `report` (running and the table), `cli` (arguments and the launcher).
 """

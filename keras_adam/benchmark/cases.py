@@ -67,7 +67,11 @@ FIT = "fit"
 # moment_dtype float32 / bfloat16 / 8bit: state bytes and step time
 # (keras_adam/benchmark/moments.py).
 MOMENTS = "moments"
-NAMES = [*CASES, MONITOR, FIT, MOMENTS, SHARDING]
+# Training state's bytes per parameter (weights, gradients, optimizer state)
+# for float32, mixed and pure bfloat16 training; nothing timed
+# (keras_adam/benchmark/moments.py).
+MEMORY = "memory"
+NAMES = [*CASES, MONITOR, FIT, MOMENTS, MEMORY, SHARDING]
 
 
 def derive(ours_ms, builtin_ms, touched, bandwidth_gb_per_s):

@@ -91,3 +91,43 @@ def training_bytes(keras, model):
     state = state_bytes(keras, optimizer)
     return {"weights": weights / parameters, "gradients": weights / parameters,
             "optimizer": state / parameters, "total": (2 * weights + state) / parameters}
+
+
+# (label, dtype policy, optimizer: "builtin" or keras_adam's kwargs)
+MEMORY_RUNS = [
+    ("float32 + keras.optimizers.Adam", "float32", "builtin"),
+    ("mixed_bfloat16 + keras.optimizers.Adam", "mixed_bfloat16", "builtin"),
+] + [
+    (f"bfloat16 + keras_adam, moments {moment or 'bfloat16'}, {rounding}", "bfloat16",
+     dict(moment_dtype=moment, weight_rounding=rounding))
+    for moment in (None, "float32", "8bit")
+    for rounding in ("nearest", "stochastic", "compensated")
+]
+
+
+def memory_rows(keras, keras_adam, width=1024, layers=3):
+    """Training bytes per parameter (`training_bytes`) of an MLP of `layers` dense
+    layers of `width`, for each of `MEMORY_RUNS`; nothing is timed."""
+    rows = []
+    previous = keras.config.dtype_policy()
+    try:
+        for label, policy, optimizer in MEMORY_RUNS:
+            keras.config.set_dtype_policy(policy)
+            model = keras.Sequential([keras.Input((width,))] + [
+                keras.layers.Dense(width) for _ in range(layers)])
+            model.compile(optimizer=keras.optimizers.Adam() if optimizer == "builtin"
+                          else keras_adam.Adam(**optimizer), loss="mse")
+            model.optimizer.build(model.trainable_variables)
+            rows.append({"run": label, **training_bytes(keras, model)})
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return rows
+
+
+def format_memory_rows(rows):
+    lines = ["| training state | weights | gradients | optimizer | bytes / parameter |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['weights']:.2f} | {r['gradients']:.2f} | "
+                     f"{r['optimizer']:.2f} | {r['total']:.2f} |")
+    return "\n".join(lines)

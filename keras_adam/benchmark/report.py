@@ -44,8 +44,12 @@ def run(args):
     progress(f"  {bandwidth:.1f} GB/s")
     wanted = {"both": (False, True), "off": (False,), "on": (True,)}[args.xla]
     results, monitor_result, sharding_result, fit_rows = [], None, None, None
-    moment_rows = None
+    moment_rows = memory_rows = None
     for name in args.cases:
+        if name == case_table.MEMORY:
+            progress("    memory: training bytes per parameter ...")
+            memory_rows = moments.memory_rows(keras, keras_adam)
+            continue
         if name == case_table.MOMENTS:
             modes = [x for x in harness.xla_modes if x in wanted]
             moment_rows = moments.moment_formats(keras, keras_adam, harness, modes, args.repeats,
@@ -82,6 +86,7 @@ def run(args):
         "framework": _framework_version(args.backend),
         "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor_result,
         "sharding": sharding_result, "fit": fit_rows, "moments": moment_rows,
+        "memory": memory_rows,
     }
 
 
@@ -160,6 +165,8 @@ def format_table(report):
         lines += ["", fit.format_rows(report["fit"])]
     if report.get("moments"):
         lines += ["", moments.format_rows(report["moments"])]
+    if report.get("memory"):
+        lines += ["", moments.format_memory_rows(report["memory"])]
     result = report.get("sharding")
     if result:
         lines += ["", _sharding_table(result)]
