@@ -4,7 +4,9 @@ Run:  python examples/precision.py
 
 (a) bfloat16 variables, 500 Adam steps on a fixed gradient sequence: the
     distance to the float64 `keras_adam.reference` with the moments kept in
-    bfloat16 (the default, as keras.optimizers.Adam) and in float32.
+    bfloat16 written by nearest rounding in bfloat16 arithmetic (as
+    keras.optimizers.Adam), in bfloat16 written by stochastic rounding from
+    float32 arithmetic (the default), and in float32.
 (b) float32 variables: the optimizer state's bytes with float32 and bfloat16
     moments, and the final loss of the same small regression model trained
     with each.
@@ -19,13 +21,14 @@ from keras_adam import reference
 STEPS, LR = 500, 1e-2
 
 
-def bfloat16_distance(moment_dtype):
+def bfloat16_distance(moment_dtype, weight_rounding=None):
     rng = np.random.default_rng(0)
     x0 = rng.normal(size=512)
     # The gradient of 0.5 |x - 1|^2 seen through noise; the same for every run.
     noise = rng.normal(scale=0.5, size=(STEPS, 512))
     x = keras.Variable(x0, dtype="bfloat16")
-    optimizer = keras_adam.Adam(learning_rate=LR, moment_dtype=moment_dtype)
+    optimizer = keras_adam.Adam(learning_rate=LR, moment_dtype=moment_dtype,
+                                weight_rounding=weight_rounding)
     grads = []
     theta = x0.copy()
     state = reference.init_state(theta)
@@ -62,12 +65,14 @@ def mlp_run(moment_dtype):
 def main():
     print(f"(a) bfloat16 variables, {STEPS} steps, lr {LR}: distance to the float64 reference")
     print(f"    {'moments':<22}{'theta RMS':>10}{'max':>10}{'v median rel. error':>22}")
-    for label, dtype in [("bfloat16 (default)", None), ("float32", "float32")]:
-        rms, worst, v_error = bfloat16_distance(dtype)
+    for label, dtype, rounding in [("bfloat16, nearest", None, "nearest"),
+                                   ("bfloat16 (default)", None, None),
+                                   ("float32", "float32", None)]:
+        rms, worst, v_error = bfloat16_distance(dtype, rounding)
         print(f"    {label:<22}{rms:>10.4f}{worst:>10.4f}{v_error:>22.4f}")
     print("    (theta itself is stored in bfloat16: near 1 its spacing is 0.0078, close to")
-    print("    a step of lr = 0.01, which bounds how close any run can stay. In bfloat16,")
-    print("    beta_2 = 0.999 rounds to 1.0, so v stops decaying and grows with t.)")
+    print("    a step of lr = 0.01, which bounds how close any run can stay. In bfloat16")
+    print("    arithmetic beta_2 = 0.999 rounds to 1.0, so v stops decaying and grows with t.)")
     print("(b) float32 variables, MLP 3-64-64-1, 10 epochs")
     print(f"    {'moments':<22}{'state bytes':>12}{'final loss':>14}")
     results = {}
