@@ -68,7 +68,7 @@ class Options:
         self._fixed = False
         for name, (validate, default) in FIELDS.items():
             self._values[name] = validate(name, values.get(name, default))
-        _check_combination(self._values)
+        self._hyper = _check_combination(self._values)
 
     def __getitem__(self, name):
         return self._values[name]
@@ -83,7 +83,7 @@ class Options:
                 "Create a new optimizer instead."
             )
         candidate = dict(self._values, **{name: value})
-        _check_combination(candidate)
+        self._hyper = _check_combination(candidate)
         self._values = candidate
 
     def fix(self):
@@ -91,8 +91,9 @@ class Options:
         self._fixed = True
 
     def hyper(self):
-        """The rule's hyperparameters as a frozen record (what the update paths receive)."""
-        return _rule.Hyper(**{name: self._values[name] for name in _rule.HYPER_FIELDS})
+        """The rule's hyperparameters as a frozen record (what the update paths receive);
+        made once per change of the options, since every step asks for it."""
+        return self._hyper
 
     def config(self):
         """{name: value} for every field, as `get_config` records them."""
@@ -100,7 +101,7 @@ class Options:
 
 
 def _check_combination(values):
-    """Refuses combinations that cannot mean what they say."""
+    """Refuses combinations that cannot mean what they say; returns their `Hyper`."""
     eight_bit = values["moment_dtype"] == EIGHT_BIT
     if eight_bit and values["fused"]:
         raise ValueError(
@@ -120,3 +121,4 @@ def _check_combination(values):
     hyper = _rule.Hyper(**{name: values[name] for name in _rule.HYPER_FIELDS})
     # Raises where fused=True cannot hold for these options.
     backends.fast_path(hyper, values["fused"])
+    return hyper

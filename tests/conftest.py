@@ -5,7 +5,8 @@ import pytest
 
 
 def pytest_report_header(config):
-    return f"keras backend: {keras.backend.backend()} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')})"
+    requested = os.environ.get("KERAS_BACKEND")
+    return f"keras backend: {keras.backend.backend()} (KERAS_BACKEND={requested})"
 
 
 @pytest.fixture(autouse=True)

@@ -26,6 +26,13 @@ def float32_drift_bound(steps, step_bound, max_abs_theta):
     return steps * (step_bound * UPDATE_REL_ERR + max_abs_theta * UNIT_ROUNDOFF)
 
 
+# TensorFlow's fused kernel (ResourceApplyAdam) forms 1 - beta_2 from
+# float32(beta_2) = 0.999 + 1.3e-8: its v is off by up to 1.3e-5 relative to
+# the rule's, so each step by half of that, on top of the drift above.
+FUSED_TF_V_REL = 1.3e-5
+FUSED_TF_STEP_REL = FUSED_TF_V_REL / 2
+
+
 # --- The option grid ------------------------------------------------------
 # Arguments that keras.optimizers.Optimizer owns; parity with the built-in
 # (test_parity_builtin.py) covers them. Everything else must appear below.
@@ -84,6 +91,9 @@ HYPERPARAMETER_ROWS = [
     # numbers are the same (TensorFlow and torch warn that it has no effect);
     # test_sharding.py runs it on 8 devices.
     ("shard-state", dict(shard_state=True)),
+    # float32 variables are written exactly as before under every rounding
+    # (test_rounding.py covers the 16-bit variables it changes).
+    ("weight-rounding-compensated", dict(weight_rounding="compensated")),
 ]
 
 GRID = list(_switch_rows()) + HYPERPARAMETER_ROWS

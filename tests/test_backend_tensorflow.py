@@ -6,7 +6,14 @@ Skips only where the TensorFlow backend is not the active one.
 import keras
 import numpy as np
 import pytest
-from grid import float32_drift_bound, gradient_sequence, initial_values
+from grid import (
+    FUSED_TF_STEP_REL,
+    FUSED_TF_V_REL,
+    UNIT_ROUNDOFF,
+    float32_drift_bound,
+    gradient_sequence,
+    initial_values,
+)
 
 import keras_adam
 
@@ -31,12 +38,14 @@ FUSED_OPTIONS = [
     ("nesterov-uncorrected", dict(nesterov=True, bias_correction=False)),
     ("weight-decay", dict(weight_decay=0.1, learning_rate=1e-2)),
 ]
-# The kernel forms 1 - beta_2 from float32(beta_2): v is off by up to 1.3e-5
-# relative, so each step by half of that, 6.5e-6 relative, on top of the usual
-# float32 drift of both paths (tests/grid.py). Measured on theta: 1.2e-7 with
-# the defaults, 9.5e-7 without bias correction (there c2 = 1 cannot follow the
-# kernel's beta_2).
-KERNEL_STEP_REL = 6.5e-6
+# The kernel forms 1 - beta_2 from float32(beta_2): v is off by up to
+# FUSED_TF_V_REL = 1.3e-5 relative, so each step by half of that,
+# FUSED_TF_STEP_REL = 6.5e-6 relative (tests/grid.py), on top of the usual
+# float32 drift of both paths. Measured on theta: 1.2e-7 with the defaults,
+# 9.5e-7 without bias correction (there c2 = 1 cannot follow the kernel's
+# beta_2).
+# The slots: the kernel's beta_2, plus 2u per step for each path.
+SLOT_RTOL = FUSED_TF_V_REL + 2 * 2 * STEPS * UNIT_ROUNDOFF
 
 
 def _run(kwargs, mode, dtype="float32"):
@@ -58,15 +67,14 @@ def _compare(kwargs, fused, portable, variables_fused, variables_portable):
     lr = kwargs.get("learning_rate", 1e-3)
     for a, b in zip(variables_fused, variables_portable):
         bound = 2 * float32_drift_bound(STEPS, 4 * lr, np.abs(b.numpy()).max())
-        bound += STEPS * 4 * lr * KERNEL_STEP_REL
+        bound += STEPS * 4 * lr * FUSED_TF_STEP_REL
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=bound)
         for slot_a, slot_b in zip(fused.slots(a), portable.slots(b)):
             if slot_b is None:
                 assert slot_a is None
                 continue
-            # 1.3e-5 from the kernel's beta_2, plus 2u per step for each path.
-            np.testing.assert_allclose(slot_a.numpy(), slot_b.numpy(),
-                                       rtol=1.3e-5 + 4 * STEPS * 6e-8, atol=1e-12)
+            np.testing.assert_allclose(slot_a.numpy(), slot_b.numpy(), rtol=SLOT_RTOL,
+                                       atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
@@ -95,7 +103,7 @@ def test_fused_first_step_is_lr(placement):
     # kernel runs beta_2' = float32(0.999), so this holds only if c2 is
     # computed for that beta_2' too; with c2 for 0.999 the step is 1 + 6.4e-6
     # times too large (the error this test caught). Tolerance: theta_1 in
-    # float32 after a few roundings (m, v, sqrt, lr', divide) of 6e-8: 1e-6.
+    # float32 after a few roundings (m, v, sqrt, lr', divide) of u each: 1e-6.
     g = np.array([1.0, -3.0, 250.0, -7e3], "float32")
     theta = keras.Variable(np.zeros(4, "float32"))
     optimizer = keras_adam.Adam(fused=True, epsilon_placement=placement)

@@ -2,17 +2,15 @@
 
 No timing is asserted (the machine is noisy). The harness is checked with a
 fake clock, whose readings are known exactly; the derived columns against
-numbers worked out by hand; the run for the rows and parameter counts it
-must report.
+numbers worked out by hand, from samples planted in place of the timing
+harness's; the run for the rows and parameter counts it must report.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import keras
 import pytest
+from helpers import run_python
 
 from keras_adam import benchmark
 from keras_adam.benchmark import cases
@@ -23,6 +21,7 @@ BACKEND = keras.backend.backend()
 TINY = ["--repeats", "1", "--min-seconds", "0.001"]
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -50,6 +49,7 @@ class FakeClock:
         return self.now
 
 
+@pytest.mark.backend_independent
 def test_interleaved_timing_with_a_known_clock():
     clock, order = FakeClock(), []
 
@@ -72,6 +72,7 @@ def test_interleaved_timing_with_a_known_clock():
     assert timed[:12] == ["a"] * 8 + ["b"] * 4
 
 
+@pytest.mark.backend_independent
 def test_derived_columns_from_hand_worked_numbers():
     # 1e6 float32 parameters move 28 MB a step. In 2 ms that is 14 GB/s, half
     # of a 28 GB/s machine, whose roofline is 28 MB / 28 GB/s = 1 ms. The
@@ -81,6 +82,7 @@ def test_derived_columns_from_hand_worked_numbers():
                                  "fraction_of_bandwidth": 0.5, "roofline_ms": 1.0}, rel=1e-12)
 
 
+@pytest.mark.backend_independent
 def test_lazy_variants_count_only_the_gradients_rows():
     embedding = cases.CASES["embedding"]
     assert embedding.touched({}) == 1_000_000 * 64
@@ -88,6 +90,7 @@ def test_lazy_variants_count_only_the_gradients_rows():
     assert embedding.xla_modes((False, True), (False, True)) == [False]
 
 
+@pytest.mark.slow
 def test_mlp_case_report(capsys):
     benchmark.main(["--cases", "mlp", "--backend", BACKEND, "--json", *TINY])
     report = json.loads(capsys.readouterr().out)
@@ -109,21 +112,21 @@ def test_mlp_case_report(capsys):
     assert ("keras_adam / reference" in table) == (BACKEND == "torch")
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow backend only")
 def test_intra_op_threads_reach_tensorflow():
     # A fresh process: the setting is only possible before TF's runtime starts.
     # The report's value is read back from tf.config, not echoed from argv.
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    out = subprocess.run(
-        [sys.executable, "-m", "keras_adam.benchmark", "--cases", "mlp", "--xla", "off",
-         "--intra-op-threads", "1", "--json", *TINY],
-        env=env, capture_output=True, text=True, timeout=300, check=True,
-    ).stdout
+    out = run_python("-m", "keras_adam.benchmark", "--cases", "mlp", "--xla", "off",
+                     "--intra-op-threads", "1", "--json", *TINY, backend="tensorflow",
+                     timeout=300).stdout
     report = json.loads(out)
     assert report["intra_op_threads"] == 1
     assert "intra-op threads 1" in benchmark.format_table(report)
 
 
+@pytest.mark.backend_independent
 def test_collectives_are_counted_from_the_optimized_hlo(tmp_path):
     # Two dumped modules: the train step's optimized HLO is the one counted.
     (tmp_path / "module_1.jit_train_step.cpu_after_optimizations.txt").write_text(
@@ -138,6 +141,8 @@ def test_collectives_are_counted_from_the_optimized_hlo(tmp_path):
                       "collective-permute": 0}
 
 
+@pytest.mark.subprocess  # the case runs in processes with --devices virtual devices
+@pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "jax", reason="shard_state applies on the jax backend")
 def test_sharding_case_report(capsys):
     benchmark.main(["--cases", "sharding", "--backend", "jax", "--devices", "4", "--json", *TINY])
@@ -162,36 +167,80 @@ def test_sharding_case_report(capsys):
     assert "| case | variant |" not in table  # no step case ran: no empty step table
 
 
-def test_fit_case_rows_and_columns():
+def _planted(per_call_ms, calls=1):
+    """A stand-in for `timing.time_interleaved` that returns known samples.
+
+    Each function still runs once, so every variant's model or step really
+    runs; the samples are `per_call_ms[name]` times `calls` (the calls a
+    sample times), the way the harness reports a sample.
+    """
+    def time_interleaved(fns, repeats, min_seconds, clock=None):
+        for fn in fns.values():
+            fn()
+        return {name: [ms * calls for ms in per_call_ms[name]] for name in fns}
+
+    return time_interleaved
+
+
+# ms per fit step, three epochs each, chosen so that the median, the mean,
+# the min and the max all differ: a column computed from anything but the
+# medians, or from another variant's samples, gives another number.
+FIT_STEP_MS = {
+    "keras_adam": [3.0, 2.0, 30.0],
+    "keras_adam exact": [3.0, 2.0, 30.0],
+    "keras_adam lazy": [2.5, 25.0, 2.0],
+    "builtin": [6.0, 6.5, 4.0],
+    "no update": [1.5, 1.0, 2.0],
+}
+
+
+@pytest.mark.slow  # fits two models with every optimizer variant
+def test_fit_case_rows_and_columns(monkeypatch):
     import keras_adam
     from keras_adam.benchmark import fit
 
-    rows = fit.fit_steps(keras, keras_adam, repeats=1, names=("mlp", "recommender"),
+    # Samples are epochs of fit.STEPS steps.
+    monkeypatch.setattr(timing, "time_interleaved", _planted(FIT_STEP_MS, calls=fit.STEPS))
+    rows = fit.fit_steps(keras, keras_adam, repeats=3, names=("mlp", "recommender"),
                          sparse=BACKEND == "tensorflow", progress=lambda message: None)
     # TensorFlow gives the recommender IndexedSlices gradients: exact and lazy rows.
     expected = [("mlp", "keras_adam")] + (
         [("recommender", "keras_adam exact"), ("recommender", "keras_adam lazy")]
         if BACKEND == "tensorflow" else [("recommender", "keras_adam")])
     assert [(r["model"], r["variant"]) for r in rows] == expected
+    # Worked by hand from the medians (ours 3 or 2.5 ms, built-in 6, no update
+    # 1.5): speed-up = built-in / ours; share = (step - no-update step) / step.
+    by_hand = {"keras_adam": (2.0, 0.5), "keras_adam exact": (2.0, 0.5),
+               "keras_adam lazy": (2.4, 0.4)}
     for r in rows:
-        ours, builtin, bare = (r[k]["median"] for k in ("keras_adam_ms", "builtin_ms",
-                                                        "no_update_ms"))
-        assert ours > 0 and builtin > 0 and bare > 0
-        # The derived columns are the medians' ratios.
-        assert r["speedup"] == pytest.approx(builtin / ours)
-        assert r["keras_adam_share"] == pytest.approx(1 - bare / ours)
-        assert r["builtin_share"] == pytest.approx(1 - bare / builtin)
+        speedup, share = by_hand[r["variant"]]
+        assert r["speedup"] == pytest.approx(speedup, rel=1e-12)
+        assert r["keras_adam_share"] == pytest.approx(share, rel=1e-12)
+        assert r["builtin_share"] == pytest.approx(0.75, rel=1e-12)
+        assert r["builtin_ms"] == {"median": 6.0, "min": 4.0, "max": 6.5}
+        assert r["no_update_ms"] == {"median": 1.5, "min": 1.0, "max": 2.0}
+        ours = FIT_STEP_MS[r["variant"]]
+        assert r["keras_adam_ms"] == {"median": sorted(ours)[1], "min": min(ours),
+                                      "max": max(ours)}
     table = fit.format_rows(rows)
     assert table.count("| recommender |") == len(expected) - 1
+    mlp_row = "| mlp | keras_adam | 3.00 (2.00-30.00) | 6.00 (4.00-6.50) | 2.00x | 50% | 75% |"
+    assert mlp_row in table
 
 
-def test_moments_case_bytes_and_ratios():
+# ms per step of each moment format, three repeats each (as FIT_STEP_MS).
+MOMENT_STEP_MS = {"float32": [4.0, 2.0, 40.0], "bfloat16": [5.0, 6.0, 1.0],
+                  "8bit": [8.0, 10.0, 3.0]}
+
+
+def test_moments_case_bytes_and_ratios(monkeypatch):
     import keras_adam
     from keras_adam.benchmark import cases, harnesses, moments
 
+    monkeypatch.setattr(timing, "time_interleaved", _planted(MOMENT_STEP_MS))
     harness = harnesses.HARNESSES[BACKEND]()
     case = cases.StepCase("small", ((64, 1024), (300,)))
-    rows = moments.moment_formats(keras, keras_adam, harness, harness.xla_modes, 1, 0.0,
+    rows = moments.moment_formats(keras, keras_adam, harness, harness.xla_modes, 3, 0.0,
                                   lambda message: None, case=case)
     assert [(r["format"], r["xla"]) for r in rows] == [
         (f, x) for x in harness.xla_modes for f in ("float32", "bfloat16", "8bit")]
@@ -200,12 +249,17 @@ def test_moments_case_bytes_and_ratios():
     # (below min_8bit_size) keeps float32 m and v.
     quantized = 2 * (64 * 1024 * (1 + 4 / 256)) + 2 * 4 * 300
     expected = {"float32": 8.0, "bfloat16": 4.0, "8bit": quantized / case.parameters}
+    # The medians are 4, 5 and 8 ms: each format's step over float32's.
+    vs_float32 = {"float32": 1.0, "bfloat16": 1.25, "8bit": 2.0}
     for r in rows:
         assert r["bytes_per_parameter"] == pytest.approx(expected[r["format"]])
-        base = next(b for b in rows if b["format"] == "float32" and b["xla"] == r["xla"])
-        assert r["vs_float32"] == pytest.approx(
-            r["step_ms"]["median"] / base["step_ms"]["median"])
-    assert moments.format_rows(rows).count("| 8bit |") == len(harness.xla_modes)
+        assert r["vs_float32"] == pytest.approx(vs_float32[r["format"]], rel=1e-12)
+        samples = MOMENT_STEP_MS[r["format"]]
+        assert r["step_ms"] == {"median": sorted(samples)[1], "min": min(samples),
+                                "max": max(samples)}
+    table = moments.format_rows(rows)
+    assert table.count("| 8bit |") == len(harness.xla_modes)
+    assert table.count("| 8.00 (3.00-10.00) | 2.00 |") == len(harness.xla_modes)
 
 
 def test_json_path_is_written_beside_the_table(tmp_path, capsys):

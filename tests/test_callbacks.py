@@ -83,9 +83,9 @@ def test_statistics_match_the_reference(kwargs):
             m_hat.append(mh), v_hat.append(v.ravel() / c2), steps.append(mh / denom)
         step = np.concatenate(steps)
         snr = np.concatenate(m_hat) / np.sqrt(np.concatenate(v_hat))
-        # The slots are float32 EMAs over 30 steps: ~2u per step relative,
-        # 30 * 2 * 6e-8 = 4e-6 for v, and m, which mixes signs, relative to
-        # |g| ~ 1, where its median is ~0.3: 1e-4 covers both.
+        # The slots are float32 EMAs over 30 steps: ~2u per step relative
+        # (u = grid.UNIT_ROUNDOFF), 30 * 2u = 4e-6 for v, and m, which mixes
+        # signs, relative to |g| ~ 1, where its median is ~0.3: 1e-4 covers both.
         assert stats[f"adam/{layer}/step_median"] == pytest.approx(np.median(step), rel=1e-4)
         assert stats[f"adam/{layer}/step_max"] == pytest.approx(np.max(step), rel=1e-4)
         assert stats[f"adam/{layer}/snr_median"] == pytest.approx(np.median(snr), rel=1e-4)
@@ -157,7 +157,7 @@ def test_works_inside_a_multi_optimizer_per_sub_optimizer():
                         callbacks=[AdamMonitor()])
     assert set(k for k in history.history if k.startswith("adam/")) == {
         f"adam/hidden_adam/hidden/{s}" for s in ("step_median", "step_max", "snr_median",
-                                                  "at_bound")}
+                                                  "at_bound", "stalled")}
     # The hidden layer's step_max from its slots by the closed form of the
     # module docstring (placement "hat"), in float64: |m / c1| / D.
     t = int(keras.ops.convert_to_numpy(hidden_adam.iterations))

@@ -65,7 +65,7 @@ def test_encode_rounds_in_the_laws_scale(signed):
     b = _quantize.blocking(x.shape, 256)
     codes, scales = _quantize.encode(keras.ops.convert_to_tensor(x), signed, b)
     codes, scales = _np(codes), _np(scales)
-    assert scales.shape == (6, 3) and b.block == 256  # 701 (prime) = 256 + 256 + 189
+    assert scales.shape == (6, 3) and b.block_length == 256  # 701 (prime) = 256 + 256 + 189
     per_element = np.repeat(scales, 256, axis=1)[:, :701]
     np.testing.assert_array_equal(per_element, np.maximum.reduceat(
         np.abs(x), [0, 256, 512], axis=1).repeat([256, 256, 189], axis=1))
@@ -95,11 +95,11 @@ def test_blocks_never_span_rows():
     np.testing.assert_array_equal(part[1], whole[1][rows])
     assert _quantize.blocking((3, 3, 64, 8), 256) == _quantize.Blocking(3, 1536, 256, 6, (3, 6))
     assert _quantize.blocking((1000,), 256).scale_shape == (4,)  # 4 x 250: no padding
-    assert _quantize.blocking((4, 2000), 256).block == 250
-    assert _quantize.blocking((4, 1031), 256).block == 256  # prime: padded
+    assert _quantize.blocking((4, 2000), 256).block_length == 250
+    assert _quantize.blocking((4, 1031), 256).block_length == 256  # prime: padded
     for cols in (16, 96, 300, 700, 1031, 2000, 4096):
-        assert _quantize.blocking((2, cols), 256).block == reference.block_length(cols, 256)
-    assert _quantize.blocking((50000, 16), 256).block == 16  # narrow rows: one block each
+        assert _quantize.blocking((2, cols), 256).block_length == reference.block_length(cols, 256)
+    assert _quantize.blocking((50000, 16), 256).block_length == 16  # narrow rows: one block each
 
 
 # --- The guard: no step larger than the float32 rule allows ----------------
@@ -169,6 +169,7 @@ def test_a_v_quantized_to_zero_cannot_blow_up_the_step():
 
 # --- Accuracy against float32 (bitsandbytes' test design) --------------------
 
+@pytest.mark.slow
 def test_fifty_steps_track_float32():
     rng = np.random.default_rng(3)
     shape = (64, 1024)
@@ -186,8 +187,21 @@ def test_fifty_steps_track_float32():
         q_var.assign(full_var)  # re-synced: each step's error is that step's alone
     m, v, _ = quantized.moments(q_var)
     m_full, v_full = (_np(s) for s in full.slots(full_var)[:2])
-    for got, want in ((_np(m), m_full), (_np(v), v_full)):
-        wrong = ~np.isclose(got, want, atol=3e-3, rtol=1e-3)
+    # Each moment is judged in units of its block's absmax s (rows of 1024 =
+    # 4 blocks of 256), the scale of the codec's precision: m ~ 1e-3 and
+    # v ~ 5e-6 here, so one absolute tolerance cannot fit both (3e-3, as
+    # bitsandbytes' test has it, let v = 0 pass). A rounding moves a value by
+    # at most 1.6% of s (keras_adam/_quantize.py), and by 1.6% / sqrt(3) =
+    # 0.92% of s as a standard deviation (uniform within the gap). Roundings
+    # add up as a random walk. m's decay by beta_1 each step:
+    # sigma <= 0.92% / sqrt(1 - beta_1^2) = 2.1% of s. v's hardly decay
+    # (beta_2 = 0.999) over the 50 steps, but v, so its block's scale and
+    # each rounding, grows as c2 ~ t / 1000:
+    # sigma <= 0.92% sqrt(sum_t (t / 50)^2) = 3.8% of s.
+    # 20 of the 65,536 elements is the two-sided 3.6-sigma tail.
+    # Measured: no element beyond 5.5% (m) or 11.5% (v) of s.
+    for got, want, sigma in ((_np(m), m_full, 0.021), (_np(v), v_full, 0.038)):
+        wrong = np.abs(got - want) > 3.6 * sigma * _block_absmax(want)
         assert wrong.sum() <= 20
     # Issue #15's target; measured 4.9e-6 (steps are ~lr = 1e-3).
     assert np.mean(errors) < 6e-5
@@ -196,8 +210,12 @@ def test_fifty_steps_track_float32():
     # rounding is at most half the table's widest gap, (1 - (126/127)^4) / 2
     # = 0.0157 of the block's scale; so |e| <= 0.0157 / (1 - beta_1) = 0.157
     # of the scale (the scale drifts a little between steps: 0.16).
-    scale = np.repeat(np.max(np.abs(m_full.reshape(64, 4, 256)), -1), 256, 1)
-    assert np.max(np.abs(_np(m) - m_full) / scale) < 0.16
+    assert np.max(np.abs(_np(m) - m_full) / _block_absmax(m_full)) < 0.16
+
+
+def _block_absmax(x):
+    """Each element's block absmax, for test_fifty_steps_track_float32's (64, 1024)."""
+    return np.repeat(np.max(np.abs(x.reshape(64, 4, 256)), -1), 256, 1)
 
 
 # --- Every context and option, against the float64 8-bit emulation -----------
@@ -274,11 +292,11 @@ def test_quantized_variables_go_portable_and_small_ones_keep_their_path():
     kernel = model.get_layer("wide").kernel  # 8,192 elements: quantized
     fast = {"tensorflow": "tensorflow-fused", "torch": "torch-multi-tensor",
             "jax": "portable"}[BACKEND]
-    assert plan[kernel.path].path == "portable"
+    assert plan[kernel.path].method == "portable"
     if fast != "portable":
         assert "8-bit codes" in plan[kernel.path].reason
     for variable in model.trainable_variables[1:]:
-        assert plan[variable.path].path == fast  # float32 moments: the kernel is exact
+        assert plan[variable.path].method == fast  # float32 moments: the kernel is exact
     m, v, v_max = optimizer.slots(kernel)
     assert (keras.backend.standardize_dtype(m.dtype), keras.backend.standardize_dtype(v.dtype),
             v_max) == ("int8", "uint8", None)
@@ -399,10 +417,12 @@ def test_lazy_rows_keep_codes_and_scales_and_touched_rows_follow_the_emulation(m
             codes, scales = reference.quantize(getattr(new, name), name == "m", dim)
             state[name][touched] = reference.dequantize(codes, scales, name == "m", dim)
     # As in test_matches_the_8bit_reference: float32 drift almost everywhere
-    # (6 steps of lr = 1e-2 on |theta| < 5: 6 (4e-2 * 1e-6 + 5 * 6e-8) < 3e-6),
+    # (tests/grid.py: 6 steps of at most 4 lr, lr = 1e-2, on |theta| < 5),
     # the rule's bound where a value sat on a rounding boundary.
+    from grid import float32_drift_bound
+
     diff = np.abs(_np(variable) - state["theta"])
-    assert np.mean(diff > 3e-6) <= 1e-3
+    assert np.mean(diff > float32_drift_bound(6, 4 * lr, 5.0)) <= 1e-3
     assert np.max(diff) <= 6 * 4 * lr
 
 
@@ -454,6 +474,7 @@ def test_fit_tracks_float32_moments(kwargs, policy):
     _assert_tracks(kwargs, policy, "auto")
 
 
+@pytest.mark.slow
 def test_fit_with_jit_compile_tracks_float32_moments():
     # XLA on TensorFlow and JAX, torch.compile on torch.
     _assert_tracks({}, "float32", True)
@@ -461,6 +482,7 @@ def test_fit_with_jit_compile_tracks_float32_moments():
 
 # --- Full training: the final loss within 2% of float32's (issue #15) ---------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
 def test_full_training_ends_within_two_percent_of_float32(model_name):
     # examples/memory.py's runs: the main example's MLP (its 64 x 64 kernel in
@@ -488,11 +510,14 @@ def test_full_training_ends_within_two_percent_of_float32(model_name):
     assert 0.9 * losses[None] <= losses["8bit"] <= 1.02 * losses[None]
 
 
+@pytest.mark.slow
 def test_any_shape_can_be_quantized():
     # min_8bit_size=0 quantizes even a scalar; an empty variable keeps float
     # moments. With a gradient of ones every element is its block's largest,
     # stored exactly, so the run is the float32 rule's: the reference within
     # float32 drift (3 steps of lr on |theta| = 1).
+    from grid import float32_drift_bound
+
     shapes = [(), (5,), (3, 4, 5), (2, 0)]
     variables = [keras.Variable(np.ones(s, "float32")) for s in shapes]
     optimizer = keras_adam.Adam(moment_dtype="8bit", min_8bit_size=0, moment_block_size=3,
@@ -503,5 +528,6 @@ def test_any_shape_can_be_quantized():
     want, _ = reference.run(np.ones(1), [np.ones(1)] * 3, amsgrad=True)
     for variable in variables[:3]:
         assert keras.backend.standardize_dtype(optimizer.slots(variable)[0].dtype) == "int8"
-        np.testing.assert_allclose(_np(variable), want[0], rtol=0, atol=3 * (1e-9 + 6e-8))
+        np.testing.assert_allclose(_np(variable), want[0], rtol=0,
+                                   atol=float32_drift_bound(3, 1e-3, 1.0))
     assert keras.backend.standardize_dtype(optimizer.slots(variables[3])[0].dtype) == "float32"

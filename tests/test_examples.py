@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -37,6 +38,7 @@ def test_playground(tmp_path, capsys):
         assert output.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_main_example_matches_the_builtin():
     # The README's main example: same weights, same batches, 640 steps. The
     # runs differ by float32 rounding (~1e-7 a step), which stays that small
@@ -58,12 +60,14 @@ def test_linear_regression_recovers_the_weights():
     np.testing.assert_allclose(weights["learned"], weights["true"], atol=0.02)
 
 
+@pytest.mark.slow
 def test_embedding_recommender_runs(capsys):
     _load("embedding_recommender").main()
     printed = capsys.readouterr().out
     assert printed.count("final loss") == 2 and "nan" not in printed
 
 
+@pytest.mark.slow
 def test_precision_example_runs(capsys):
     _load("precision").main()
     printed = capsys.readouterr().out

@@ -9,7 +9,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from grid import float32_drift_bound
+from grid import UNIT_ROUNDOFF, float32_drift_bound
 
 import keras_adam
 
@@ -190,7 +190,8 @@ def test_migration_from_keras_and_back_continues_the_run(builtin_cls, kwargs):
     # so its floor is that error times the largest gradient (|g| < 4 here).
     for a, b in zip(back.variables, reference.optimizer.variables):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b),
-                                   rtol=2 * 2 * (N + M) * 6e-8, atol=2 * 2 * (N + M) * 6e-8 * 4)
+                                   rtol=2 * 2 * (N + M) * UNIT_ROUNDOFF,
+                                   atol=2 * 2 * (N + M) * UNIT_ROUNDOFF * 4)
 
 
 def test_migration_refuses_what_cannot_be_expressed():

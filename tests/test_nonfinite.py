@@ -134,18 +134,16 @@ def test_the_counter_is_saved(tmp_path):
     assert int(keras.ops.convert_to_numpy(loaded.optimizer.iterations)) == 3
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TensorFlow's")
 def test_under_mirrored_strategy():
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    script = Path(__file__).with_name("nonfinite_mirrored_run.py")
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                            text=True, timeout=240)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    from helpers import run_python
+
+    result = run_python(Path(__file__).with_name("nonfinite_mirrored_run.py"),
+                        backend="tensorflow")
     assert result.stdout.strip().endswith("ok 2")
 
 

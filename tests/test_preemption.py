@@ -1,24 +1,17 @@
 """A training process killed with SIGKILL mid-epoch resumes to the uninterrupted result."""
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_python, start_python
 
 SCRIPT = Path(__file__).with_name("preemption_run.py")
 TIMEOUT = 180
-
-
-def _run(*args):
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-                            capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 
 def _arrays(path):
@@ -31,11 +24,10 @@ def _arrays(path):
 def test_sigkill_mid_epoch_then_restart_matches_uninterrupted(tmp_path):
     marker = tmp_path / "paused"
     # Epoch 2 (0-based), batch 4 of 10: in the middle of an epoch, after two
-    # epoch-end backups have been written.
-    victim = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *map(str, [tmp_path / "backup", tmp_path / "never.npz", 2, 4, marker])],
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # epoch-end backups have been written. Started, not run: this process
+    # waits for the pause, then kills it.
+    victim = start_python(SCRIPT, tmp_path / "backup", tmp_path / "never.npz", 2, 4, marker,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + TIMEOUT
     while not marker.exists():
         assert victim.poll() is None, victim.stderr.read()[-3000:]
@@ -47,8 +39,8 @@ def test_sigkill_mid_epoch_then_restart_matches_uninterrupted(tmp_path):
     assert (tmp_path / "backup").exists()
     assert not (tmp_path / "never.npz").exists()
 
-    _run(tmp_path / "backup", tmp_path / "resumed.npz")
-    _run(tmp_path / "fresh-backup", tmp_path / "uninterrupted.npz")
+    run_python(SCRIPT, tmp_path / "backup", tmp_path / "resumed.npz", timeout=TIMEOUT)
+    run_python(SCRIPT, tmp_path / "fresh-backup", tmp_path / "uninterrupted.npz", timeout=TIMEOUT)
     (resumed, resumed_epochs) = _arrays(tmp_path / "resumed.npz")
     (uninterrupted, all_epochs) = _arrays(tmp_path / "uninterrupted.npz")
     # The restart really resumed: it replayed the interrupted epoch 2 and ran

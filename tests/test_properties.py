@@ -13,7 +13,8 @@ import keras_adam
 LR = 1e-3
 # Every closed form here is a ratio of float32 quantities a few operations
 # deep, evaluated once per step: 1e-5 relative covers float32 rounding of
-# theta (|theta| <= 1, ulp 6e-8) relative to steps of ~lr = 1e-3.
+# theta (|theta| <= 1: at most u, grid.UNIT_ROUNDOFF) relative to steps of
+# ~lr = 1e-3.
 REL = 1e-5
 
 

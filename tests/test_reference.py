@@ -5,6 +5,10 @@ import pytest
 
 from keras_adam import reference
 
+# NumPy float64 only (keras_adam.reference imports no Keras): the same on
+# every backend, so it runs once rather than in each backend's run.
+pytestmark = pytest.mark.backend_independent
+
 G = np.array([3.0, -0.02, 7e-4, -150.0, 1.0])
 LR = 0.01
 # With epsilon = 0 every quantity below is a ratio of float64 numbers a few

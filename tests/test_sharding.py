@@ -10,13 +10,12 @@ import ast
 import json
 import math
 import os
-import subprocess
-import sys
 import warnings
 
 import keras
 import numpy as np
 import pytest
+from helpers import run_python
 
 import keras_adam
 
@@ -24,11 +23,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run(mode, out):
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run([sys.executable, os.path.join(HERE, "sharding_run.py"), mode,
-                             str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # The "equal" mode trains every model and option set of sharding_run.py
+    # on 4 and 8 devices: about two minutes on a 2-core CPU.
+    run_python(os.path.join(HERE, "sharding_run.py"), mode, out, backend="jax",
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=600)
 
 
 def _jax_only():
@@ -48,6 +46,7 @@ def _expected_axis(shape, n, taken=()):
     return max(free, key=lambda d: (shape[d], -d))
 
 
+@pytest.mark.subprocess
 def test_placement_picks_the_largest_divisible_dimension(tmp_path):
     _jax_only()
     _run("placement", tmp_path)
@@ -85,6 +84,8 @@ def _weights(arrays, key):
     return found
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow  # equal_runs: about two minutes
 def test_sharded_training_equals_unsharded(equal_runs):
     arrays, layouts = equal_runs
     runs = sorted(key.rsplit("/", 1)[0] for key in layouts if key.endswith("/sharded"))
@@ -123,6 +124,8 @@ def _max_difference(a, b):
     return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow  # equal_runs, when it runs first
 def test_each_device_holds_its_share_of_the_state(equal_runs):
     _, layouts = equal_runs
     for key, slots in layouts.items():
@@ -149,6 +152,8 @@ def test_each_device_holds_its_share_of_the_state(equal_runs):
             assert device_total < expected / 2, (key, device_total, expected)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_sharded_state_resumes_on_fewer_devices(tmp_path):
     _jax_only()
     _run("resume", tmp_path)
