@@ -2,7 +2,7 @@
 
 Run:  python examples/precision.py
 
-(a) bfloat16 variables, 500 Adam steps on a fixed gradient sequence: the
+(a) bfloat16 variables, 250 Adam steps on a fixed gradient sequence: the
     distance to the float64 `keras_adam.reference` with the moments kept in
     bfloat16 written by nearest rounding in bfloat16 arithmetic (as
     keras.optimizers.Adam), in bfloat16 written by stochastic rounding from
@@ -18,7 +18,7 @@ import numpy as np
 import keras_adam
 from keras_adam import reference
 
-STEPS, LR = 500, 1e-2
+STEPS, LR = 250, 1e-2
 
 
 def bfloat16_distance(moment_dtype, weight_rounding=None):

@@ -19,6 +19,10 @@ from helpers import run_python
 
 import keras_adam
 
+# The module-scoped run below is shared by several tests: under pytest-xdist
+# they stay on one worker (`--dist loadgroup`), so it runs once.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
