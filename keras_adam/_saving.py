@@ -89,6 +89,7 @@ def assign(saved, variables, ours, name, moment_dtype):
         ValueError: naming the slots that differ.
     """
     saved_roles, values = saved
+    variables, ours = _without_new_state(variables, ours, saved_roles, len(values))
     if saved_roles is not None:
         if [r for r, _ in saved_roles] != [r for r, _ in ours]:
             saved_set = {r for r, _ in saved_roles}
@@ -134,6 +135,27 @@ def assign(saved, variables, ours, name, moment_dtype):
             )
     for variable, value in zip(variables, values):
         variable.assign(value)
+
+
+# State that a file written without it may lack: the weight rounding's seed
+# and Kahan compensations (16-bit variables). Such a file loads; these keep
+# their fresh values (a new seed; compensation 0, exact for the loaded theta).
+_NEW_STATE = ("rounding_seed", "compensation")
+
+
+def _without_new_state(variables, ours, saved_roles, saved_count):
+    """`variables` and `ours` without the `_NEW_STATE` entries the file lacks."""
+    def new(role):
+        return role.split("[")[0] in _NEW_STATE
+
+    if saved_roles is not None:
+        in_file = {r for r, _ in saved_roles}
+        keep = [not new(r) or r in in_file for r, _ in ours]
+    elif saved_count != len(ours):  # a file without roles: only by count
+        keep = [not new(r) for r, _ in ours]
+    else:
+        return variables, ours
+    return ([v for v, k in zip(variables, keep) if k], [o for o, k in zip(ours, keep) if k])
 
 
 def _kind(variable):

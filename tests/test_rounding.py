@@ -265,3 +265,30 @@ def test_pure_bfloat16_trains_as_well_as_mixed_precision():
     # The built-in does not train at all in pure bfloat16 (beta_2 rounds to 1,
     # so v stays 0... and every step is 0 or NaN): far above.
     assert not loss["bfloat16, keras.optimizers.Adam"] <= 2 * mixed
+
+
+def test_a_file_saved_without_the_rounding_state_loads(tmp_path):
+    # A bfloat16 model saved with nearest rounding (no seed, no compensation)
+    # loads into an optimizer with compensated rounding: every saved value
+    # lands, the compensation starts at 0 (exact for the loaded theta).
+    def model(rounding):
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, dtype="bfloat16")])
+        m.compile(optimizer=keras_adam.Adam(weight_rounding=rounding), loss="mse")
+        return m
+
+    x, y = np.ones((8, 4), "float32"), np.zeros((8, 3), "float32")
+    saved = model("nearest")
+    saved.fit(x, y, verbose=0)
+    path = str(tmp_path / "nearest.weights.h5")
+    saved.save_weights(path)
+    loaded = model("compensated")
+    loaded.optimizer.build(loaded.trainable_variables)
+    loaded.load_weights(path)
+    for variable, other in zip(saved.trainable_variables, loaded.trainable_variables):
+        ours, theirs = (loaded.optimizer.state_variables(other),
+                        saved.optimizer.state_variables(variable))
+        for role in ("m", "v"):
+            np.testing.assert_array_equal(_np(ours[role]), _np(theirs[role]))
+        np.testing.assert_array_equal(_np(ours["compensation"]), 0.0)
+    assert int(keras.ops.convert_to_numpy(loaded.optimizer.iterations)) == 1
