@@ -371,11 +371,12 @@ class Adam(Optimizer):
         fast, hyper, indices, methods = self._methods_now(grads, trainable_variables)
         # Variables written with stochastic or compensated rounding decay in
         # float32 within their step, as lazy ones do on their rows.
-        decayed = [v for v, method in zip(trainable_variables, methods)
-                   if method != _plan.LAZY and self._storage.rounding(v) == "nearest"
-                   and self._use_weight_decay(v)]
-        if decayed:  # torch's foreach decay refuses an empty list
-            super()._apply_weight_decay(decayed)
+        if self.weight_decay is not None:
+            decayed = [v for v, method in zip(trainable_variables, methods)
+                       if method != _plan.LAZY and self._storage.rounding(v) == "nearest"
+                       and self._use_weight_decay(v)]
+            if decayed:  # torch's foreach decay refuses an empty list
+                super()._apply_weight_decay(decayed)
         if fast is not None and not fast.per_variable:
             mine, rest = [], []
             for g, v, i, method in zip(grads, trainable_variables, indices, methods):
