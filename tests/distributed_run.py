@@ -73,6 +73,8 @@ def train_custom_loop(keras, keras_adam, strategy, options, worker_index, num_wo
 
 def main():
     mode, out, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    # An option of this script, not of the optimizer: the Keras dtype policy.
+    policy = options.pop("dtype_policy", None)
     if mode == "mirrored":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
@@ -82,6 +84,9 @@ def main():
 
     import keras_adam
 
+    if policy is not None:
+        keras.config.set_dtype_policy(policy)
+    replicas_differ = 0.0
     if mode == "single":
         model, optimizer = train_custom_loop(
             keras, keras_adam, tf.distribute.get_strategy(), options, 0, 1)
@@ -94,6 +99,13 @@ def main():
             optimizer = keras_adam.Adam(**options)
             model.compile(optimizer=optimizer, loss="mse")
         model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+        # Each replica's copy of every model and optimizer variable: they must
+        # hold the same bits (the weight rounding's random numbers included).
+        for variable in model.trainable_variables + optimizer.variables:
+            first, *others = [np.asarray(tf.cast(r, tf.float32))
+                              for r in strategy.experimental_local_results(variable.value)]
+            for other in others:
+                replicas_differ = max(replicas_differ, float(np.max(np.abs(first - other))))
     elif mode == "worker":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
@@ -102,10 +114,10 @@ def main():
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
-    slots = [s.numpy() for v in model.trainable_variables
+    slots = [np.asarray(tf.cast(s.value, tf.float32)) for v in model.trainable_variables
              for s in optimizer.slots(v) if s is not None]
-    np.savez(out, *model.get_weights(), *slots,
-             iterations=int(optimizer.iterations.numpy()))
+    np.savez(out, *[np.asarray(w, np.float32) for w in model.get_weights()], *slots,
+             iterations=int(optimizer.iterations.numpy()), replicas_differ=replicas_differ)
 
 
 if __name__ == "__main__":
