@@ -104,6 +104,11 @@ class Adam(Optimizer):
         exclude_from_weight_decay: `None` or {"var_names": [...],
             "var_indices": [...]}, as `get_config()` records the exclusions
             of `exclude_from_weight_decay()`. Defaults to `None`.
+        weight_rounding: `None`, `"nearest"`, `"stochastic"` or
+            `"compensated"`: how a bfloat16/float16 variable's new value,
+            computed in float32, is written (`keras_adam._rounding`; Zamirai
+            et al., 2020). `None` is `"stochastic"` for them; float32 and
+            float64 variables are unaffected. Defaults to `None`.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: see `keras.optimizers.Optimizer`.
@@ -127,6 +132,7 @@ class Adam(Optimizer):
         - Dozat, "Incorporating Nesterov Momentum into Adam", 2016.
         - Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019.
         - Dettmers et al., "8-bit Optimizers via Block-wise Quantization", 2022.
+        - Zamirai et al., "Revisiting BFloat16 Training", 2020.
     """
 
     # keras_adam's options (`keras_adam._options.FIELDS`), validated on every assignment.
