@@ -22,36 +22,44 @@ class Exclusions:
     Args:
         var_names: the name patterns given to `exclude_from_weight_decay`.
         var_indices: positions excluded by a loaded config.
+        recorded: whether there are exclusions to record at all (the config
+            field is None if not).
     """
 
-    def __init__(self, var_names=(), var_indices=()):
+    def __init__(self, var_names=(), var_indices=(), recorded=False):
         self.var_names = list(var_names)
         self.var_indices = list(var_indices)
+        self.recorded = recorded
 
     @classmethod
     def from_config(cls, value):
-        """From a config's `exclude_from_weight_decay` field (checked first)."""
+        """From a config's `exclude_from_weight_decay` field (checked first; None: no
+        exclusions)."""
+        if value is None:
+            return cls()
         value = check.decay_exclusions(value)
-        return cls(value["var_names"], value["var_indices"])
+        return cls(value["var_names"], value["var_indices"], recorded=True)
 
     def excludes(self, index):
         """Whether a loaded config excluded the variable at position `index`."""
         return index in self.var_indices
 
-    def config(self, excluded_positions, pending):
+    def config(self, variable_keys, keras_excluded):
         """The config field.
 
         Args:
-            excluded_positions: positions of the variables Keras excludes by
-                `var_list`, or None before `build` (positions are not known).
-            pending: whether some are excluded by `var_list` (they are saved
-                only once positions are known; a warning says so).
+            variable_keys: Keras's key (`_var_key`) of each variable the
+                optimizer is built with, in order; None before `build`
+                (positions are not known yet).
+            keras_excluded: the keys Keras excludes by `var_list`.
         """
+        if not self.recorded:
+            return None
         positions = set(self.var_indices)
-        if excluded_positions is None and pending:
+        if variable_keys is None and keras_excluded:
             warnings.warn(
                 "Variables excluded from weight decay by `var_list` are saved by their "
                 "position once the optimizer is built; this optimizer is not built yet, "
                 "so its config does not hold them.", stacklevel=4)
-        positions |= set(excluded_positions or ())
+        positions |= {i for i, key in enumerate(variable_keys or ()) if key in keras_excluded}
         return {"var_names": list(self.var_names), "var_indices": sorted(positions)}

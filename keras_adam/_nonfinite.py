@@ -94,3 +94,13 @@ def stateless_apply_if_finite(grads, model, optimizer, apply, skip):
         return branch
 
     return ops.cond(all_finite(grads), in_scope(apply), in_scope(skip))
+
+
+def new_counter(add_variable):
+    """The saved `skipped_steps` counter (`add_variable`: the optimizer's).
+
+    Created after the slots, so the layout of optimizers without it is
+    unchanged. Assigned only in the cross-replica context under
+    tf.distribute (as LossScaleOptimizer's counters): no aggregation.
+    """
+    return add_variable(shape=(), dtype="int", name="skipped_steps", aggregation="none")

@@ -60,10 +60,11 @@ class PerStepCache:
         self._open = 0
         self._values = {}
 
-    def open(self):
+    def __enter__(self):
         self._open += 1
+        return self
 
-    def close(self):
+    def __exit__(self, *exc_info):
         self._open -= 1
         if self._open == 0:
             self._values.clear()

@@ -134,3 +134,27 @@ def methods_now(routes, gradients_sparse, fast, hyper):
                 continue
         methods.append(route.method)
     return methods
+
+
+class Plans:
+    """`plan`'s result for each set of options the optimizer has had, made once each.
+
+    Options may be assigned after `build` (`optimizer.beta_1 = 0.95`), and
+    every step asks for the plan: it is decided once per set of options and
+    kept (a few at most, for options assigned again and again).
+    """
+
+    def __init__(self):
+        self._plans = {}
+
+    def get(self, options, variables, storage, overwritten):
+        """(fast path or None, routes) for `options` (`keras_adam._options.Options`);
+        the other arguments are `plan`'s, used only the first time."""
+        hyper = options.hyper()
+        key = (hyper, options["fused"], options["sparse_updates"])
+        if key not in self._plans:
+            if len(self._plans) >= 16:
+                self._plans.clear()
+            self._plans[key] = plan(variables, hyper, options["fused"],
+                                    options["sparse_updates"], storage, overwritten)
+        return self._plans[key]

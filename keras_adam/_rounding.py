@@ -31,6 +31,7 @@ whole variable or some of its rows (the index is the element's position in
 the whole variable).
 """
 
+import numpy as np
 from keras import ops
 
 ROUNDINGS = ("nearest", "stochastic", "compensated")
@@ -133,3 +134,18 @@ def compensated(target, dtype):
     theta = ops.cast(target, dtype)
     c = ops.cast(target - ops.cast(theta, "float32"), dtype)
     return theta, c
+
+
+def new_seed(add_variable):
+    """The saved int32 seed of the rounding's counter-based randomness (`uniform`).
+
+    Drawn from NumPy's global generator, which `keras.utils.set_random_seed`
+    seeds, so a seeded run repeats; saved with the optimizer's state, so a
+    resumed run continues the same sequence.
+
+    Args:
+        add_variable: the optimizer's `add_variable`.
+    """
+    seed = add_variable(shape=(), dtype="int32", name="rounding_seed", aggregation="none")
+    seed.assign(np.random.randint(0, 2**31 - 1))
+    return seed

@@ -12,7 +12,9 @@ treats one lives here; `keras_adam.optimizer.Adam` keeps only the hooks:
                                  this step (known from the gradients it
                                  receives); the lazy update decays the rows
                                  it touches
-    Adam.update_step          -> densify ("exact") or lazy_update ("lazy")
+    Adam.update_step          -> densify ("exact"), or rows_and_values ("lazy":
+                                 the rule on those rows, read and written by
+                                 `keras_adam._state.Storage` with `rows`)
 
 "exact": the update of the dense equivalent gradient. "lazy": for the rows r
 present, with the global step t,
@@ -26,7 +28,6 @@ do not decay: that is what makes the update lazy).
 
 from keras import ops
 
-from keras_adam import _rule
 from keras_adam import backends
 
 SPARSE_UPDATES = ("exact", "lazy")
@@ -69,40 +70,11 @@ def deduplicate_all(grads):
     return [deduplicate(g) if is_sparse(g) else g for g in grads]
 
 
-def lazy_update(gradient, variable, state, hyper, scalars, weight_decay, assign_sub,
-                noise=None):
-    """Adam on the rows present in `gradient`; every other row is left as it is.
+def rows_and_values(gradient):
+    """(rows, values) of a row-sparse gradient, each row once: the lazy update's input.
 
-    Args:
-        gradient: the row-sparse gradient.
-        variable: the model variable.
-        state: `(storage, index, bound)`: the optimizer's
-            `keras_adam._state.Storage`, the variable's position in it, and
-            this step's moment bound K (`keras_adam._rule.moment_bound`).
-        hyper, scalars: the rule's `Hyper` and this step's `Scalars` in the
-            compute dtype.
-        weight_decay: the decay rate if decoupled weight decay applies to
-            this variable, else None.
-        assign_sub: the optimizer's `assign_sub` (scatters row updates).
-        noise: (seed, t) for a 16-bit variable written with stochastic or
-            compensated rounding (`keras_adam._rounding`), else None.
+    Deduplicated again although `Adam.apply` already did: an all-reduce
+    across tf.distribute replicas may concatenate their rows.
     """
-    storage, index, bound = state
-    # Deduplicated again: an all-reduce may concatenate replicas' rows.
     gradient = deduplicate(gradient)
-    rows = gradient.indices
-    dtype = storage.compute_dtype(variable)
-    g = ops.cast(gradient.values, dtype)
-    m, v, v_max = storage.read(index, rows, bound)
-    m, v, v_max, step = _rule.rule(g, m, v, v_max, scalars, hyper)
-    storage.write(index, m, v, v_max, rows, noise)
-    if noise is not None:
-        theta = storage.read_variable(index, variable, rows)
-    elif weight_decay is not None:
-        theta = ops.cast(backends.gather_rows(variable, rows), dtype)
-    if weight_decay is not None:
-        # Keras decays before the step; both are subtracted from the same theta_r.
-        step += theta * ops.cast(weight_decay, dtype) * scalars.lr
-    if noise is not None:
-        return storage.write_variable(index, variable, theta - step, noise, rows)
-    assign_sub(variable, backends.row_slices(ops.cast(step, variable.dtype), rows))
+    return gradient.indices, gradient.values

@@ -9,6 +9,7 @@ optimizer is built with:
     storage.create(variables, add_like, add_new, overwritten)
     storage.read(i, rows=None, bound=None)        -> (m, v, v_max) in compute dtype
     storage.write(i, m, v, v_max, rows=None)
+    storage.subtract(i, variable, delta, assign_sub, rows=None)   theta <- theta - delta
     storage.slots(i)                              -> the Keras variables themselves
     storage.state_variables(i)                    -> {role: variable}, scales included
     storage.in_place_reason(variable)             -> why a fused kernel may not
@@ -200,21 +201,38 @@ class Storage:
         positions = _rounding.element_index(self._variables[index].shape, rows)
         return _rounding.uniform(seed, t, 4 * index + kind, positions)
 
-    def read_variable(self, index, variable, rows=None):
-        """theta of a variable written with stochastic or compensated rounding, in
-        float32: theta + compensation for "compensated" (`keras_adam._rounding`)."""
-        theta = variable if rows is None else backends.gather_rows(variable, rows)
-        theta = ops.cast(theta, "float32")
-        compensation = self._compensation[index]
-        if compensation is None:
-            return theta
-        c = compensation if rows is None else backends.gather_rows(compensation, rows)
-        return theta + ops.cast(c, "float32")
+    def subtract(self, index, variable, delta, assign_sub, rows=None, decay=None, noise=None):
+        """theta <- theta - delta for model variable `index` (or its `rows`), by its rounding.
 
-    def write_variable(self, index, variable, target, noise, rows=None):
-        """Writes float32 `target` into a 16-bit variable (or its `rows`) by its rounding."""
+        Args:
+            delta: the rule's step, in the compute dtype.
+            assign_sub: the optimizer's `assign_sub` (scatters row updates).
+            rows: the rows a lazy sparse update touches, or None.
+            decay: (weight_decay, lr) where decoupled decay is applied here,
+                to the same theta as the step (Keras decays just before it):
+                theta <- theta - delta - lr * weight_decay * theta.
+            noise: (seed, t) for a 16-bit variable written with stochastic or
+                compensated rounding: the new value is computed in float32
+                from theta (+ its compensation) and written by
+                `keras_adam._rounding`. None: rounded to nearest.
+        """
+        if noise is not None or decay is not None:
+            dtype = self.compute_dtype(variable)
+            theta = variable if rows is None else backends.gather_rows(variable, rows)
+            theta = ops.cast(theta, dtype)
+            compensation = self._compensation[index]
+            if compensation is not None:  # Kahan: theta's lost low bits
+                c = compensation if rows is None else backends.gather_rows(compensation, rows)
+                theta = theta + ops.cast(c, dtype)
+            if decay is not None:
+                weight_decay, lr = decay
+                delta += theta * ops.cast(weight_decay, dtype) * lr
+        if noise is None:
+            delta = ops.cast(delta, variable.dtype)
+            return assign_sub(variable, delta if rows is None else
+                              backends.row_slices(delta, rows))
+        target = theta - delta
         dtype = keras.backend.standardize_dtype(variable.dtype)
-        compensation = self._compensation[index]
         if compensation is None:
             values = _rounding.stochastic(target, dtype, self._uniform(index, 0, rows, noise))
         else:

@@ -21,13 +21,12 @@ def register(cls):
 def constructor_arguments(cls):
     """Names that `cls(**config)` accepts, collected along its MRO.
 
-    Subclasses often take `**kwargs` and forward them, so each class's own
-    named parameters are gathered, down to the Keras base class.
+    Subclasses often take `**kwargs` and forward them (keras_adam's classes
+    forward Keras's own arguments to Keras's base optimizer), so each
+    class's own named parameters are gathered, Keras's base classes included.
     """
     names = set()
     for klass in cls.__mro__:
-        if klass is keras.optimizers.Optimizer:
-            break
         init = klass.__dict__.get("__init__")
         if init is None:
             continue

@@ -54,6 +54,24 @@ def fast_path(hyper, fused):
     return _fast_path_class()(), None
 
 
+def apply_together(fast, items, methods, hyper, step):
+    """Runs a multi-tensor fast path once over every variable planned for it.
+
+    Args:
+        fast: the fast path (`per_variable` False).
+        items: (gradient, variable, slots) per variable of this step.
+        methods: each variable's method this step (`keras_adam._plan.methods_now`).
+        hyper, step: the rule's `Hyper` and this step's `Step`.
+
+    Returns:
+        The (gradient, variable) pairs left for the per-variable update:
+        other methods', and any the fast path gave back.
+    """
+    mine = [item for item, method in zip(items, methods) if method == fast.name]
+    rest = [item for item, method in zip(items, methods) if method != fast.name]
+    return [(g, v) for g, v, _ in rest + list(fast.apply(mine, hyper, step))]
+
+
 def _fast_path_class():
     backend = keras.backend.backend()
     if backend == "tensorflow":
