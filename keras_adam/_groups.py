@@ -107,16 +107,15 @@ class Group:
     def multiplier(self):
         return self.get("learning_rate_multiplier", 1.0)
 
+    def settings(self, hyper, step):
+        """(Hyper, Step) for this group's variables: the optimizer's `hyper` and this
+        `step` (`keras_adam._per_step.Step`) with the group's values."""
+        return self.hyper(hyper), step.scaled(self.multiplier)
+
     def hyper(self, base):
         """The rule's `Hyper` with this group's beta_1, beta_2 and epsilon."""
         changes = {k: v for k, v in self.overrides if k in HYPER_KEYS}
         return dataclasses.replace(base, **changes) if changes else base
-
-    def own_decay(self, base_weight_decay):
-        """Whether the decay differs from the optimizer's (rate or lr): Keras's own
-        whole-optimizer decay cannot apply it."""
-        return self.multiplier != 1.0 or self.get("weight_decay", base_weight_decay) \
-            != base_weight_decay
 
 
 NO_GROUP = Group()

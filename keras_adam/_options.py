@@ -13,6 +13,9 @@ else that follows from the options (which path updates each variable) is
 derived from them when it is needed, so nothing has to be kept in sync.
 """
 
+import copy
+
+from keras_adam import _groups
 from keras_adam import _quantize
 from keras_adam import _rounding
 from keras_adam import _rule
@@ -40,12 +43,14 @@ FIELDS = {
     "moment_block_size": (check.integer(minimum=1), _quantize.BLOCK_SIZE),
     "min_8bit_size": (check.integer(minimum=0), MIN_8BIT_SIZE),
     "weight_rounding": (check.one_of(_rounding.ROUNDINGS, optional=True), None),
+    "groups": (lambda name, value: _groups.validate(value), None),
 }
 
 # These decide the optimizer's variables (m, v, v_max, the 8-bit scales, the
 # compensations, skipped_steps, the rounding seed): their number, dtype and layout.
+# `groups` too: they assign each variable its group (and its moments' dtype).
 FIXED_AFTER_BUILD = ("amsgrad", "moment_dtype", "skip_nonfinite", "shard_state",
-                     "moment_block_size", "min_8bit_size", "weight_rounding")
+                     "moment_block_size", "min_8bit_size", "weight_rounding", "groups")
 
 
 class Options:
@@ -97,12 +102,14 @@ class Options:
 
     def config(self):
         """{name: value} for every field, as `get_config` records them."""
-        return dict(self._values)
+        return copy.deepcopy(self._values)
 
 
 def _check_combination(values):
     """Refuses combinations that cannot mean what they say; returns their `Hyper`."""
     eight_bit = values["moment_dtype"] == EIGHT_BIT
+    in_a_group = any(overrides.get("moment_dtype") == EIGHT_BIT
+                     for overrides in (values["groups"] or {}).values())
     if eight_bit and values["fused"]:
         raise ValueError(
             "`fused=True` and `moment_dtype='8bit'` cannot be combined: the fused "
@@ -110,11 +117,12 @@ def _check_combination(values):
             "codes with a scale per block. Use fused=None (variables that keep "
             "float32 moments still take the kernel) or another moment_dtype."
         )
-    if not eight_bit and (values["moment_block_size"] != _quantize.BLOCK_SIZE
+    if not (eight_bit or in_a_group) and (values["moment_block_size"] != _quantize.BLOCK_SIZE
                           or values["min_8bit_size"] != MIN_8BIT_SIZE):
         raise ValueError(
             "`moment_block_size` and `min_8bit_size` apply only with "
-            f"moment_dtype='8bit'. Received: moment_dtype={values['moment_dtype']!r}, "
+            "moment_dtype='8bit' (for the optimizer or a group). Received: "
+            f"moment_dtype={values['moment_dtype']!r}, "
             f"moment_block_size={values['moment_block_size']}, "
             f"min_8bit_size={values['min_8bit_size']}"
         )

@@ -21,9 +21,10 @@ class Step:
         lr: this step's learning rate.
     """
 
-    def __init__(self, iterations, lr):
+    def __init__(self, iterations, lr, parent=None):
         self.iterations = iterations
         self.lr = lr
+        self._parent = parent
         self._memo = {}
 
     @property
@@ -33,7 +34,17 @@ class Step:
         Made on first use: the torch kernel reads `iterations` as a number and
         needs no tensor.
         """
+        if self._parent is not None:
+            return self._parent.t
         return self.memo("t", lambda: self.iterations + 1)
+
+    def scaled(self, multiplier):
+        """This step with lr * multiplier (a group's `learning_rate_multiplier`), made
+        once per step; t is this step's."""
+        if multiplier == 1.0:
+            return self
+        return self.memo(("scaled", multiplier),
+                         lambda: Step(self.iterations, self.lr * multiplier, parent=self))
 
     def scalars(self, hyper, dtype):
         """The `_rule.Scalars` for `hyper` in `dtype`, computed once per step."""

@@ -38,6 +38,8 @@ class Route:
             (`keras_adam._sharding`); empty otherwise.
         rounding: how the new value is written: "nearest", or for 16-bit
             float variables "stochastic" or "compensated" (`keras_adam._rounding`).
+        group: the pattern of the variable's group (`keras_adam._groups`), or
+            "" for none.
     """
 
     method: str
@@ -46,6 +48,7 @@ class Route:
     portable_when: str = ""
     state: str = ""
     rounding: str = "nearest"
+    group: str = ""
 
 
 class Plan(dict):
@@ -67,11 +70,13 @@ class Plan(dict):
                 line += f"; {route.state}"
             if route.rounding != "nearest":
                 line += f"; written with {route.rounding} rounding"
+            if route.group:
+                line += f"; group {route.group!r}"
             lines.append(line)
         return "\n".join(lines)
 
 
-def plan(variables, hyper, fused, sparse_updates, storage, overwritten):
+def plan(variables, hyper, fused, sparse_updates, storage, overwritten, groups=None):
     """(fast path or None, one `Route` per variable) for these options.
 
     Args:
@@ -84,6 +89,7 @@ def plan(variables, hyper, fused, sparse_updates, storage, overwritten):
             variable's moments are stored decides whether a kernel may
             update them in place).
         overwritten: predicate for variables Keras overwrites with their gradient.
+        groups: each variable's `keras_adam._groups.Group`, or None.
 
     Raises:
         ValueError: if `fused` is True and the options or a variable rule the
@@ -92,23 +98,25 @@ def plan(variables, hyper, fused, sparse_updates, storage, overwritten):
     fast, fast_reason = backends.fast_path(hyper, fused)
     sparse = sparse_updates if backends.makes_sparse_gradients() else SPARSE_NONE
     routes = []
-    for variable in variables:
+    for i, variable in enumerate(variables):
+        group = "" if groups is None else groups[i].pattern
         if overwritten(variable):
             routes.append(Route(OVERWRITTEN, "overwrite_with_gradient: Keras assigns "
-                                "the gradient to the variable; there is no Adam step"))
+                                "the gradient to the variable; there is no Adam step",
+                                group=group))
             continue
         reason = fast_reason if fast is None else backends.variable_reason(variable, storage)
         state = storage.placement.describe(variable)
         if reason is None:
             routes.append(Route(fast.name, fast.exact_because, sparse,
-                                fast.portable_when(hyper), state))
+                                fast.portable_when(hyper), state, group=group))
             continue
         if fused:
             raise ValueError(
                 f"`fused=True` is not possible: variable {variable.path!r}: {reason}."
             )
         routes.append(Route(PORTABLE, reason, sparse, state=state,
-                            rounding=storage.rounding(variable)))
+                            rounding=storage.rounding(variable), group=group))
     return fast, tuple(routes)
 
 
@@ -147,7 +155,7 @@ class Plans:
     def __init__(self):
         self._plans = {}
 
-    def get(self, options, variables, storage, overwritten):
+    def get(self, options, variables, storage, overwritten, groups=None):
         """(fast path or None, routes) for `options` (`keras_adam._options.Options`);
         the other arguments are `plan`'s, used only the first time."""
         hyper = options.hyper()
@@ -156,5 +164,5 @@ class Plans:
             if len(self._plans) >= 16:
                 self._plans.clear()
             self._plans[key] = plan(variables, hyper, options["fused"],
-                                    options["sparse_updates"], storage, overwritten)
+                                    options["sparse_updates"], storage, overwritten, groups)
         return self._plans[key]

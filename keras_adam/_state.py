@@ -80,6 +80,9 @@ class Storage:
         self._variables = None
         self._slots = None
         self._compensation = None
+        # Each variable's position among all the optimizer's (`Grouped` sets
+        # them where a format holds some variables only): its random stream.
+        self.positions = None
 
     def create(self, var_list, add_like, add_new, overwritten):
         """Creates the slots for `var_list` (see the module docstring for the order).
@@ -198,8 +201,9 @@ class Storage:
     def _uniform(self, index, kind, rows, noise):
         # One stream per (variable, slot): kind 0 is the variable, 1-3 m, v, v_max.
         seed, t = noise
-        positions = _rounding.element_index(self._variables[index].shape, rows)
-        return _rounding.uniform(seed, t, 4 * index + kind, positions)
+        position = index if self.positions is None else self.positions[index]
+        elements = _rounding.element_index(self._variables[index].shape, rows)
+        return _rounding.uniform(seed, t, 4 * position + kind, elements)
 
     def subtract(self, index, variable, delta, assign_sub, rows=None, decay=None, noise=None):
         """theta <- theta - delta for model variable `index` (or its `rows`), by its rounding.
@@ -398,18 +402,101 @@ class Blockwise8bit(Storage):
             self._assign(scale, scales)
 
 
-def for_options(options, assign):
-    """The `Storage` for an optimizer's `keras_adam._options.Options`; `assign`
-    is the optimizer's `assign`."""
+def for_options(options, assign, var_list=(), moment_dtypes=None):
+    """The storage for an optimizer's `keras_adam._options.Options`.
+
+    Args:
+        options: the optimizer's options.
+        assign: the optimizer's `assign`.
+        var_list: the model variables, in the optimizer's order.
+        moment_dtypes: each variable's moment_dtype where groups set them
+            (`keras_adam._groups`), or None: `options["moment_dtype"]` for all.
+    """
     no_sharding = _sharding.backend_reason()
     if options["shard_state"] and no_sharding is not None:
         warnings.warn(f"`shard_state=True` has no effect here: {no_sharding}.", stacklevel=3)
-    amsgrad, moment_dtype = options["amsgrad"], options["moment_dtype"]
+    amsgrad, rounding = options["amsgrad"], options["weight_rounding"]
     placement = _sharding.Placement(options["shard_state"])
-    rounding = options["weight_rounding"]
-    if moment_dtype is None:
-        return Storage(amsgrad, assign, placement, rounding)
-    if moment_dtype == EIGHT_BIT:
-        return Blockwise8bit(amsgrad, assign, placement, options["moment_block_size"],
-                             options["min_8bit_size"], rounding)
-    return StoredAs(amsgrad, assign, moment_dtype, placement, rounding)
+
+    def storage(moment_dtype):
+        if moment_dtype is None:
+            return Storage(amsgrad, assign, placement, rounding)
+        if moment_dtype == EIGHT_BIT:
+            return Blockwise8bit(amsgrad, assign, placement, options["moment_block_size"],
+                                 options["min_8bit_size"], rounding)
+        return StoredAs(amsgrad, assign, moment_dtype, placement, rounding)
+
+    kinds = list(dict.fromkeys(moment_dtypes or [options["moment_dtype"]]))
+    if len(kinds) == 1:
+        return storage(kinds[0])
+    return Grouped([storage(kind) for kind in kinds],
+                   [kinds.index(kind) for kind in moment_dtypes], var_list)
+
+
+class Grouped:
+    """Several storage formats in one optimizer: each variable's moments stored by its
+    group's `moment_dtype` (`keras_adam._groups`).
+
+    Every format is a `Storage` of its own over the variables that use it, and
+    this object routes each call by the model variable's position. The slots
+    are created format by format, in the order of `formats`, each in its own
+    order (see the module docstring): the layout of a file follows the groups.
+
+    Args:
+        formats: the `Storage` objects, one per moment_dtype in use.
+        choice: for each model variable (by position), the index of its format.
+        var_list: the model variables, in the optimizer's order.
+    """
+
+    def __init__(self, formats, choice, var_list):
+        self.formats = list(formats)
+        self.amsgrad = self.formats[0].amsgrad
+        self.placement = self.formats[0].placement
+        self.needs_bound = any(f.needs_bound for f in self.formats)
+        self._choice = list(choice)
+        self._local = []  # position -> (format, its position there)
+        for which, storage in enumerate(self.formats):
+            storage.positions = [i for i, c in enumerate(self._choice) if c == which]
+        for i, which in enumerate(self._choice):
+            storage = self.formats[which]
+            self._local.append((storage, storage.positions.index(i)))
+        # The calls that receive a model variable find its format by its path.
+        self._by_path = {v.path: self.formats[c] for v, c in zip(var_list, self._choice)}
+
+    def create(self, var_list, add_like, add_new, overwritten):
+        """Creates every format's slots (see `Storage.create`)."""
+        for which, storage in enumerate(self.formats):
+            storage.create([v for v, c in zip(var_list, self._choice) if c == which],
+                           add_like, add_new, overwritten)
+
+    def _format(self, variable):
+        return self._by_path[variable.path]
+
+    def rounding(self, variable):
+        return self.formats[0].rounding(variable)
+
+    def compute_dtype(self, variable):
+        return self._format(variable).compute_dtype(variable)
+
+    def in_place_reason(self, variable):
+        return self._format(variable).in_place_reason(variable)
+
+    def slots(self, index):
+        storage, local = self._local[index]
+        return storage.slots(local)
+
+    def state_variables(self, index):
+        storage, local = self._local[index]
+        return storage.state_variables(local)
+
+    def read(self, index, rows=None, bound=None):
+        storage, local = self._local[index]
+        return storage.read(local, rows, bound)
+
+    def write(self, index, m, v, v_max, rows=None, noise=None):
+        storage, local = self._local[index]
+        return storage.write(local, m, v, v_max, rows, noise)
+
+    def subtract(self, index, variable, delta, assign_sub, rows=None, decay=None, noise=None):
+        storage, local = self._local[index]
+        return storage.subtract(local, variable, delta, assign_sub, rows, decay, noise)

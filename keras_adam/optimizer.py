@@ -14,6 +14,7 @@ from keras import ops
 from keras.optimizers import Optimizer
 
 from keras_adam import _decay
+from keras_adam import _groups
 from keras_adam import _nonfinite
 from keras_adam import _options
 from keras_adam import _plan
@@ -79,38 +80,33 @@ class Adam(Optimizer):
     `epsilon` is epsilon-hat ("hat", as `keras.optimizers.Adam`) or Algorithm
     1's epsilon ("paper", as `torch.optim.Adam`). Decoupled weight decay,
     clipping, EMA, loss scaling and gradient accumulation are Keras's. The
-    README's options table and sections give each option in full.
+    README's options table gives each argument in full (bfloat16 rounding:
+    Zamirai et al., 2020; 8-bit moments: Dettmers et al., 2022; `groups`:
+    PyTorch's param groups, `keras_adam._groups`).
 
     Args:
         learning_rate: lr: a float >= 0, a schedule or a callable. Defaults to `0.001`.
-        beta_1, beta_2: Floats in [0, 1). Default to `0.9` and `0.999`.
-        epsilon: Float >= 0, placed by `epsilon_placement`. Defaults to `1e-7`.
-        amsgrad: Bool: the v_max step (Reddi et al., 2018). Defaults to `False`.
-        nesterov: Bool: the look-ahead m_hat (Dozat, 2016). Defaults to `False`.
-        bias_correction: Bool: divide by c1 and c2. Defaults to `True`.
+        beta_1, beta_2: floats in [0, 1). Default to `0.9` and `0.999`.
+        epsilon: float >= 0, placed by `epsilon_placement`. Defaults to `1e-7`.
+        amsgrad: bool, the v_max step (Reddi et al., 2018). Defaults to `False`.
+        nesterov: bool, the look-ahead m_hat (Dozat, 2016). Defaults to `False`.
+        bias_correction: bool, divide by c1 and c2. Defaults to `True`.
         epsilon_placement: `"hat"` or `"paper"`. Defaults to `"hat"`.
-        sparse_updates: `"exact"`, or `"lazy"` (only an IndexedSlices' rows change). Defaults
-            to `"exact"`.
-        moment_dtype: `None` (the variable's), `"float32"`, `"bfloat16"`, `"float16"` or
-            `"8bit"` (Dettmers et al., 2022): how m, v are stored. Defaults to `None`.
-        fused: `None` (a kernel where exact), `True` (require one) or `False`. Defaults to `None`.
-        skip_nonfinite: Bool: NaN/Inf gradients only count `skipped_steps`. Defaults to `False`.
-        shard_state: Bool: split m, v across JAX data-parallel devices. Defaults to `False`.
-        moment_block_size: Int >= 1: elements per 8-bit block. Defaults to `256`.
-        min_8bit_size: Int >= 0: smaller variables keep float32 moments. Defaults to `4096`.
-        weight_decay: `None` or a float >= 0: decoupled weight decay. Defaults to `None`.
-        exclude_from_weight_decay: `None` or {"var_names": [...], "var_indices": [...]}, as
-            `get_config()` records `exclude_from_weight_decay()`. Defaults to `None`.
-        weight_rounding: `None` (`"stochastic"`), `"nearest"`, `"stochastic"` or
-            `"compensated"`: how a 16-bit float variable is written (Zamirai et al.,
-            2020). Defaults to `None`.
-        **kwargs: `clipnorm`, `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
-            `ema_overwrite_frequency`, `loss_scale_factor`, `gradient_accumulation_steps`,
-            `name`: as for `keras.optimizers.Optimizer`.
+        sparse_updates: `"exact"` or `"lazy"` (IndexedSlices' rows only). Defaults to `"exact"`.
+        moment_dtype: None, "float32", "bfloat16", "float16" or "8bit". Defaults to `None`.
+        fused: None (a kernel where exact), True (require one) or False. Defaults to `None`.
+        skip_nonfinite: bool, NaN/Inf gradients only count `skipped_steps`. Defaults to `False`.
+        shard_state: bool, split m, v over JAX's data-parallel devices. Defaults to `False`.
+        moment_block_size: int >= 1, elements per 8-bit block. Defaults to `256`.
+        min_8bit_size: int >= 0, smaller variables keep float32 moments. Defaults to `4096`.
+        weight_decay: None or a float >= 0, decoupled weight decay. Defaults to `None`.
+        exclude_from_weight_decay: None or `get_config()`'s record of it. Defaults to `None`.
+        weight_rounding: None, "nearest", "stochastic" or "compensated". Defaults to `None`.
+        groups: None or {regex: overrides}: per-variable values. Defaults to `None`.
+        **kwargs: `clipnorm`, `use_ema`, `gradient_accumulation_steps`, `name`...: Keras's.
 
     Raises:
-        ValueError, TypeError: naming the argument, for a value out of range or of
-            the wrong type, or `fused=True` where no kernel computes the rule.
+        ValueError, TypeError: naming the argument and what is allowed.
 
     Example:
 
@@ -119,9 +115,8 @@ class Adam(Optimizer):
     >>> model.compile(optimizer=keras_adam.Adam(learning_rate=1e-3), loss="mse")
 
     References:
-        Kingma & Ba 2014, arXiv:1412.6980 (Algorithm 1; epsilon-hat: section 2);
-        Reddi et al. 2018; Dozat 2016; Loshchilov & Hutter 2019; Dettmers et al.
-        2022; Zamirai et al. 2020 ("Revisiting BFloat16 Training").
+        Kingma & Ba 2014, arXiv:1412.6980 (Algorithm 1; epsilon-hat: section 2); Reddi
+        et al. 2018; Dozat 2016; Loshchilov & Hutter 2019 (decoupled weight decay).
     """
 
     def __init__(
@@ -129,18 +124,17 @@ class Adam(Optimizer):
         nesterov=False, bias_correction=True, epsilon_placement="hat", sparse_updates="exact",
         moment_dtype=None, fused=None, skip_nonfinite=False, shard_state=False,
         moment_block_size=_quantize.BLOCK_SIZE, min_8bit_size=_state.MIN_8BIT_SIZE,
-        weight_decay=None, exclude_from_weight_decay=None, weight_rounding=None, **kwargs,
+        weight_decay=None, exclude_from_weight_decay=None, weight_rounding=None, groups=None,
+        **kwargs,
     ):
-        # Keras's own arguments (clipnorm, use_ema, name, ...) pass through
-        # `kwargs` to `keras.optimizers.Optimizer`, which checks them.
+        # Keras's own arguments (clipnorm, use_ema, name...) go to Keras, which checks them.
         super().__init__(
             learning_rate=check.learning_rate(learning_rate),
             weight_decay=check.non_negative("weight_decay", weight_decay, optional=True),
             **kwargs)
-        # Every argument named in `_options.FIELDS`, checked there.
-        arguments = locals()
+        arguments = locals()  # each one named in `_options.FIELDS` is checked there
         self._options = _options.Options(**{name: arguments[name] for name in _options.FIELDS})
-        self._storage = self._skipped_steps = self._rounding_seed = None
+        self._storage = self._skipped_steps = self._rounding_seed = self._groups = None
         self._loaded_before_build = None  # `_saving.read`'s result, applied at build
         self._plans = _plan.Plans()
         self._per_step = PerStepCache()
@@ -149,12 +143,14 @@ class Adam(Optimizer):
             super().exclude_from_weight_decay(var_names=self._decay_exclusions.var_names)
 
     def build(self, var_list):
-        """Plans each variable's update (`fused=True` refuses before anything is made),
-        then creates m, v (v_max) in the file format's order (`keras_adam._state`)."""
+        """Plans each variable's update (`fused=True` refuses first), then makes m, v, v_max."""
         if self.built:
             return
-        storage = _state.for_options(self._options, self.assign)
-        self._plans.get(self._options, var_list, storage, self._overwrite_variable_with_gradient)
+        self._groups = _groups.assign(self._options["groups"], var_list)
+        storage = _state.for_options(self._options, self.assign, var_list, [
+            g.get("moment_dtype", self._options["moment_dtype"]) for g in self._groups])
+        self._plans.get(self._options, var_list, storage, self._overwrite_variable_with_gradient,
+                        self._groups)
         super().build(var_list)
         storage.create(var_list, self.add_variable_from_reference, self.add_variable,
                        self._overwrite_variable_with_gradient)
@@ -168,46 +164,42 @@ class Adam(Optimizer):
             loaded, self._loaded_before_build = self._loaded_before_build, None
             self._assign_loaded(loaded)
 
-    def _plan_now(self):
-        """(fast path or None, routes) for the current options (`keras_adam._plan`)."""
+    def _plan_now(self):  # (fast path or None, routes) for the current options
         return self._plans.get(self._options, self._trainable_variables, self._storage,
-                               self._overwrite_variable_with_gradient)
+                               self._overwrite_variable_with_gradient, self._groups)
 
     def update_plan(self):
         """{variable path: `keras_adam._plan.Route`}: each variable's update method and why
         (`print()` it). A ValueError before `build`, or if a `fused=True` cannot hold."""
-        self._require_built("update_plan()")
+        self._index(None, "update_plan()")
         _, routes = self._plan_now()
         return _plan.Plan(zip((v.path for v in self._trainable_variables), routes))
 
     def slots(self, variable):
-        """The (m, v, v_max) slots of a model variable; v_max is None without amsgrad.
-        8-bit slots hold codes (`state_variables` adds scales; `moments` decodes)."""
+        """A model variable's (m, v, v_max) Keras variables (v_max None without amsgrad)."""
         index = self._index(variable, "slots()")
         return self._storage.slots(index)
 
     def state_variables(self, variable):
-        """{role: Keras variable} holding a model variable's state: "m", "v", "v_max",
-        and where they exist "m_scale", "v_scale", "v_max_scale", "compensation"."""
+        """{role: variable}: "m", "v", "v_max", "m_scale"..., "compensation" where they exist."""
         index = self._index(variable, "state_variables()")
         return self._storage.state_variables(index)
 
     def moments(self, variable):
         """m, v (and v_max, else None) of a model variable in the update's compute dtype,
         whatever the storage: 8-bit codes decoded as the next step reads them."""
-        index, hyper = self._index(variable, "moments()"), self._options.hyper()
-        bound = _rule.moment_bound(hyper.beta_1, hyper.beta_2, self.iterations)
-        return self._storage.read(index, bound=bound)
+        index = self._index(variable, "moments()")
+        hyper = self._groups[index].hyper(self._options.hyper())
+        return self._storage.read(index, bound=_rule.moment_bound(
+            hyper.beta_1, hyper.beta_2, self.iterations))
 
     def _index(self, variable, what):
-        self._require_built(what)
-        return self._get_variable_index(variable)
-
-    def _require_built(self, what):
+        """`variable`'s position (None for None), once the optimizer is built."""
         if self._storage is None:
             raise ValueError(f"{type(self).__name__}.{what} needs a built optimizer: call "
                              "`optimizer.build(model.trainable_variables)` first (or train "
                              "one step).")
+        return None if variable is None else self._get_variable_index(variable)
 
     @property
     def skipped_steps(self):
@@ -239,33 +231,35 @@ class Adam(Optimizer):
         gradients returns every value unchanged but `skipped_steps`."""
         if not self._options["skip_nonfinite"]:
             return super().stateless_apply(optimizer_variables, grads, trainable_variables)
-        self._require_built("stateless_apply()")
+        self._index(None, "stateless_apply()")
         return _nonfinite.stateless_apply_if_finite(
             grads, (self._trainable_variables, trainable_variables),
             (self.variables, optimizer_variables),
             lambda: self._apply_now(grads), lambda: self._skipped_steps.assign_add(1))
 
     def _apply_weight_decay(self, variables):
-        # A private seam of keras' BaseOptimizer: the decay runs in `_backend_update_step`,
-        # which knows the lazy updates. tests/test_keras_seams.py fails if it moves.
+        # A private seam of keras' BaseOptimizer: each variable decays with its update
+        # instead (`_decay`); tests/test_parity_builtin.py's AdamW rows check it.
         pass
 
     def _use_weight_decay(self, variable):
-        # A private seam of keras' BaseOptimizer, asked before decaying a variable;
-        # exclusions loaded from a config count too. Keras's TF optimizer hands
-        # update_step the tf.Variable inside a Keras variable: ask with the latter.
-        if self.weight_decay is None:
-            return False
+        # A private seam of keras' BaseOptimizer, asked before decaying a variable (on
+        # TensorFlow the tf.Variable inside a Keras variable: ask with the latter).
         try:
             index = self._get_variable_index(variable)
         except (KeyError, AttributeError):
-            return super()._use_weight_decay(variable)
-        return not self._decay_exclusions.excludes(index) and \
-            super()._use_weight_decay(self._trainable_variables[index])
+            return self.weight_decay is not None and super()._use_weight_decay(variable)
+        return self._decay_rate(index) is not None
+
+    def _decay_rate(self, index):
+        # Its group's rate, else the optimizer's; None where an exclusion says so.
+        if self._decay_exclusions.excludes(index) or \
+                not super()._use_weight_decay(self._trainable_variables[index]):
+            return None
+        return self._groups[index].get("weight_decay", self.weight_decay)
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """As Keras's, and kept in `get_config()` (`keras_adam._decay`), so a reloaded
-        optimizer decays the same variables. Call it before the optimizer is built."""
+        """As Keras's, and kept in `get_config()` (`keras_adam._decay`). Call it before `build`."""
         super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
         self._decay_exclusions = _decay.Exclusions(var_names or [], recorded=True)
 
@@ -285,26 +279,22 @@ class Adam(Optimizer):
         _saving.assign(loaded, self.variables, self._roles(), self.name,
                        self._options["moment_dtype"])
 
-    def _roles(self):
-        """Each of `self.variables`'s role in saved files (`keras_adam._saving`)."""
+    def _roles(self):  # each of `self.variables`'s role in saved files
         return _saving.roles(self.variables, _named_variables(self))
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # A private seam of keras' BaseOptimizer, touched here only. First
-        # Keras's decoupled weight decay, but for lazy updates and 16-bit
-        # variables written by a rounding (they decay in `update_step`). Then,
-        # on torch, one multi-tensor kernel updates every variable planned for
-        # it at once; Keras's own method (tf.distribute-aware) does the rest.
+        # A private seam of keras' BaseOptimizer, touched here only. On torch,
+        # one multi-tensor kernel updates every variable planned for it at once
+        # (after their decay); Keras's own method (tf.distribute-aware) does the rest.
         fast, hyper, indices, methods = self._methods_now(grads, trainable_variables)
-        decayed = [v for v, method in zip(trainable_variables, methods)
-                   if method != _plan.LAZY and self._storage.rounding(v) == "nearest"
-                   and self._use_weight_decay(v)]
-        if decayed:  # torch's foreach decay refuses an empty list
-            super()._apply_weight_decay(decayed)
         if fast is not None and not fast.per_variable:
-            items = [(g, v, self._storage.slots(i))
-                     for g, v, i in zip(grads, trainable_variables, indices)]
-            rest = backends.apply_together(fast, items, methods, hyper, self._step(learning_rate))
+            items, settings = [], []
+            for g, v, i, method in zip(grads, trainable_variables, indices, methods):
+                items.append((g, v, self._storage.slots(i)))
+                settings.append(self._groups[i].settings(hyper, self._step(learning_rate)))
+                if method == fast.name:
+                    self._decay(i, v, settings[-1][1])
+            rest = backends.apply_together(fast, items, methods, settings)
             if not rest:
                 return
             grads, trainable_variables = map(list, zip(*rest))
@@ -323,29 +313,38 @@ class Adam(Optimizer):
         return self._per_step.get(
             ("step", backends.trace_key()), lambda: Step(self.iterations, learning_rate))
 
+    def _decay(self, index, variable, step):
+        # Decoupled weight decay before the step, computed as Keras's own, with
+        # the variable's group's rate and lr.
+        rate = self._decay_rate(index)
+        if rate is not None:
+            backends.decay([variable], rate, step.lr)
+
     def update_step(self, gradient, variable, learning_rate):
         """Applies one Adam step to `variable` by the method its plan names (`update_plan`)."""
         fast, hyper, (index,), (method,) = self._methods_now([gradient], [variable])
-        step, storage, rows = self._step(learning_rate), self._storage, None
+        hyper, step = self._groups[index].settings(hyper, self._step(learning_rate))
+        storage, rows = self._storage, None
+        noise = None if storage.rounding(variable) == "nearest" else (self._rounding_seed, step.t)
         if method == _plan.LAZY:  # only the rows present change (`keras_adam._sparse`)
             rows, gradient = _sparse.rows_and_values(gradient)
         else:
             gradient = _sparse.densify(gradient)
+            if noise is None:
+                self._decay(index, variable, step)
             if fast is not None and method == fast.name and fast.per_variable:
                 return fast.apply([(gradient, variable, storage.slots(index))], hyper, step)
-        # The portable path: the rule of the class docstring in `keras.ops`, on
-        # any backend; every fast path is tested equal to it.
-        dtype = storage.compute_dtype(variable)
+        # The portable path: the class docstring's rule in `keras.ops`, on any backend.
+        dtype = storage.compute_dtype(self._trainable_variables[index])
         scalars = step.scalars(hyper, dtype)
         m, v, v_max = storage.read(index, rows, step.moment_bound(hyper)
                                    if storage.needs_bound else None)
         m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
-        noise = None if storage.rounding(variable) == "nearest" else (self._rounding_seed, step.t)
         storage.write(index, m, v, v_max, rows, noise)
-        # Keras has decayed theta already (`_backend_update_step`), but for lazy
-        # rows and 16-bit variables written by a rounding: they decay here.
-        decay = (self.weight_decay, scalars.lr) if (rows is not None or noise is not None) \
-            and self._use_weight_decay(variable) else None
+        # Lazy rows and 16-bit variables written by a rounding decay here, from
+        # the theta of the step (the others have decayed already).
+        rate = self._decay_rate(index) if rows is not None or noise is not None else None
+        decay = None if rate is None else (rate, scalars.lr)
         storage.subtract(index, variable, delta, self.assign_sub, rows, decay, noise)
 
     def get_config(self):

@@ -94,6 +94,11 @@ HYPERPARAMETER_ROWS = [
     # float32 variables are written exactly as before under every rounding
     # (test_rounding.py covers the 16-bit variables it changes).
     ("weight-rounding-compensated", dict(weight_rounding="compensated")),
+    # One group holding every variable: the rule with the group's values
+    # (`effective` gives them to the reference). tests/test_groups.py tests
+    # several groups against separate optimizers and torch's param groups.
+    ("groups-all", dict(groups={".*": dict(learning_rate_multiplier=0.5, beta_1=0.5,
+                                           beta_2=0.95, epsilon=1e-3)})),
 ]
 
 GRID = list(_switch_rows()) + HYPERPARAMETER_ROWS
@@ -130,15 +135,16 @@ def initial_values(shapes=SHAPES, seed=1):
     return [rng.normal(size=shape).astype("float32") for shape in shapes]
 
 
-def run_optimizer(optimizer, x0, sequence, compiled=True):
+def run_optimizer(optimizer, x0, sequence, compiled=True, names=None):
     """Applies `sequence` with `optimizer` to fresh variables; returns the variables.
 
     With `compiled`, each step runs as `model.fit` runs it: inside one
     `tf.function` on TensorFlow; on JAX as `jax.jit` of `stateless_apply`
     (the JAX trainer's path). Eager steps cost ~10 ms each, which would make
-    the 1,000-step parity runs slow.
+    the 1,000-step parity runs slow. `names` names the variables (their paths).
     """
-    variables = [keras.Variable(x) for x in x0]
+    variables = [keras.Variable(x, name=None if names is None else names[i])
+                 for i, x in enumerate(x0)]
     optimizer.build(variables)
     if compiled and keras.backend.backend() == "jax":
         return _run_jax_stateless(optimizer, variables, sequence)
@@ -169,6 +175,20 @@ def _run_jax_stateless(optimizer, variables, sequence):
     for variable, value in zip(variables + optimizer.variables, trainable + state):
         variable.assign(value)
     return variables
+
+
+def effective(kwargs):
+    """`kwargs` with a group that holds every variable (pattern ".*") resolved: its
+    values in place of the optimizer's, lr multiplied. Other groups: unchanged."""
+    groups = kwargs.get("groups") or {}
+    if list(groups) != [".*"]:
+        return kwargs
+    out = {k: v for k, v in kwargs.items() if k != "groups"}
+    overrides = dict(groups[".*"])
+    multiplier = overrides.pop("learning_rate_multiplier", 1.0)
+    out["learning_rate"] = kwargs.get("learning_rate", 1e-3) * multiplier
+    out.update(overrides)
+    return out
 
 
 def reference_options(kwargs):

@@ -38,6 +38,11 @@ OPTIONS = {
     "all": dict(amsgrad=True, weight_decay=0.05, moment_dtype="bfloat16", nesterov=True),
     # Every kernel and the embedding table in 8 bits (each has >= 4096 elements).
     "8bit": dict(moment_dtype="8bit", amsgrad=True),
+    # Groups: the kernels' moments in 8 bits at half the lr, the biases with
+    # their own beta_2 and no decay; every other variable the optimizer's.
+    "groups": dict(weight_decay=0.05, groups={
+        ".*(kernel|embeddings)": {"moment_dtype": "8bit", "learning_rate_multiplier": 0.5},
+        ".*bias": {"weight_decay": 0.0, "beta_2": 0.99}}),
 }
 
 

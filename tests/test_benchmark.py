@@ -272,3 +272,13 @@ def test_json_path_is_written_beside_the_table(tmp_path, capsys):
     assert captured.out.strip() == benchmark.format_table(report).strip()
     # Progress went to stderr as the run went.
     assert "mlp xla=" in captured.err and f"results written to {path}" in captured.err
+
+
+@pytest.mark.slow
+def test_groups_case_times_the_same_model_with_and_without_groups(capsys):
+    benchmark.main(["--cases", "groups", "--backend", BACKEND, "--json", *TINY])
+    report = json.loads(capsys.readouterr().out)
+    for xla in {r["xla"] for r in report["results"]}:
+        rows = [r for r in report["results"] if r["xla"] == xla]
+        assert sorted(r["variant"] for r in rows) == ["3-groups", "no-groups"]
+        assert all(r["keras_adam_ms"]["median"] > 0 for r in rows)

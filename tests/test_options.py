@@ -9,6 +9,7 @@ from grid import (
     KERAS_BASE_ARGUMENTS,
     SWITCHES,
     UNIT_ROUNDOFF,
+    effective,
     float32_drift_bound,
     gradient_sequence,
     initial_values,
@@ -31,6 +32,7 @@ X0 = initial_values()
 def test_matches_reference(kwargs):
     optimizer = keras_adam.Adam(**kwargs)
     variables = run_optimizer(optimizer, X0, SEQUENCE)
+    kwargs = effective(kwargs)  # the values each variable gets from its group
     lr = kwargs.get("learning_rate", 1e-3)
     for i, (variable, x0) in enumerate(zip(variables, X0)):
         grads = [step[i] for step in SEQUENCE]

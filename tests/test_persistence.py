@@ -41,6 +41,12 @@ STATES = [
     # float32 moments: codes, scales and float slots side by side.
     ("8bit", lambda: keras_adam.Adam(moment_dtype="8bit", amsgrad=True, moment_block_size=4,
                                      min_8bit_size=16)),
+    # Groups: the hidden kernel's moments in 8 bits at half the lr, the biases
+    # with their own beta_2 and no decay, the output kernel the optimizer's.
+    ("groups", lambda: keras_adam.Adam(
+        weight_decay=0.01, moment_block_size=4, min_8bit_size=16, groups={
+            ".*hidden/kernel": {"moment_dtype": "8bit", "learning_rate_multiplier": 0.5},
+            ".*bias": {"weight_decay": 0.0, "beta_2": 0.99}})),
 ]
 IDS = [s[0] for s in STATES]
 FACTORIES = [s[1] for s in STATES]
@@ -86,7 +92,7 @@ def test_keras_file_resume_is_identical(tmp_path, factory):
     _assert_identical(_state(loaded), _uninterrupted(factory))
 
 
-@pytest.mark.parametrize("kind", ["amsgrad", "8bit"])
+@pytest.mark.parametrize("kind", ["amsgrad", "8bit", "groups"])
 def test_checkpoint_manager_with_deferred_restoration(tmp_path, kind):
     tf = pytest.importorskip("tensorflow")
     if keras.backend.backend() != "tensorflow":
@@ -110,7 +116,7 @@ def test_checkpoint_manager_with_deferred_restoration(tmp_path, kind):
     _assert_identical(_state(fresh), _uninterrupted(factory))
 
 
-@pytest.mark.parametrize("kind", ["amsgrad", "8bit"])
+@pytest.mark.parametrize("kind", ["amsgrad", "8bit", "groups"])
 def test_saved_model_training_step_continues_the_run(tmp_path, kind):
     tf = pytest.importorskip("tensorflow")
     if keras.backend.backend() != "tensorflow":

@@ -8,7 +8,7 @@ t, without an optimizer around it.
 import keras
 import numpy as np
 import pytest
-from grid import GRID_IDS, GRID_KWARGS, reference_options
+from grid import GRID_IDS, GRID_KWARGS, effective, reference_options
 
 from keras_adam import _rule
 from keras_adam import reference
@@ -32,6 +32,7 @@ def _hyper(kwargs):
 @pytest.mark.parametrize("t", [1, 7, 300])
 @pytest.mark.parametrize("kwargs", GRID_KWARGS, ids=GRID_IDS)
 def test_one_step_of_the_rule_is_algorithm_1(kwargs, t):
+    kwargs = effective(kwargs)  # a group holding every variable: its values
     rng = np.random.default_rng(t)
     g = rng.normal(size=(5, 4)) * 10.0 ** rng.uniform(-3, 2, size=(1, 4))
     m = rng.normal(size=(5, 4)) * 0.1

@@ -93,7 +93,7 @@ def _weights(arrays, key):
 def test_sharded_training_equals_unsharded(equal_runs):
     arrays, layouts = equal_runs
     runs = sorted(key.rsplit("/", 1)[0] for key in layouts if key.endswith("/sharded"))
-    assert len(runs) == 2 * 6 * 2 + 3  # models x options x device counts, + three on 8
+    assert len(runs) == 2 * 7 * 2 + 3  # models x options x device counts, + three on 8
     for run in runs:
         whole, sharded = _weights(arrays, f"{run}/whole"), _weights(arrays, f"{run}/sharded")
         error = _max_difference(whole, sharded)

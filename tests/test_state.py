@@ -33,7 +33,7 @@ class Negated(_state.Storage):
 
 def _negated_format(patch):
     patch.setattr(_state, "for_options",
-                  lambda options, assign: Negated(options["amsgrad"], assign))
+                  lambda options, assign, *_: Negated(options["amsgrad"], assign))
 
 
 def _stored(optimizer, variables):

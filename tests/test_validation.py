@@ -61,8 +61,8 @@ ERRORS = [
     ("min-size-negative", dict(moment_dtype="8bit", min_8bit_size=-1), ValueError,
      r"`min_8bit_size` must be an int >= 0"),
     ("block-size-without-8bit", dict(moment_block_size=128), ValueError,
-     r"`moment_block_size` and `min_8bit_size` apply only with moment_dtype='8bit'\. "
-     r"Received: moment_dtype=None"),
+     r"`moment_block_size` and `min_8bit_size` apply only with moment_dtype='8bit' "
+     r"\(for the optimizer or a group\)\. Received: moment_dtype=None"),
     ("fused-epsilon-zero", dict(fused=True, epsilon=0.0), ValueError,
      r"`fused=True` is not possible: with epsilon=0"),
     ("fused-string", dict(fused="auto"), TypeError, r"`fused` must be a bool"),

@@ -30,6 +30,7 @@ The backend modules import nothing from this package.
 """
 
 import keras
+from keras import ops
 
 # Both fused kernels (TensorFlow's and torch's) are exact for these dtypes only:
 # TensorFlow's takes beta_2 in the variable's dtype, and bfloat16 rounds 0.999
@@ -54,22 +55,42 @@ def fast_path(hyper, fused):
     return _fast_path_class()(), None
 
 
-def apply_together(fast, items, methods, hyper, step):
-    """Runs a multi-tensor fast path once over every variable planned for it.
+def apply_together(fast, items, methods, settings):
+    """Runs a multi-tensor fast path over every variable planned for it: once per
+    distinct (Hyper, Step), that is once per group of values.
 
     Args:
         fast: the fast path (`per_variable` False).
         items: (gradient, variable, slots) per variable of this step.
         methods: each variable's method this step (`keras_adam._plan.methods_now`).
-        hyper, step: the rule's `Hyper` and this step's `Step`.
+        settings: each variable's (rule's `Hyper`, `Step`).
 
     Returns:
         The (gradient, variable) pairs left for the per-variable update:
         other methods', and any the fast path gave back.
     """
-    mine = [item for item, method in zip(items, methods) if method == fast.name]
-    rest = [item for item, method in zip(items, methods) if method != fast.name]
-    return [(g, v) for g, v, _ in rest + list(fast.apply(mine, hyper, step))]
+    rest, together = [], {}
+    for item, method, (hyper, step) in zip(items, methods, settings):
+        if method == fast.name:
+            together.setdefault((hyper, id(step)), (hyper, step, []))[2].append(item)
+        else:
+            rest.append(item)
+    for hyper, step, mine in together.values():
+        rest += list(fast.apply(mine, hyper, step))
+    return [(g, v) for g, v, _ in rest]
+
+
+def decay(variables, weight_decay, lr):
+    """Decoupled weight decay, theta <- theta - lr * weight_decay * theta, computed as
+    Keras's optimizer computes it on this backend (so that a group's decay is
+    bit for bit a separate optimizer's)."""
+    if keras.backend.backend() == "torch":
+        from keras_adam.backends import torch
+
+        return torch.decay(variables, weight_decay, lr)
+    for variable in variables:
+        lr_, wd = ops.cast(lr, variable.dtype), ops.cast(weight_decay, variable.dtype)
+        variable.assign(variable - variable * wd * lr_)
 
 
 def _fast_path_class():

@@ -55,8 +55,9 @@ class MultiTensor:
         return None
 
     def __init__(self):
-        # The last step's tensor lists, for the same variables (see `_tensors`).
-        self._cached = None
+        # The tensor lists of the last steps' sets of variables (one per
+        # group of values), for the same variables (see `_tensors`).
+        self._cached = {}
 
     def apply(self, items, hyper, step):
         """One fused Adam step on all (gradient, variable, (m, v, v_max)) triples."""
@@ -98,8 +99,8 @@ class MultiTensor:
         slots = [slot for _, _, triple in items for slot in triple]
         key = (tuple(map(id, variables)), tuple(map(id, slots)))
         scoped = _keras_scope_active()
-        if not scoped and self._cached is not None and self._cached[0] == key:
-            return self._cached[2]
+        if not scoped and key in self._cached:
+            return self._cached[key][1]
         groups = {}
         for i, variable in enumerate(variables):
             param = variable.value
@@ -114,8 +115,18 @@ class MultiTensor:
         tensors = [(device, *lists) for (device, _), lists in groups.items()]
         if not scoped:
             # The variables are kept with their ids, so that no id is reused.
-            self._cached = (key, (variables, slots), tensors)
+            if len(self._cached) >= 16:
+                self._cached.clear()
+            self._cached[key] = ((variables, slots), tensors)
         return tensors
+
+
+def decay(variables, weight_decay, lr):
+    """Decoupled weight decay as Keras's torch optimizer applies it: each variable
+    multiplied by 1 - weight_decay * lr, in one foreach kernel."""
+    if variables:
+        lr = getattr(lr, "value", lr)  # a Keras variable's tensor
+        torch._foreach_mul_([v.value for v in variables], 1 - weight_decay * lr)
 
 
 def _number(value):

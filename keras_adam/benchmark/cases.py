@@ -46,14 +46,24 @@ class StepCase:
         return [x for x in modes if not x] if self.sparse_rows else modes
 
 
+MLP_SHAPES = ((784, 512), (512,), (512, 512), (512,), (512, 10), (10,))
+
 CASES = {
     case.name: case
     for case in [
         StepCase("large", ((2000, 2000),) * 4),
         StepCase("many-small", ((100, 200),) * 200),
-        StepCase("mlp", ((784, 512), (512,), (512, 512), (512,), (512, 10), (10,))),
+        StepCase("mlp", MLP_SHAPES),
         StepCase("embedding", ((1_000_000, 64),),
                  variants={"exact": {}, "lazy": {"sparse_updates": "lazy"}}, sparse_rows=1000),
+        # The mlp's variables (named w0..w5 by the harnesses) with and without
+        # three groups, as a fine-tuning recipe sets them: the first kernel at a
+        # tenth of the lr, no decay on the biases, the rest the optimizer's.
+        StepCase("groups", MLP_SHAPES, variants={
+            "no-groups": {"weight_decay": 0.01},
+            "3-groups": {"weight_decay": 0.01, "groups": {
+                "w0": {"learning_rate_multiplier": 0.1}, "w[135]": {"weight_decay": 0.0}}},
+        }),
     ]
 }
 # Not an optimizer step: the epoch-time cost of keras_adam.callbacks.AdamMonitor

@@ -58,7 +58,8 @@ class TensorFlowHarness:
         return [tf.random.normal(s, seed=100 + i) for i, s in enumerate(case.shapes)]
 
     def step(self, keras, optimizer, shapes, grads, xla):
-        variables = [keras.Variable(self.tf.random.normal(s, seed=i)) for i, s in enumerate(shapes)]
+        variables = [keras.Variable(self.tf.random.normal(s, seed=i), name=f"w{i}")
+                     for i, s in enumerate(shapes)]
         optimizer.build(variables)
 
         @self.tf.function(jit_compile=xla)
@@ -96,7 +97,8 @@ class JaxHarness:
 
     def step(self, keras, optimizer, shapes, grads, xla):
         keys = self.jax.random.split(self.jax.random.key(0), len(shapes))
-        variables = [keras.Variable(self.jax.random.normal(k, s)) for k, s in zip(keys, shapes)]
+        variables = [keras.Variable(self.jax.random.normal(k, s), name=f"w{i}")
+                     for i, (k, s) in enumerate(zip(keys, shapes))]
         optimizer.build(variables)
         apply = self.jax.jit(lambda t, o, g: optimizer.stateless_apply(o, g, t),
                              donate_argnums=(0, 1))
@@ -142,8 +144,8 @@ class TorchHarness:
 
     def step(self, keras, optimizer, shapes, grads, xla):
         gen = self.torch.Generator(device=self.device).manual_seed(0)
-        variables = [keras.Variable(self.torch.randn(s, generator=gen, device=self.device))
-                     for s in shapes]
+        variables = [keras.Variable(self.torch.randn(s, generator=gen, device=self.device),
+                                    name=f"w{i}") for i, s in enumerate(shapes)]
         optimizer.build(variables)
 
         def step():
