@@ -1,14 +1,15 @@
 """Training in pure bfloat16: what the optimizer's write does to the final loss.
 
-Run:  python examples/bfloat16_training.py
+Run:  python examples/bfloat16_training.py [--model mlp|cnn|transformer] [--seeds 3]
 
-One small regression MLP, the same data, start and number of steps, trained
-seven ways: float32; mixed_bfloat16 (float32 weights, bfloat16 compute);
+One small model (a regression MLP, a small CNN, or a one-block Transformer
+encoder built from keras.layers), the same data, start and number of steps,
+trained seven ways: float32; mixed_bfloat16 (float32 weights, bfloat16 compute);
 and pure bfloat16 (weights, gradients and arithmetic in bfloat16) with
 keras.optimizers.Adam, and with keras_adam writing the weights with nearest,
 stochastic and compensated rounding, plus stochastic rounding with 8-bit
 moments. Prints the final loss and the training state's bytes per parameter
-(weights + gradients + optimizer state) side by side.
+(weights + gradients + optimizer state) side by side (the mean over the seeds).
 
 keras.optimizers.Adam does not train in pure bfloat16: it computes with
 beta_2 in the variable's dtype, and bfloat16(0.999) = 1, so every step is 0.
@@ -36,24 +37,56 @@ RUNS = [
 ]
 
 
-def data(seed=0):
+MODELS = ("mlp", "cnn", "transformer")
+
+
+def data(model_name="mlp", seed=0):
+    """(x, y): 2,048 samples of a smooth target (64 steps of 32 per epoch)."""
     rng = np.random.default_rng(seed)
+    if model_name == "cnn":
+        x = rng.normal(size=(2048, 12, 12, 1)).astype("float32")
+        # The mean |3x3 filter response| of each image: a non-linear statistic.
+        windows = np.lib.stride_tricks.sliding_window_view(x[..., 0], (3, 3), axis=(1, 2))
+        y = np.abs(np.einsum("nijkl,kl->nij", windows, rng.normal(size=(3, 3))))
+        return x, (y.mean(axis=(1, 2)) - 0.8).astype("float32")[:, None]
+    if model_name == "transformer":
+        x = rng.integers(0, 64, size=(2048, 16)).astype("int32")
+        # A token's weight times its position's: a target that needs both.
+        score = rng.normal(size=64)[x] * rng.normal(size=16)
+        return x, np.tanh(score.sum(axis=1) / 4).astype("float32")[:, None]
     x = rng.normal(size=(2048, 32)).astype("float32")
     w = rng.normal(size=(32, 1)) / np.sqrt(32)
-    y = (np.tanh(x @ w) + 0.1 * rng.normal(size=(2048, 1))).astype("float32")
-    return x, y
+    return x, (np.tanh(x @ w) + 0.1 * rng.normal(size=(2048, 1))).astype("float32")
 
 
-def train(policy, optimizer_name, kwargs, epochs, seed=0):
+def build(model_name):
+    """The model, built under the current dtype policy."""
+    layers = keras.layers
+    if model_name == "cnn":
+        return keras.Sequential([
+            keras.Input((12, 12, 1)), layers.Conv2D(16, 3, activation="relu"),
+            layers.Conv2D(32, 3, activation="relu"), layers.GlobalAveragePooling2D(),
+            layers.Dense(1)])
+    if model_name == "transformer":
+        tokens = keras.Input((16,), dtype="int32")
+        h = layers.Embedding(64, 32)(tokens)
+        h = h + layers.Embedding(16, 32)(keras.ops.arange(16))
+        h = layers.LayerNormalization()(h + layers.MultiHeadAttention(2, 16)(h, h))
+        h = layers.LayerNormalization()(
+            h + layers.Dense(32)(layers.Dense(64, activation="relu")(h)))
+        return keras.Model(tokens, layers.Dense(1)(layers.GlobalAveragePooling1D()(h)))
+    return keras.Sequential([keras.Input((32,)), layers.Dense(64, activation="relu"),
+                             layers.Dense(64, activation="relu"), layers.Dense(1)])
+
+
+def train(policy, optimizer_name, kwargs, epochs, seed=0, model_name="mlp"):
     """(final loss, training bytes per parameter) of one run."""
-    x, y = data()
+    x, y = data(model_name)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
     try:
         keras.utils.set_random_seed(seed)
-        model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(64, activation="relu"),
-                                  keras.layers.Dense(64, activation="relu"),
-                                  keras.layers.Dense(1)])
+        model = build(model_name)
         if optimizer_name == "keras_adam":
             optimizer = keras_adam.Adam(learning_rate=1e-3, **kwargs)
         else:
@@ -71,12 +104,17 @@ def train(policy, optimizer_name, kwargs, epochs, seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2, help="64 steps per epoch")
+    parser.add_argument("--model", choices=MODELS, default="mlp")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per row, averaged")
     args = parser.parse_args(argv)
     rows = []
-    print(f"backend: {keras.backend.backend()}, {args.epochs * 64} steps")
+    print(f"backend: {keras.backend.backend()}, {args.model}, {args.epochs * 64} steps, "
+          f"{args.seeds} seed(s)")
     print(f"{'run':<38} {'final loss':>10} {'bytes/param':>12}")
     for label, policy, optimizer_name, kwargs in RUNS:
-        loss, per_parameter = train(policy, optimizer_name, kwargs or {}, args.epochs)
+        runs = [train(policy, optimizer_name, kwargs or {}, args.epochs, seed, args.model)
+                for seed in range(args.seeds)]
+        loss, per_parameter = float(np.mean([r[0] for r in runs])), runs[0][1]
         rows.append((label, loss, per_parameter))
         print(f"{label:<38} {loss:>10.4f} {per_parameter:>12.2f}")
     return rows

@@ -99,6 +99,18 @@ def element_index(shape, rows=None):
     return rows * row_size + within
 
 
+def _exponent(x, min_exponent):
+    """The exponent of |x| from its float32 bits (exact, unlike log2), at least `min_exponent`."""
+    exponent = ops.bitwise_and(ops.right_shift(ops.view(x, "int32"), 23), 0xFF) - 127
+    return ops.maximum(exponent, min_exponent)
+
+
+def _power_of_two(exponent):
+    """2^exponent from its float32 bits, floored at 2^-126: a 16-bit format's
+    subnormal spacing is below float32's normals (values under 1e-36)."""
+    return ops.view(ops.left_shift(ops.maximum(exponent + 127, 1), 23), "float32")
+
+
 def stochastic(x, dtype, u):
     """`x` (float32) rounded to `dtype` up or down at random: E[result] = x.
 
@@ -108,17 +120,17 @@ def stochastic(x, dtype, u):
     uniform numbers in [0, 1), one per element.
     """
     mantissa, min_exponent = _FORMATS[dtype]
-    y = ops.cast(ops.cast(x, dtype), "float32")
+    # y = nearest(x) on the format's grid, x / s rounded half to even, times s
+    # (s: the spacing at |x|): exact, as scaling by powers of two is. The
+    # round trip float32 -> dtype -> float32 computes the same, but
+    # torch.compile's Inductor may drop it (it keeps 16-bit values in float32).
+    grid = _power_of_two(_exponent(x, min_exponent) - mantissa)
+    y = ops.round(x / grid) * grid
     d = x - y
     # The exponent of |y| from its float32 bits (exact, unlike log2).
-    exponent = ops.bitwise_and(ops.right_shift(ops.view(y, "int32"), 23), 0xFF) - 127
-    exponent = ops.maximum(exponent, min_exponent)
-    # 2^(exponent - mantissa) from its bits; bfloat16's subnormal spacing is
-    # below float32's normals and is floored at 2^-126 (values under 1e-36).
-    spacing = ops.view(ops.left_shift(ops.maximum(exponent - mantissa + 127, 1), 23),
-                       "float32")
-    power_of_two = ops.equal(ops.abs(y), ops.view(ops.left_shift(exponent + 127, 23),
-                                                  "float32"))
+    exponent = _exponent(y, min_exponent)
+    spacing = _power_of_two(exponent - mantissa)
+    power_of_two = ops.equal(ops.abs(y), _power_of_two(exponent))
     toward_zero = ops.less(d * y, 0.0)
     below = ops.logical_and(ops.logical_and(power_of_two, toward_zero),
                             ops.greater(exponent, min_exponent))

@@ -253,10 +253,11 @@ class Adam(Optimizer):
 
     def _decay_rate(self, index):
         # Its group's rate, else the optimizer's; None where an exclusion says so.
-        if self._decay_exclusions.excludes(index) or \
+        rate = self._groups[index].get("weight_decay", self.weight_decay)
+        if rate is None or self._decay_exclusions.excludes(index) or \
                 not super()._use_weight_decay(self._trainable_variables[index]):
             return None
-        return self._groups[index].get("weight_decay", self.weight_decay)
+        return rate
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         """As Keras's, and kept in `get_config()` (`keras_adam._decay`). Call it before `build`."""

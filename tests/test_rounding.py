@@ -243,9 +243,7 @@ def test_the_memory_table_counts_weights_gradients_and_state():
     assert row["total"] == pytest.approx(4 + eight)
 
 
-@pytest.mark.slow
-def test_pure_bfloat16_trains_as_well_as_mixed_precision():
-    """examples/bfloat16_training.py's MLP, 128 steps from the same start."""
+def _example():
     import importlib.util
     import pathlib
 
@@ -253,6 +251,13 @@ def test_pure_bfloat16_trains_as_well_as_mixed_precision():
     spec = importlib.util.spec_from_file_location("bfloat16_training", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+@pytest.mark.slow
+def test_pure_bfloat16_trains_as_well_as_mixed_precision():
+    """examples/bfloat16_training.py's MLP, 128 steps from the same start."""
+    example = _example()
     loss = {label: example.train(policy, name, kwargs or {}, epochs=2)[0]
             for label, policy, name, kwargs in example.RUNS
             if label in ("mixed_bfloat16", "bfloat16, stochastic", "bfloat16, compensated",
@@ -292,3 +297,122 @@ def test_a_file_saved_without_the_rounding_state_loads(tmp_path):
             np.testing.assert_array_equal(_np(ours[role]), _np(theirs[role]))
         np.testing.assert_array_equal(_np(ours["compensation"]), 0.0)
     assert int(keras.ops.convert_to_numpy(loaded.optimizer.iterations)) == 1
+
+
+def _bf16_model(rounding, optimizer=None, **kwargs):
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, dtype="bfloat16"),
+                          keras.layers.Dense(1, dtype="bfloat16")])
+    # Without XLA (jit_compile=False): XLA may fuse two programs' arithmetic
+    # differently, and a last-bit difference flips a stochastic rounding.
+    m.compile(optimizer=optimizer or keras_adam.Adam(weight_rounding=rounding, **kwargs),
+              loss="mse", jit_compile=False)
+    return m
+
+
+def _all_bits(model, optimizer=None):
+    optimizer = optimizer or model.optimizer
+    return [np.asarray(w, np.float64) for w in model.get_weights()] + [
+        _np(v) for v in optimizer.variables]
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "compensated"])
+def test_resuming_from_a_tf_checkpoint_continues_bit_for_bit(rounding, tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.train.Checkpoint needs the TensorFlow backend")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    first = _bf16_model(rounding)
+    first.fit(x[:32], y[:32], batch_size=8, verbose=0)
+    path = tf.train.Checkpoint(model=first, optimizer=first.optimizer).save(
+        str(tmp_path / "ckpt"))
+    first.fit(x[32:], y[32:], batch_size=8, verbose=0, shuffle=False)
+    # Restored into a fresh model whose optimizer drew another seed: the
+    # checkpoint's seed, t, moments and compensations replace it.
+    keras.utils.set_random_seed(99)
+    resumed = _bf16_model(rounding)
+    resumed.optimizer.build(resumed.trainable_variables)
+    tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(
+        path).assert_consumed()
+    resumed.fit(x[32:], y[32:], batch_size=8, verbose=0, shuffle=False)
+    for a, b in zip(_all_bits(first), _all_bits(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _bf16_steps(optimizer, grads_sequence):
+    variables = [keras.Variable(x, dtype="bfloat16") for x in initial_values(seed=3)]
+    optimizer.build(variables)
+    for grads in grads_sequence:
+        optimizer.apply([keras.ops.cast(g, "bfloat16") for g in grads], variables)
+    return [_np(v) for v in variables]
+
+
+SEQUENCE_16 = gradient_sequence(6, seed=11)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "compensated"])
+def test_a_skipped_nonfinite_step_leaves_the_random_stream_where_it_was(rounding):
+    # The skipped step changes no bit and does not advance t, which keys the
+    # rounding's random numbers: the run equals the one without the bad step.
+    nan = [np.full_like(g, np.nan) for g in SEQUENCE_16[0]]
+    keras.utils.set_random_seed(5)
+    with_nan = _bf16_steps(keras_adam.Adam(weight_rounding=rounding, skip_nonfinite=True),
+                           SEQUENCE_16[:3] + [nan] + SEQUENCE_16[3:])
+    keras.utils.set_random_seed(5)
+    without = _bf16_steps(keras_adam.Adam(weight_rounding=rounding, skip_nonfinite=True),
+                          SEQUENCE_16)
+    for a, b in zip(with_nan, without):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "compensated"])
+def test_gradient_accumulation_rounds_once_per_optimizer_step(rounding):
+    # Each gradient given twice with accumulation over 2: the mean (g + g) / 2
+    # is g exactly, and t advances once per pair, so the run equals the one
+    # without accumulation bit for bit.
+    keras.utils.set_random_seed(5)
+    accumulated = _bf16_steps(
+        keras_adam.Adam(weight_rounding=rounding, gradient_accumulation_steps=2),
+        [g for grads in SEQUENCE_16 for g in (grads, grads)])
+    keras.utils.set_random_seed(5)
+    plain = _bf16_steps(keras_adam.Adam(weight_rounding=rounding), SEQUENCE_16)
+    for a, b in zip(accumulated, plain):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_loss_scaling_changes_no_bit_of_a_bfloat16_run():
+    # LossScaleOptimizer multiplies the loss by 2^15 and divides the gradients
+    # by it: powers of two, exact in bfloat16 (its exponent range is
+    # float32's), so the scaled run is the unscaled one bit for bit.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    plain = _bf16_model("stochastic")
+    plain.fit(x, y, batch_size=8, verbose=0, shuffle=False)
+    keras.utils.set_random_seed(0)
+    inner = keras_adam.Adam(weight_rounding="stochastic")
+    scaled = _bf16_model("stochastic", keras.optimizers.LossScaleOptimizer(inner))
+    scaled.fit(x, y, batch_size=8, verbose=0, shuffle=False)
+    for a, b in zip(_all_bits(plain), _all_bits(scaled, inner)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_rounding_under_jit_compile_keeps_small_updates():
+    # XLA on TensorFlow and JAX, torch.compile on torch. lr = 1e-4 moves a
+    # weight by ~1e-4 a step, below half an ulp of most of this kernel's
+    # (Glorot, |w| up to 0.3: ulp ~1e-3 at 0.15). Stochastic rounding moves
+    # each by an ulp with probability ~0.1 a step, so after 32 steps ~97%
+    # have moved; nearest rounding moves only those under ~0.05 (~15%).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 4)).astype("float32")
+    y = (x @ rng.normal(size=(4, 1))).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(64, dtype="bfloat16"),
+                              keras.layers.Dense(1, dtype="bfloat16")])
+    start = np.asarray(model.get_weights()[0], np.float64)
+    model.compile(optimizer=keras_adam.Adam(learning_rate=1e-4), loss="mse", jit_compile=True)
+    model.fit(x, y, batch_size=32, epochs=4, verbose=0)
+    assert np.mean(np.asarray(model.get_weights()[0], np.float64) != start) > 0.5

@@ -126,7 +126,8 @@ def decay(variables, weight_decay, lr):
     multiplied by 1 - weight_decay * lr, in one foreach kernel."""
     if variables:
         lr = getattr(lr, "value", lr)  # a Keras variable's tensor
-        torch._foreach_mul_([v.value for v in variables], 1 - weight_decay * lr)
+        with torch.no_grad():  # in place on Parameters that require grad
+            torch._foreach_mul_([v.value for v in variables], 1 - weight_decay * lr)
 
 
 def _number(value):
