@@ -286,15 +286,14 @@ class Adam(Optimizer):
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # A private seam of keras' BaseOptimizer, touched here only. On torch,
         # one multi-tensor kernel updates every variable planned for it at once
-        # (after their decay); Keras's own method (tf.distribute-aware) does the rest.
+        # (decay included); Keras's own method (tf.distribute-aware) does the rest.
         fast, hyper, indices, methods = self._methods_now(grads, trainable_variables)
         if fast is not None and not fast.per_variable:
             items, settings = [], []
-            for g, v, i, method in zip(grads, trainable_variables, indices, methods):
+            for g, v, i in zip(grads, trainable_variables, indices):
                 items.append((g, v, self._storage.slots(i)))
-                settings.append(self._groups[i].settings(hyper, self._step(learning_rate)))
-                if method == fast.name:
-                    self._decay(i, v, settings[-1][1])
+                settings.append((*self._groups[i].settings(hyper, self._step(learning_rate)),
+                                 self._decay_rate(i)))
             rest = backends.apply_together(fast, items, methods, settings)
             if not rest:
                 return

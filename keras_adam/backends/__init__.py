@@ -56,25 +56,30 @@ def fast_path(hyper, fused):
 
 
 def apply_together(fast, items, methods, settings):
-    """Runs a multi-tensor fast path over every variable planned for it: once per
-    distinct (Hyper, Step), that is once per group of values.
+    """Runs a multi-tensor fast path over every variable planned for it: first
+    their decoupled decay, once per distinct (rate, lr), then the kernel, once
+    per distinct (Hyper, Step), that is once per group of values.
 
     Args:
         fast: the fast path (`per_variable` False).
         items: (gradient, variable, slots) per variable of this step.
         methods: each variable's method this step (`keras_adam._plan.methods_now`).
-        settings: each variable's (rule's `Hyper`, `Step`).
+        settings: each variable's (rule's `Hyper`, `Step`, decay rate or None).
 
     Returns:
         The (gradient, variable) pairs left for the per-variable update:
         other methods', and any the fast path gave back.
     """
-    rest, together = [], {}
-    for item, method, (hyper, step) in zip(items, methods, settings):
-        if method == fast.name:
-            together.setdefault((hyper, id(step)), (hyper, step, []))[2].append(item)
-        else:
+    rest, together, decays = [], {}, {}
+    for item, method, (hyper, step, rate) in zip(items, methods, settings):
+        if method != fast.name:
             rest.append(item)
+            continue
+        together.setdefault((hyper, id(step)), (hyper, step, []))[2].append(item)
+        if rate is not None:
+            decays.setdefault((rate, id(step)), (rate, step, []))[2].append(item[1])
+    for rate, step, variables in decays.values():
+        decay(variables, rate, step.lr)
     for hyper, step, mine in together.values():
         rest += list(fast.apply(mine, hyper, step))
     return [(g, v) for g, v, _ in rest]
