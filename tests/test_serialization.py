@@ -92,3 +92,20 @@ def test_load_model_without_custom_objects(tmp_path):
     for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())  # stored, not recomputed
     assert int(loaded.optimizer.iterations.numpy()) == 8
+
+
+@pytest.mark.backend_independent
+def test_the_installed_keras_is_in_the_declared_range():
+    # setup.cfg declares the Keras range the suite is run on; a Keras outside
+    # it is untested, and so is a declared range this run does not reach.
+    import configparser
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    requirements = [Requirement(line) for line in
+                    config["options"]["install_requires"].split("\n") if line.strip()]
+    (keras_requirement,) = [r for r in requirements if r.name == "keras"]
+    assert keras.__version__ in keras_requirement.specifier
