@@ -97,7 +97,7 @@ def assign(saved, variables, ours, name, moment_dtype):
             missing = [_describe(r, p) for r, p in ours if r not in saved_set]
             extra = [_describe(r, p) for r, p in saved_roles if r not in our_set]
             raise ValueError(
-                f"The saved state does not match optimizer {name!r}; nothing was loaded. "
+                f"The saved state does not match optimizer {name!r}; {LEFT} "
                 f"Missing from the file: {missing or 'none'}. "
                 f"In the file but not in this optimizer: {extra or 'none'}"
                 + ("" if missing or extra else "; the same slots in another order")
@@ -109,7 +109,7 @@ def assign(saved, variables, ours, name, moment_dtype):
         raise ValueError(
             f"The saved state of optimizer {name!r} has {len(values)} variables, and "
             f"this optimizer has {len(ours)}: "
-            f"{[_describe(r, p) for r, p in ours]}; nothing was loaded. The file "
+            f"{[_describe(r, p) for r, p in ours]}; {LEFT} The file "
             "names no slots (it predates keras_adam 0.2, or comes from "
             "keras.optimizers.Adam). Check amsgrad, use_ema, "
             "gradient_accumulation_steps and the model's trainable variables."
@@ -119,7 +119,7 @@ def assign(saved, variables, ours, name, moment_dtype):
             raise ValueError(
                 f"The saved {_describe(role, path)} of optimizer {name!r} has shape "
                 f"{tuple(np.shape(value))}, and this optimizer's has "
-                f"{tuple(variable.shape)}; nothing was loaded."
+                f"{tuple(variable.shape)}; {LEFT}"
                 + (" The scales' shape follows moment_block_size: load with the one the "
                    "file was saved with." if role.split("[")[0].endswith("_scale") else "")
             )
@@ -131,10 +131,18 @@ def assign(saved, variables, ours, name, moment_dtype):
                 f"The saved {_describe(role, path)} of optimizer {name!r} is "
                 f"{np.asarray(value).dtype}, and this optimizer's is "
                 f"{variable.dtype}: 8-bit codes and float moments do not convert; "
-                "nothing was loaded. Load with the moment_dtype the file was saved with."
+                f"{LEFT} Load with the moment_dtype the file was saved with."
             )
     for variable, value in zip(variables, values):
         variable.assign(value)
+
+
+# What a refusal leaves: the optimizer as it was. `model.load_weights` and
+# `load_model` load the model's own weights before the optimizer's, so
+# those are the file's by then; the message says so rather than "nothing".
+LEFT = ("the optimizer's state was not loaded and is as it was (loading a model or "
+        "its weights loads the model's weights, before the optimizer's: those are "
+        "the file's).")
 
 
 # State that a file written without it may lack: the weight rounding's seed
@@ -171,14 +179,20 @@ def _format_hint(saved_roles, ours, moment_dtype):
     if saved == here:
         return ""
     if saved and not here:
+        if moment_dtype == "8bit":
+            return (" Both use moment_dtype='8bit', but the file holds 8-bit codes for "
+                    "variables this optimizer keeps in float32: check min_8bit_size (the "
+                    "fewest elements a quantized variable has) against the one the file "
+                    "was saved with.")
         return (f" The file holds 8-bit moments (moment_dtype='8bit'), and this optimizer "
                 f"has moment_dtype={moment_dtype!r}: load it with "
                 "moment_dtype='8bit' (8-bit codes are not converted).")
     if here and not saved:
         return (" This optimizer has moment_dtype='8bit', and the file holds float "
-                "moments: load it with the moment_dtype it was saved with (float "
-                "moments are not converted to 8-bit codes).")
-    return (" Both hold 8-bit moments for different variables: check min_8bit_size "
+                "moments for the variables it quantizes: load it with the moment_dtype it "
+                "was saved with, or, if that was '8bit' too, with its min_8bit_size "
+                "(float moments are not converted to 8-bit codes).")
+    return (" Both hold 8-bit moments, for different variables: check min_8bit_size "
             "against the one the file was saved with.")
 
 

@@ -326,6 +326,19 @@ class Blockwise8bit(Storage):
         self._encode_whole = backends.compiled(_quantize.encode)
         self._decode_whole = backends.compiled(_quantize.decode)
 
+    def create(self, var_list, add_like, add_new, overwritten):
+        """As `Storage.create`; warns, naming `min_8bit_size`, when no variable is
+        large enough to be quantized (then every moment stays float32)."""
+        super().create(var_list, add_like, add_new, overwritten)
+        candidates = [v for v in var_list if not overwritten(v)]
+        if candidates and not any(self.quantizes(v) for v in candidates):
+            largest = max(math.prod(v.shape) for v in candidates)
+            warnings.warn(
+                f"moment_dtype='8bit' quantizes none of the {len(candidates)} variables: "
+                f"the largest has {largest} elements, fewer than min_8bit_size="
+                f"{self.min_size}, so every moment stays float32. Lower min_8bit_size to "
+                "store them in 8 bits.", stacklevel=4)
+
     def quantizes(self, variable):
         """Whether `variable`'s moments are stored as 8-bit codes (never for an empty one)."""
         return math.prod(variable.shape) >= max(self.min_size, 1)

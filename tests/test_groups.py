@@ -261,7 +261,9 @@ def test_layerwise_decay_gives_each_layer_decay_to_its_depth():
     # The closed form: the last layer 1, each one below it half the one above.
     assert multipliers == {"embed/kernel": 0.25, "embed/bias": 0.25, "block/kernel": 0.5,
                            "block/bias": 0.5, "head/kernel": 1.0, "head/bias": 1.0}
-    keras_adam.Adam(groups=groups).build(model.trainable_variables)  # no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every pattern matches a variable
+        keras_adam.Adam(groups=groups).build(model.trainable_variables)
     with pytest.raises(ValueError, match="`decay` must be in"):
         keras_adam.layerwise_decay(model.layers, decay=1.5)
 

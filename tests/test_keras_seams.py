@@ -259,3 +259,55 @@ def test_migration_keeps_weight_decay_exclusions():
     assert [ours._use_weight_decay(v) for v in model.trainable_variables] == want
     back = keras_adam.to_keras(ours)
     assert [back._use_weight_decay(v) for v in model.trainable_variables] == want
+
+
+# --- Refusals say what they left, and name the option that differs ---------
+
+def _eight_bit_model(min_8bit_size):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(optimizer=keras_adam.Adam(moment_dtype="8bit", moment_block_size=8,
+                                            min_8bit_size=min_8bit_size), loss="mse")
+    return model
+
+
+def test_another_min_8bit_size_is_named_and_the_message_says_what_was_loaded(tmp_path):
+    import warnings
+
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    saved = _eight_bit_model(16)  # the 4 x 8 kernel in 8 bits
+    saved.fit(x, x[:, :1], verbose=0)
+    path = str(tmp_path / "m.weights.h5")
+    saved.save_weights(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # min_8bit_size=4096 quantizes nothing: it warns
+        other = _eight_bit_model(4096)
+        other.optimizer.build(other.trainable_variables)
+    before = [keras.ops.convert_to_numpy(v).copy() for v in other.optimizer.variables]
+    with pytest.raises(ValueError, match="min_8bit_size") as refused:
+        other.load_weights(path)
+    message = str(refused.value)
+    assert "nothing was loaded" not in message
+    assert "optimizer's state was not loaded" in message
+    # What the message says is what happened: the model's weights are the
+    # file's (Keras loads them first), the optimizer's variables are untouched.
+    for a, b in zip(other.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(other.optimizer.variables, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), b)
+
+
+def test_eight_bit_that_quantizes_nothing_warns_once_naming_min_8bit_size():
+    # A LoRA-like set of small adapters: every one is under min_8bit_size.
+    variables = [keras.Variable(np.zeros((64, 8), "float32")),
+                 keras.Variable(np.zeros((8, 64), "float32"))]
+    with pytest.warns(UserWarning, match="min_8bit_size=4096") as caught:
+        keras_adam.Adam(moment_dtype="8bit").build(variables)
+    assert len([w for w in caught if "min_8bit_size" in str(w.message)]) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one variable is quantized: no warning
+        keras_adam.Adam(moment_dtype="8bit", min_8bit_size=512).build(
+            [keras.Variable(np.zeros((64, 8), "float32"))])
