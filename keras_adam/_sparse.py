@@ -7,14 +7,13 @@ treats one lives here; `keras_adam.optimizer.Adam` keeps only the hooks:
     Adam.apply                -> deduplicate_all: sum repeated rows (before
                                  Keras clips, so clipping sees the dense
                                  gradient's numbers)
-    Adam._backend_update_step -> Keras's decay of the whole variable runs for
-                                 every variable but those a lazy update takes
-                                 this step (known from the gradients it
-                                 receives); the lazy update decays the rows
-                                 it touches
-    Adam.update_step          -> densify ("exact"), or rows_and_values ("lazy":
-                                 the rule on those rows, read and written by
-                                 `keras_adam._state.Storage` with `rows`)
+    Adam._backend_update_step -> the gradients say which variables a lazy
+                                 update takes this step
+    Adam.update_step          -> densify ("exact": the whole variable decays,
+                                 then steps), or rows_and_values ("lazy": the
+                                 rule on those rows, read and written by
+                                 `keras_adam._state.Storage` with `rows`; only
+                                 those rows decay)
 
 "exact": the update of the dense equivalent gradient. "lazy": for the rows r
 present, with the global step t,
