@@ -4,8 +4,10 @@ Keras stores an optimizer's variables by position ("0", "1", ...) and, when
 the counts differ, only warns and skips them: training then silently starts
 again from t = 0 with zero moments. keras_adam refuses instead:
 
-- Saving writes the positions exactly as Keras does, plus one more entry,
-  "slot_roles": each variable's role (`iteration`, `learning_rate`, `m[i]`,
+- Saving writes the positions exactly as Keras does, plus "slot_roles" (an
+  attribute of the entry in Keras's H5 files, so that the built-in Adam
+  still counts only the positions; one more entry elsewhere, and in the
+  files of keras_adam 0.2): each variable's role (`iteration`, `learning_rate`, `m[i]`,
   `v[i]`, `v_max[i]`, `m_scale[i]`, `v_scale[i]`, `v_max_scale[i]` (8-bit
   moments), `average[i]`, `accumulator[i]`, for model variable i,
   and `skipped_steps`)
@@ -46,12 +48,29 @@ def roles(variables, named):
     return [known.get(id(v), (v.path, "")) for v in variables]
 
 
+def _attributes(store):
+    """The attributes of the H5 group a Keras H5 store is writing or reading, or None.
+
+    A private seam of Keras's `H5IOStore` (Keras 3.15), touched here only:
+    roles kept as an attribute of the entry are not one more entry, so
+    `keras.optimizers.Adam`, which counts the entries against its variables,
+    loads the positions of a keras_adam file (default options: the same
+    layout). tests/test_keras_seams.py fails if the attribute moves.
+    """
+    group = getattr(store, "_h5_entry_group", None)
+    return getattr(group, "attrs", None)
+
+
 def save(store, variables, roles):
     """Writes `variables` by position and their `roles` (see the module docstring)."""
     for i, variable in enumerate(variables):
         store[str(i)] = variable.numpy()
     text = "\n".join(f"{role} {path}" for role, path in roles)
-    store[ROLES_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    attributes = _attributes(store) if variables else None
+    if attributes is not None:
+        attributes[ROLES_KEY] = text
+    else:  # another store: one more entry, as UTF-8 bytes
+        store[ROLES_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
 def read(store, name):
@@ -60,11 +79,17 @@ def read(store, name):
     `name` is the optimizer's, for the error message.
     """
     keys = set(store.keys())
-    saved_roles = None
-    if ROLES_KEY in keys:
+    text = None
+    attributes = _attributes(store)
+    if attributes is not None and ROLES_KEY in attributes:
+        text = attributes[ROLES_KEY]
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    if ROLES_KEY in keys:  # files of keras_adam 0.2, and other stores
         text = bytes(np.asarray(store[ROLES_KEY], dtype=np.uint8)).decode("utf-8")
-        saved_roles = [tuple(line.split(" ", 1)) for line in text.split("\n")]
         keys.discard(ROLES_KEY)
+    saved_roles = None
+    if text is not None:
+        saved_roles = [tuple(line.split(" ", 1)) for line in text.split("\n")]
     values = [store[str(i)] for i in range(len(keys)) if str(i) in keys]
     if len(values) != len(keys):
         raise ValueError(

@@ -311,3 +311,56 @@ def test_eight_bit_that_quantizes_nothing_warns_once_naming_min_8bit_size():
         warnings.simplefilter("error")  # one variable is quantized: no warning
         keras_adam.Adam(moment_dtype="8bit", min_8bit_size=512).build(
             [keras.Variable(np.zeros((64, 8), "float32"))])
+
+
+@pytest.mark.parametrize("builtin_class", [keras.optimizers.Adam, keras.optimizers.AdamW])
+def test_a_keras_adam_file_loads_into_the_builtin_with_t_m_v(tmp_path, builtin_class):
+    import warnings
+
+    ours_class = keras_adam.Adam if builtin_class is keras.optimizers.Adam else keras_adam.AdamW
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+
+    def model(optimizer):
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+        m.compile(optimizer=optimizer, loss="mse")
+        return m
+
+    ours = model(ours_class())
+    ours.fit(x, x[:, :1], batch_size=8, verbose=0)  # t = 4
+    path = str(tmp_path / "ours.weights.h5")
+    ours.save_weights(path)
+    builtin = model(builtin_class())
+    builtin.optimizer.build(builtin.trainable_variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Keras warns, and skips, on a count mismatch
+        builtin.load_weights(path)
+    assert int(keras.ops.convert_to_numpy(builtin.optimizer.iterations)) == 4
+    for variable in ours.trainable_variables:
+        index = ours.optimizer._get_variable_index(variable)
+        m, v, _ = ours.optimizer.slots(variable)
+        for slot, theirs in ((m, builtin.optimizer._momentums[index]),
+                             (v, builtin.optimizer._velocities[index])):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(theirs),
+                                          keras.ops.convert_to_numpy(slot))
+    # And back: keras_adam still reads its roles from the file.
+    again = model(ours_class())
+    again.optimizer.build(again.trainable_variables)
+    again.load_weights(path)
+    for a, b in zip(again.optimizer.variables, ours.optimizer.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+
+
+def test_a_file_with_the_roles_as_an_entry_still_loads():
+    # keras_adam 0.2 wrote the roles as one more entry, "slot_roles"; a store
+    # without H5 attributes does too.
+    from keras_adam import _saving
+
+    store = {}
+    variables = [keras.Variable(np.arange(3.0, dtype="float32"))]
+    _saving.save(store, variables, [("m[0]", "w")])
+    assert set(store) == {"0", _saving.ROLES_KEY}
+    roles, values = _saving.read(store, "adam")
+    assert roles == [("m[0]", "w")]
+    np.testing.assert_array_equal(values[0], np.arange(3.0))
