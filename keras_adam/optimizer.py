@@ -317,7 +317,7 @@ class Adam(Optimizer):
         # Decoupled weight decay before the step, computed as Keras's own, with
         # the variable's group's rate and lr.
         rate = self._decay_rate(index)
-        if rate is not None:
+        if rate:  # a rate of 0 (a group's "no decay") would multiply by 1
             backends.decay([variable], rate, step.lr)
 
     def update_step(self, gradient, variable, learning_rate):
@@ -344,7 +344,7 @@ class Adam(Optimizer):
         # Lazy rows and 16-bit variables written by a rounding decay here, from
         # the theta of the step (the others have decayed already).
         rate = self._decay_rate(index) if rows is not None or noise is not None else None
-        decay = None if rate is None else (rate, scalars.lr)
+        decay = (rate, scalars.lr) if rate else None
         storage.subtract(index, variable, delta, self.assign_sub, rows, decay, noise)
 
     def get_config(self):

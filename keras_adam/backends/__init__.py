@@ -76,7 +76,7 @@ def apply_together(fast, items, methods, settings):
             rest.append(item)
             continue
         together.setdefault((hyper, id(step)), (hyper, step, []))[2].append(item)
-        if rate is not None:
+        if rate:  # a rate of 0 (a group's "no decay") multiplies by 1: skipped
             decays.setdefault((rate, id(step)), (rate, step, []))[2].append(item[1])
     for rate, step, variables in decays.values():
         decay(variables, rate, step.lr)
