@@ -29,6 +29,7 @@ Weight-decay exclusions (`exclude_from_weight_decay`) win over a group's
 """
 
 import dataclasses
+import functools
 import re
 import warnings
 
@@ -100,22 +101,34 @@ class Group:
     pattern: str = ""
     overrides: tuple = ()  # sorted (key, value) pairs
 
-    def get(self, key, default):
-        return dict(self.overrides).get(key, default)
+    # Asked per variable and step: computed once per group.
+    @functools.cached_property
+    def _values(self):
+        return dict(self.overrides)
 
-    @property
+    def get(self, key, default):
+        return self._values.get(key, default)
+
+    @functools.cached_property
     def multiplier(self):
-        return self.get("learning_rate_multiplier", 1.0)
+        return self._values.get("learning_rate_multiplier", 1.0)
 
     def settings(self, hyper, step):
         """(Hyper, Step) for this group's variables: the optimizer's `hyper` and this
         `step` (`keras_adam._per_step.Step`) with the group's values."""
+        if not self.overrides:
+            return hyper, step
         return self.hyper(hyper), step.scaled(self.multiplier)
 
     def hyper(self, base):
         """The rule's `Hyper` with this group's beta_1, beta_2 and epsilon."""
-        changes = {k: v for k, v in self.overrides if k in HYPER_KEYS}
-        return dataclasses.replace(base, **changes) if changes else base
+        return _with_values(base, self.overrides)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_values(base, overrides):
+    changes = {k: v for k, v in overrides if k in HYPER_KEYS}
+    return dataclasses.replace(base, **changes) if changes else base
 
 
 NO_GROUP = Group()

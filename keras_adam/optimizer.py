@@ -289,11 +289,10 @@ class Adam(Optimizer):
         # (decay included); Keras's own method (tf.distribute-aware) does the rest.
         fast, hyper, indices, methods = self._methods_now(grads, trainable_variables)
         if fast is not None and not fast.per_variable:
-            items, settings = [], []
+            items, settings, step = [], [], self._step(learning_rate)
             for g, v, i in zip(grads, trainable_variables, indices):
                 items.append((g, v, self._storage.slots(i)))
-                settings.append((*self._groups[i].settings(hyper, self._step(learning_rate)),
-                                 self._decay_rate(i)))
+                settings.append((*self._groups[i].settings(hyper, step), self._decay_rate(i)))
             rest = backends.apply_together(fast, items, methods, settings)
             if not rest:
                 return
