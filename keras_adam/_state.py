@@ -22,7 +22,9 @@ which 8-bit storage needs when it reads. A storage format is one subclass:
 per block, `keras_adam._quantize`) override `_new_slot` or `_stored_dtype`,
 `compute_dtype`, `in_place_reason`, and `read`/`write` or `_decode`/`_encode`;
 no update path changes. Where the slots live across devices is the
-`placement`'s business (`keras_adam._sharding`).
+`placement`'s business (`keras_adam._sharding`). With `groups` that set
+different `moment_dtype`s, `Grouped` holds one format per dtype and routes
+each call by the model variable's position.
 
 A storage object never holds the optimizer: it receives the functions that
 create variables (`create`) and the one that assigns them (the optimizer's
@@ -33,7 +35,8 @@ The slots are created in the order of `keras.optimizers.Adam` in Keras 3.15
 (after the base class's variables: m and v interleaved per model variable,
 then all v_max; with 8-bit moments each quantized slot is followed by its
 scales, `<path>_m_scale`). `.keras` files store optimizer variables by
-position, so this order is part of the file format.
+position, so this order is part of the file format. (`Grouped` creates each
+format's slots in turn, in this order within each.)
 """
 
 import math

@@ -26,6 +26,8 @@ Keras variables. Each backend module defines one class with this interface:
 
 Both kernels update a variable's slots in place and are exact for the same
 dtypes, so which variables they may take is decided here (`variable_reason`).
+`apply_together` runs a multi-tensor path once per group of values, and
+`decay` applies decoupled weight decay as Keras computes it on the backend.
 The backend modules import nothing from this package.
 """
 
