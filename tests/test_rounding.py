@@ -459,3 +459,19 @@ def test_a_saved_models_training_step_continues_bit_for_bit(rounding, tmp_path):
         restored.train(*batch)
     for a, b in zip(original.state(), restored.state()):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "compensated"])
+def test_ema_leaves_the_rounded_weights_as_without_it(rounding):
+    # Keras's EMA keeps averages beside the weights; the weights, written by
+    # the rounding from the same seed and t, must be the run's without EMA.
+    keras.utils.set_random_seed(5)
+    with_ema = keras_adam.Adam(weight_rounding=rounding, use_ema=True, ema_momentum=0.5)
+    weights_ema = _bf16_steps(with_ema, SEQUENCE_16)
+    keras.utils.set_random_seed(5)
+    weights = _bf16_steps(keras_adam.Adam(weight_rounding=rounding), SEQUENCE_16)
+    for a, b in zip(weights_ema, weights):
+        np.testing.assert_array_equal(a, b)
+    averages = [_np(v) for v in with_ema._model_variables_moving_average]
+    assert all(np.all(np.isfinite(a)) for a in averages)
+    assert any(not np.array_equal(a, w) for a, w in zip(averages, weights))
