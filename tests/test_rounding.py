@@ -24,6 +24,21 @@ def _np(x):
     return keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")).astype(np.float64)
 
 
+def _regression_data():
+    """64 samples of 4 features and a target, for the resume and composition tests."""
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(64, 4)).astype("float32"),
+            rng.normal(size=(64, 1)).astype("float32"))
+
+
+def _tensorflow_only(what):
+    """TensorFlow, or a skip off its backend (`what` needs it)."""
+    tf = pytest.importorskip("tensorflow")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip(f"{what} needs the TensorFlow backend")
+    return tf
+
+
 def _constant_steps(rounding, steps=N_STEPS):
     """A bfloat16 variable of ones moved by a constant step of ~lr: with a constant
     gradient g = 1, m_hat = g and v_hat = g^2 exactly, so each step is
@@ -122,9 +137,7 @@ def test_the_uniform_numbers_are_the_same_on_every_backend():
 
 @pytest.mark.parametrize("rounding", ["stochastic", "compensated"])
 def test_resuming_from_a_keras_file_continues_bit_for_bit(rounding, tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 4)).astype("float32")
-    y = rng.normal(size=(64, 1)).astype("float32")
+    x, y = _regression_data()
 
     def model():
         keras.utils.set_random_seed(0)
@@ -318,12 +331,8 @@ def _all_bits(model, optimizer=None):
 
 @pytest.mark.parametrize("rounding", ["stochastic", "compensated"])
 def test_resuming_from_a_tf_checkpoint_continues_bit_for_bit(rounding, tmp_path):
-    tf = pytest.importorskip("tensorflow")
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("tf.train.Checkpoint needs the TensorFlow backend")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 4)).astype("float32")
-    y = rng.normal(size=(64, 1)).astype("float32")
+    tf = _tensorflow_only("tf.train.Checkpoint")
+    x, y = _regression_data()
     first = _bf16_model(rounding)
     first.fit(x[:32], y[:32], batch_size=8, verbose=0)
     path = tf.train.Checkpoint(model=first, optimizer=first.optimizer).save(
@@ -386,9 +395,7 @@ def test_loss_scaling_changes_no_bit_of_a_bfloat16_run():
     # LossScaleOptimizer multiplies the loss by 2^15 and divides the gradients
     # by it: powers of two, exact in bfloat16 (its exponent range is
     # float32's), so the scaled run is the unscaled one bit for bit.
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 4)).astype("float32")
-    y = rng.normal(size=(64, 1)).astype("float32")
+    x, y = _regression_data()
     plain = _bf16_model("stochastic")
     plain.fit(x, y, batch_size=8, verbose=0, shuffle=False)
     keras.utils.set_random_seed(0)
@@ -423,12 +430,8 @@ def test_a_saved_models_training_step_continues_bit_for_bit(rounding, tmp_path):
     # A tf.Module whose traced training step is saved and loaded: the loaded
     # step reads the restored seed, t, moments and compensations, so it writes
     # the same bits as the original object's.
-    tf = pytest.importorskip("tensorflow")
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("SavedModel needs the TensorFlow backend")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 4)).astype("float32")
-    y = rng.normal(size=(64, 1)).astype("float32")
+    tf = _tensorflow_only("SavedModel")
+    x, y = _regression_data()
     model = _bf16_model(rounding)
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
