@@ -43,8 +43,12 @@ class Step:
         once per step; t is this step's."""
         if multiplier == 1.0:
             return self
+        # The product of the tensor itself: through a Keras variable's operator it
+        # is the same float32 product (lr and the Python float both float32), at
+        # several times the dispatch cost on torch, paid per group and step.
+        lr = getattr(self.lr, "value", self.lr)
         return self.memo(("scaled", multiplier),
-                         lambda: Step(self.iterations, self.lr * multiplier, parent=self))
+                         lambda: Step(self.iterations, lr * multiplier, parent=self))
 
     def scalars(self, hyper, dtype):
         """The `_rule.Scalars` for `hyper` in `dtype`, computed once per step."""

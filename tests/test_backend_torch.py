@@ -147,3 +147,24 @@ def test_the_kernel_follows_assignments_and_stateless_apply():
         # roundings apart (test_fused_matches_portable bounds 100 steps).
         np.testing.assert_allclose(a, b, rtol=0, atol=3 * float32_drift_bound(
             3, 4e-3, np.abs(b).max()))
+
+
+def test_the_decay_factor_has_the_bits_of_keras_tensor_formula():
+    # Keras's torch optimizer multiplies each variable by 1 - weight_decay * lr
+    # formed from lr's float32 tensor; the fast path forms it in NumPy float32.
+    # Oracle: Keras's own expression on the tensor, applied by the same kernel;
+    # exact equality, since both should round identically at every operation.
+    from keras_adam.backends import torch as torch_path
+
+    rng = np.random.default_rng(3)
+    for dtype in (torch.float32, torch.float64):
+        for lr_value in [1e-3, 3e-4, 0.1, *rng.uniform(1e-6, 1.0, 20)]:
+            for weight_decay in [0.01, 0.05, 0.1, 0.3, *rng.uniform(0.0, 1.0, 5)]:
+                lr = torch.tensor(lr_value, dtype=torch.float32)
+                params = [torch.tensor(rng.normal(size=64), dtype=dtype)]
+                want = [params[0].clone()]
+                torch._foreach_mul_(want, 1 - weight_decay * lr)
+                factor = torch_path._decay_factor(weight_decay, lr, params)
+                assert isinstance(factor, float)
+                torch._foreach_mul_(params, factor)
+                torch.testing.assert_close(params[0], want[0], rtol=0, atol=0)

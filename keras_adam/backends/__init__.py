@@ -23,6 +23,9 @@ Keras variables. Each backend module defines one class with this interface:
                                          the current compile context, or None
     apply(items, hyper, step)            updates the (gradient, variable, slots)
                                          triples; returns those it did not
+    decay(variables, weight_decay, step) multi-tensor paths only: `decay` below,
+                                         with the step's lr, on variables the
+                                         path updates
 
 Both kernels update a variable's slots in place and are exact for the same
 dtypes, so which variables they may take is decided here (`variable_reason`).
@@ -81,7 +84,7 @@ def apply_together(fast, items, methods, settings):
         if rate:  # a rate of 0 (a group's "no decay") multiplies by 1: skipped
             decays.setdefault((rate, id(step)), (rate, step, []))[2].append(item[1])
     for rate, step, variables in decays.values():
-        decay(variables, rate, step.lr)
+        fast.decay(variables, rate, step)
     for hyper, step, mine in together.values():
         rest += list(fast.apply(mine, hyper, step))
     return [(g, v) for g, v, _ in rest]

@@ -22,6 +22,7 @@ Keras before this step, so the kernel's own is 0.
 
 import math
 
+import numpy as np
 import torch
 
 from keras_adam import _rule
@@ -58,25 +59,32 @@ class MultiTensor:
         # The tensor lists of the last steps' sets of variables (one per
         # group of values), for the same variables (see `_tensors`).
         self._cached = {}
+        self._step_tensor = None  # (t, device, the kernel's step tensor)
+
+    def decay(self, variables, weight_decay, step):
+        """`decay` on variables this path updates, with `step`'s lr, reading their
+        tensors from the cache."""
+        if variables:
+            params = self._cache(("decay", tuple(map(id, variables))), variables,
+                                 lambda: [v.value for v in variables], step)
+            _multiply(params, _decay_factor(weight_decay, step.lr, params, _numbers(step)[1]))
 
     def apply(self, items, hyper, step):
         """One fused Adam step on all (gradient, variable, (m, v, v_max)) triples."""
         if not items:
             return []
-        t = int(_number(step.iterations)) + 1
-        lr = _number(step.lr)
+        t, lr = _numbers(step)
         c1, c2 = _rule.bias_factors_float(t, hyper.beta_1, hyper.beta_2, hyper.bias_correction)
         _, epsilon = _rule.fold_step_size(
             lr, c1, c2, hyper.epsilon, hyper.epsilon_placement, sqrt=math.sqrt
         )
         kernel_step = float(t) if hyper.bias_correction else _NO_BIAS_CORRECTION_STEP
         with torch.no_grad():
-            for device, params, ms, vs, v_maxes, positions in self._tensors(items):
+            for device, params, ms, vs, v_maxes, positions in self._tensors(items, step):
                 gs = [items[i][0] for i in positions]
                 gs = [(g if g.dtype == p.dtype else g.to(p.dtype)).contiguous()
                       for g, p in zip(gs, params)]
-                step_tensor = torch.tensor(kernel_step, dtype=torch.float32, device=device)
-                steps = [step_tensor] * len(params)
+                steps = [self._kernel_step(kernel_step, device)] * len(params)
                 torch._fused_adam_(
                     params, gs, ms, vs, v_maxes, steps,
                     lr=lr, beta1=hyper.beta_1, beta2=hyper.beta_2, weight_decay=0.0,
@@ -84,7 +92,7 @@ class MultiTensor:
                 )
         return []
 
-    def _tensors(self, items):
+    def _tensors(self, items, step):
         """Per (device, dtype): params, m, v, v_max tensors, and the items' positions.
 
         Reading a Keras variable's `value` costs some microseconds of checks
@@ -98,36 +106,83 @@ class MultiTensor:
         variables = [variable for _, variable, _ in items]
         slots = [slot for _, _, triple in items for slot in triple]
         key = (tuple(map(id, variables)), tuple(map(id, slots)))
-        scoped = _keras_scope_active()
-        if not scoped and key in self._cached:
-            return self._cached[key][1]
-        groups = {}
-        for i, variable in enumerate(variables):
-            param = variable.value
-            m, v, v_max = items[i][2]
-            group = groups.setdefault((param.device, param.dtype), ([], [], [], [], []))
-            group[0].append(param)
-            group[1].append(m.value)
-            group[2].append(v.value)
-            if v_max is not None:
-                group[3].append(v_max.value)
-            group[4].append(i)
-        tensors = [(device, *lists) for (device, _), lists in groups.items()]
-        if not scoped:
-            # The variables are kept with their ids, so that no id is reused.
+        return self._cache(key, (variables, slots), lambda: _grouped(items), step)
+
+    def _cache(self, key, keep, build, step):
+        """`build()`, remembered under `key` while no Keras scope is active (`_tensors`).
+
+        `keep` holds the variables whose ids make the key, so that no id is reused.
+        Whether a scope is active is asked once per `step`.
+        """
+        if step.memo("torch: keras scope", _keras_scope_active):
+            return build()
+        if key not in self._cached:
             if len(self._cached) >= 16:
                 self._cached.clear()
-            self._cached[key] = ((variables, slots), tensors)
-        return tensors
+            self._cached[key] = (keep, build())
+        return self._cached[key][1]
+
+    def _kernel_step(self, kernel_step, device):
+        # One step tensor per step and device, shared by the groups' kernel calls.
+        cached = self._step_tensor
+        if cached is None or cached[:2] != (kernel_step, device):
+            tensor = torch.tensor(kernel_step, dtype=torch.float32, device=device)
+            cached = self._step_tensor = (kernel_step, device, tensor)
+        return cached[2]
+
+
+def _grouped(items):
+    """[(device, params, ms, vs, v_maxes, positions)], one per (device, dtype)."""
+    groups = {}
+    for i, (_, variable, (m, v, v_max)) in enumerate(items):
+        param = variable.value
+        group = groups.setdefault((param.device, param.dtype), ([], [], [], [], []))
+        group[0].append(param)
+        group[1].append(m.value)
+        group[2].append(v.value)
+        if v_max is not None:
+            group[3].append(v_max.value)
+        group[4].append(i)
+    return [(device, *lists) for (device, _), lists in groups.items()]
 
 
 def decay(variables, weight_decay, lr):
     """Decoupled weight decay as Keras's torch optimizer applies it: each variable
     multiplied by 1 - weight_decay * lr, in one foreach kernel."""
     if variables:
-        lr = getattr(lr, "value", lr)  # a Keras variable's tensor
-        with torch.no_grad():  # in place on Parameters that require grad
-            torch._foreach_mul_([v.value for v in variables], 1 - weight_decay * lr)
+        params = [v.value for v in variables]
+        _multiply(params, _decay_factor(weight_decay, lr, params))
+
+
+def _numbers(step):
+    """(t, lr) of `step` as Python numbers, read once per step (each `.item()`
+    costs some microseconds, asked by every kernel call and decay)."""
+    return step.memo("torch: t, lr", lambda: (int(_number(step.iterations)) + 1, _number(step.lr)))
+
+
+def _decay_factor(weight_decay, lr, params, lr_number=None):
+    """Keras's factor 1 - weight_decay * lr, with the same bits, cheaply.
+
+    Keras forms it from the learning rate's float32 tensor: weight_decay is
+    rounded to float32, and the product and the difference are float32
+    operations. NumPy's float32 arithmetic rounds each the same way (IEEE),
+    without three tensor ops. A float32 or float64 variable multiplied by
+    that float32 value, given as a Python float (exact), gives what the
+    0-d tensor gives; for 16-bit variables, whose kernels may round a tensor
+    factor to their own dtype first, the factor is formed as Keras forms it.
+    `lr_number`, if given, is lr's value, already read.
+    """
+    lr = getattr(lr, "value", lr)  # a Keras variable's tensor
+    if not isinstance(lr, torch.Tensor) or lr.dtype != torch.float32 or \
+            any(p.dtype not in (torch.float32, torch.float64) for p in params):
+        return 1 - weight_decay * lr
+    lr_number = lr.item() if lr_number is None else lr_number
+    return float(np.float32(1) - np.float32(weight_decay) * np.float32(lr_number))
+
+
+def _multiply(params, factor):
+    with torch.no_grad():  # in place on Parameters that require grad
+        torch._foreach_mul_(params, factor)
 
 
 def _number(value):
