@@ -12,9 +12,13 @@ portable rule in the current compile context (XLA, or torch.compile).
 
 import dataclasses
 
+from keras_adam import _whole
 from keras_adam import backends
 
 PORTABLE = "portable"
+# The portable rule on a whole variable as one compiled function (`keras_adam._whole`):
+# a method of a step, never a route's (the route's is "portable", with `compiled`).
+WHOLE = "whole"
 LAZY = "lazy"
 OVERWRITTEN = "overwritten"
 
@@ -40,6 +44,9 @@ class Route:
             float variables "stochastic" or "compensated" (`keras_adam._rounding`).
         group: the pattern of the variable's group (`keras_adam._groups`), or
             "" for none.
+        compiled: for a portable route whose moments are stored in another
+            format (8-bit codes, 16-bit moments): how its dense steps are
+            compiled as one function (`keras_adam._whole`); "" otherwise.
     """
 
     method: str
@@ -49,6 +56,7 @@ class Route:
     state: str = ""
     rounding: str = "nearest"
     group: str = ""
+    compiled: str = ""
 
 
 class Plan(dict):
@@ -72,6 +80,8 @@ class Plan(dict):
                 line += f"; written with {route.rounding} rounding"
             if route.group:
                 line += f"; group {route.group!r}"
+            if route.compiled:
+                line += f"; {route.compiled}"
             lines.append(line)
         return "\n".join(lines)
 
@@ -116,7 +126,8 @@ def plan(variables, hyper, fused, sparse_updates, storage, overwritten, groups=N
                 f"`fused=True` is not possible: variable {variable.path!r}: {reason}."
             )
         routes.append(Route(PORTABLE, reason, sparse, state=state,
-                            rounding=storage.rounding(variable), group=group))
+                            rounding=storage.rounding(variable), group=group,
+                            compiled=_whole.applies(storage, variable) or ""))
     return fast, tuple(routes)
 
 
@@ -126,7 +137,8 @@ def methods_now(routes, gradients_sparse, fast, hyper):
 
     A row-sparse gradient in lazy mode takes the lazy row update; a fast path
     gives way to the portable rule where its `portable_now` says so (the
-    compile context, asked once for all variables).
+    compile context, asked once for all variables); a portable route with
+    `compiled` takes the whole-variable function ("whole").
     """
     portable_now = None
     methods = []
@@ -140,7 +152,7 @@ def methods_now(routes, gradients_sparse, fast, hyper):
             if portable_now:
                 methods.append(PORTABLE)
                 continue
-        methods.append(route.method)
+        methods.append(WHOLE if route.compiled else route.method)
     return methods
 
 

@@ -137,7 +137,7 @@ def encode(x, signed, b):
     shape = ops.shape(x)
     blocks = _to_blocks(x, b)
     magnitude = ops.abs(blocks)
-    scales = ops.max(magnitude, axis=-1)
+    scales = ops.amax(magnitude, axis=-1)  # ops.max breaks a torch.compile graph (Keras 3.15)
     # One division per block, then a multiplication per element (a may then
     # exceed 1 by an ulp; the code still rounds to the top one).
     a = magnitude * ops.expand_dims(1.0 / ops.where(scales > 0, scales, 1.0), -1)

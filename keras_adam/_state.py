@@ -11,6 +11,9 @@ optimizer is built with:
     storage.write(i, m, v, v_max, rows=None)
     storage.subtract(i, variable, delta, assign_sub, rows=None)   theta <- theta - delta
     storage.slots(i)                              -> the Keras variables themselves
+    storage.held(i)                               -> per slot, the variables holding it
+    storage.decode(i, values, bound=None)         -> `read` as a function of their tensors
+    storage.encode(i, m, v, v_max)                -> the tensors `write` would assign
     storage.state_variables(i)                    -> {role: variable}, scales included
     storage.in_place_reason(variable)             -> why a fused kernel may not
                                                      update the slots in place, or None
@@ -20,8 +23,9 @@ is the rule's moment bound K for this step (`keras_adam._rule.moment_bound`),
 which 8-bit storage needs when it reads. A storage format is one subclass:
 `StoredAs` (another dtype) and `Blockwise8bit` (8-bit codes with a scale
 per block, `keras_adam._quantize`) override `_new_slot` or `_stored_dtype`,
-`compute_dtype`, `in_place_reason`, and `read`/`write` or `_decode`/`_encode`;
-no update path changes. Where the slots live across devices is the
+`compute_dtype`, `in_place_reason`, and `_decode_values`/`_encode_values`
+(with `_held` where a slot is held in several variables); no update path
+changes. Where the slots live across devices is the
 `placement`'s business (`keras_adam._sharding`). With `groups` that set
 different `moment_dtype`s, `Grouped` holds one format per dtype and routes
 each call by the model variable's position.
@@ -136,6 +140,34 @@ class Storage:
         None without amsgrad, all three for a variable Keras overwrites."""
         return self._slots[index]
 
+    def held(self, index):
+        """The Keras variables holding model variable `index`'s m, v and v_max: a
+        tuple per slot (empty where there is none), in the order `decode` takes
+        their tensors and `encode` returns them (8-bit: the codes, then the scales)."""
+        return tuple(() if slot is None else self._held(slot) for slot in self.slots(index))
+
+    def _held(self, slot):
+        return (slot,)
+
+    def decode(self, index, values, bound=None):
+        """`read(index, bound=bound)` as a pure function of `values`, the tensors of
+        `held(index)`: it reads no variable, so that a compiler can fuse it with
+        the rule (`keras_adam._whole`)."""
+        dtype = self.compute_dtype(self._variables[index])
+        return tuple(self._decode_values(slot, held, dtype) if held else None
+                     for slot, held in zip(self.slots(index), values))
+
+    def encode(self, index, m, v, v_max):
+        """What `write(index, m, v, v_max)` assigns to `held(index)`, as a pure function."""
+        return tuple(() if slot is None else self._encode_values(slot, value)
+                     for slot, value in zip(self.slots(index), (m, v, v_max)))
+
+    def layout_key(self, index):
+        """What `decode` and `encode` depend on besides their tensors: equal keys
+        mean one compiled function serves both variables (`keras_adam._whole`)."""
+        return (type(self), self.compute_dtype(self._variables[index]), tuple(
+            tuple((h.dtype, tuple(h.shape)) for h in held) for held in self.held(index)))
+
     def state_variables(self, index):
         """{role: Keras variable} for every variable holding model variable `index`'s state.
 
@@ -249,11 +281,17 @@ class Storage:
 
     def _decode(self, slot, dtype, rows):
         stored = slot if rows is None else backends.gather_rows(slot, rows)
-        return ops.cast(stored, dtype)
+        return self._decode_values(slot, (stored,), dtype)
+
+    def _decode_values(self, slot, values, dtype):
+        return ops.cast(values[0], dtype)
 
     def _encode(self, slot, value, rows):
-        value = ops.cast(value, slot.dtype)
+        (value,) = self._encode_values(slot, value)
         return value if rows is None else backends.row_slices(value, rows)
+
+    def _encode_values(self, slot, value):
+        return (ops.cast(value, slot.dtype),)
 
 
 class StoredAs(Storage):
@@ -384,12 +422,36 @@ class Blockwise8bit(Storage):
         return None
 
     def read(self, index, rows=None, bound=None):
-        m, v, v_max = super().read(index, rows)
+        return self._floored(index, *super().read(index, rows), bound)
+
+    def decode(self, index, values, bound=None):
+        return self._floored(index, *super().decode(index, values), bound)
+
+    def _floored(self, index, m, v, v_max, bound):
+        # v and v_max raised to m^2 / K (see the class docstring).
         if m is None or bound is None or not self.quantizes(self._variables[index]):
             return m, v, v_max
         floor = m * m / ops.cast(bound, m.dtype)
         return (m, ops.maximum(v, floor),
                 None if v_max is None else ops.maximum(v_max, floor))
+
+    def layout_key(self, index):
+        return (super().layout_key(index), self.block_size, self.min_size)
+
+    def _held(self, slot):
+        return (slot, self._codes[id(slot)][0]) if id(slot) in self._codes else (slot,)
+
+    def _decode_values(self, slot, values, dtype):
+        if id(slot) not in self._codes:
+            return super()._decode_values(slot, values, dtype)
+        _, blocks, signed = self._codes[id(slot)]
+        return ops.cast(_quantize.decode(values[0], values[1], signed, blocks), dtype)
+
+    def _encode_values(self, slot, value):
+        if id(slot) not in self._codes:
+            return super()._encode_values(slot, value)
+        _, blocks, signed = self._codes[id(slot)]
+        return _quantize.encode(ops.cast(value, "float32"), signed, blocks)
 
     def _decode(self, slot, dtype, rows):
         if id(slot) not in self._codes:
@@ -508,6 +570,22 @@ class Grouped:
     def read(self, index, rows=None, bound=None):
         storage, local = self._local[index]
         return storage.read(local, rows, bound)
+
+    def held(self, index):
+        storage, local = self._local[index]
+        return storage.held(local)
+
+    def decode(self, index, values, bound=None):
+        storage, local = self._local[index]
+        return storage.decode(local, values, bound)
+
+    def encode(self, index, m, v, v_max):
+        storage, local = self._local[index]
+        return storage.encode(local, m, v, v_max)
+
+    def layout_key(self, index):
+        storage, local = self._local[index]
+        return storage.layout_key(local)
 
     def write(self, index, m, v, v_max, rows=None, noise=None):
         storage, local = self._local[index]

@@ -2,7 +2,7 @@
 
 This module holds Keras's hooks and the public API; every feature lives in
 a module of its own, which receives data and never this optimizer (the
-README's "How the code is laid out" is the map). The rule is
+docs/design.md is the map). The rule is
 `keras_adam._rule.rule`; `Adam.update_step` applies it with `keras.ops` on
 any backend (the portable path), and every fast path is tested equal to it.
 """
@@ -25,6 +25,7 @@ from keras_adam import _saving
 from keras_adam import _sparse
 from keras_adam import _state
 from keras_adam import _validation as check
+from keras_adam import _whole
 from keras_adam import backends
 from keras_adam import serialization
 from keras_adam._per_step import PerStepCache
@@ -78,11 +79,9 @@ class Adam(Optimizer):
         theta  <- theta - lr * m_hat / D
 
     `epsilon` is epsilon-hat ("hat", as `keras.optimizers.Adam`) or Algorithm
-    1's epsilon ("paper", as `torch.optim.Adam`). Decoupled weight decay,
-    clipping, EMA, loss scaling and gradient accumulation are Keras's. The
-    README's options table gives each argument in full (bfloat16 rounding:
-    Zamirai et al., 2020; 8-bit moments: Dettmers et al., 2022; `groups`:
-    PyTorch's param groups, `keras_adam._groups`).
+    1's epsilon ("paper", as `torch.optim.Adam`). Clipping, EMA, loss scaling and
+    gradient accumulation are Keras's. docs/options.md gives each argument in full
+    (bfloat16 rounding: Zamirai et al., 2020; 8-bit: Dettmers et al., 2022).
 
     Args:
         learning_rate: lr: a float >= 0, a schedule or a callable. Defaults to `0.001`.
@@ -137,7 +136,7 @@ class Adam(Optimizer):
         self._storage = self._skipped_steps = self._rounding_seed = self._groups = None
         self._loaded_before_build = None  # `_saving.read`'s result, applied at build
         self._plans = _plan.Plans()
-        self._per_step = PerStepCache()
+        self._per_step, self._whole = PerStepCache(), _whole.Whole()
         self._decay_exclusions = _decay.Exclusions.from_config(exclude_from_weight_decay)
         if self._decay_exclusions.var_names:
             super().exclude_from_weight_decay(var_names=self._decay_exclusions.var_names)
@@ -335,9 +334,12 @@ class Adam(Optimizer):
                 return fast.apply([(gradient, variable, storage.slots(index))], hyper, step)
         # The portable path: the class docstring's rule in `keras.ops`, on any backend.
         dtype = storage.compute_dtype(self._trainable_variables[index])
-        scalars = step.scalars(hyper, dtype)
-        m, v, v_max = storage.read(index, rows, step.moment_bound(hyper)
-                                   if storage.needs_bound else None)
+        scalars, bound = step.scalars(hyper, dtype), (
+            step.moment_bound(hyper) if storage.needs_bound else None)
+        if method == _plan.WHOLE:  # as one compiled function (`keras_adam._whole`)
+            return self._whole.apply(storage, index, variable, gradient, hyper, scalars,
+                                     bound, self.assign)
+        m, v, v_max = storage.read(index, rows, bound)
         m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
         storage.write(index, m, v, v_max, rows, noise)
         # Lazy rows and 16-bit variables written by a rounding decay here, from

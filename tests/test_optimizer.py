@@ -131,7 +131,7 @@ def test_indexed_slices_follow_the_reference_on_their_summed_rows(fused):
 def test_public_methods_are_for_users_only():
     # Issue #13: no public method of Adam exists only for the backends (they
     # receive data: keras_adam/backends/__init__.py). A new public method must
-    # be added here deliberately, and documented in the README's API table.
+    # be added here deliberately, and documented in docs/options.md's options table.
     own = {name for name in dir(keras_adam.Adam)
            if not name.startswith("_") and callable(getattr(keras_adam.Adam, name))}
     inherited = {name for name in dir(keras.optimizers.Optimizer) if not name.startswith("_")}

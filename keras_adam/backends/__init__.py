@@ -172,6 +172,28 @@ def compiled(fn):
     return tensorflow.compiled(fn)
 
 
+def whole_compiler():
+    """How `compile_whole` compiles on this backend, in words for the plan."""
+    return {"tensorflow": "decode, rule and encode compiled as one XLA cluster",
+            "torch": "decode, rule and encode compiled as one function by torch.compile",
+            }.get(keras.backend.backend(), "decode, rule and encode in one function (jit "
+                  "compiles it with the step)")
+
+
+def compile_whole(fn):
+    """`fn` (a whole variable's step, `keras_adam._whole`) compiled for eager callers:
+    one XLA cluster on TensorFlow, torch.compile on torch; as is on JAX, whose
+    jit compiles it with the training step."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return compiled(fn)
+    if backend == "torch":
+        from keras_adam.backends import torch
+
+        return torch.compiled(fn)
+    return fn
+
+
 # Row primitives. Row-sparse gradients exist only on TensorFlow, so only its
 # module implements these; `keras_adam._sparse` and `keras_adam._state` call them.
 

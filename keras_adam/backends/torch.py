@@ -21,6 +21,8 @@ Keras before this step, so the kernel's own is 0.
 """
 
 import math
+import types
+import warnings
 
 import numpy as np
 import torch
@@ -207,3 +209,55 @@ def _keras_scope_active():
     from keras.src.backend.common import variables
 
     return stateless_scope.in_stateless_scope() or variables.get_autocast_scope() is not None
+
+
+def compiled(fn):
+    """`fn` compiled by torch.compile (Inductor: its element-wise ops fuse into a
+    few loops), or `fn` itself, with one warning, where compiling fails (no C
+    compiler, an unsupported platform).
+
+    Each call gets a fresh copy of `fn`'s code: Dynamo keeps its compiled
+    graphs per code object, up to a small limit (8), and the functions made
+    from one closure share a code object; past the limit they would all run
+    uncompiled. Under an outer torch.compile (Keras's `jit_compile=True`),
+    `fn` is traced into the outer graph.
+    """
+    code = fn.__code__.replace()
+    fresh = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__,
+                               fn.__closure__)
+    compiled_fn = torch.compile(fresh, dynamic=False)
+    state = {"failed": False}
+
+    def run(*args):
+        if state["failed"] or torch.compiler.is_compiling():
+            return fn(*args)
+        try:
+            return compiled_fn(*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure falls back
+            if not _backend_failure(error):
+                raise
+            state["failed"] = True
+            _warn_once(error)
+            return fn(*args)
+
+    return run
+
+
+def _backend_failure(error):
+    # Dynamo and Inductor's own errors (a missing compiler among them), not
+    # an error of `fn` itself, which eager execution would raise too.
+    module = type(error).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor"))
+
+
+_WARNED = []
+
+
+def _warn_once(error):
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(
+            "torch.compile is not available here, so keras_adam updates variables with "
+            "8-bit or 16-bit moments op by op (correct, but several times slower): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+            stacklevel=3)

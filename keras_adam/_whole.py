@@ -1,0 +1,94 @@
+"""One whole variable's dense step as one compiled function, where its moments are
+stored in another format than the update's arithmetic (8-bit codes, 16-bit moments).
+
+The portable path reads the stored moments (a decode pass over the whole
+variable), runs the rule's ops and writes the moments back (an encode pass).
+Run op by op, as TensorFlow without XLA and torch eager run them, each op is
+a pass over memory: some 70 for 8-bit codes. Here the same functions are
+composed into one function of tensors,
+
+    values             = the tensors of `Storage.held(i)` (codes and scales,
+                         or the 16-bit moments)
+    m, v, v_max        = decode(values, K)               (`Storage.decode`)
+    m, v, v_max, step  = rule(g, m, v, v_max, scalars)   (`keras_adam._rule.rule`)
+    theta', values'    = theta - step, encode(m, v, v_max)   (`Storage.encode`)
+
+and given to the backend's compiler (`keras_adam.backends.compile_whole`):
+one XLA cluster on TensorFlow, with or without XLA around it; torch.compile
+on torch; on JAX the function as it is, since jax.jit compiles the whole
+training step. The caller assigns theta' and values'.
+
+The arithmetic is the portable path's, op for op. A compiler may still fuse
+a multiplication and an addition into one rounding, so results agree with
+the op-by-op portable path to float32 rounding; the codes agree except
+where a value lies within that rounding of a code boundary.
+
+One function is compiled per `Storage.layout_key` and `Hyper`: the
+variables of a model share a few (one per shape and format).
+"""
+
+import dataclasses
+
+import keras
+from keras import ops
+
+from keras_adam import _rule
+from keras_adam import backends
+
+
+def applies(storage, variable):
+    """Why `variable`'s dense steps take this path (a phrase for the plan), or None.
+
+    It does where the moments are stored in another format than the
+    variable's dtype and the variable is written to nearest (a stochastic or
+    compensated write takes the portable path's `Storage.subtract`).
+    """
+    if storage.in_place_reason(variable) is None or storage.rounding(variable) != "nearest":
+        return None
+    return backends.whole_compiler()
+
+
+class Whole:
+    """The compiled functions of one optimizer, made on first use per layout and `Hyper`."""
+
+    def __init__(self):
+        self._functions = {}
+
+    def apply(self, storage, index, variable, gradient, hyper, scalars, bound, assign):
+        """theta <- theta - step and the moments' new values, for model variable `index`.
+
+        Args:
+            storage: the optimizer's `keras_adam._state.Storage`.
+            index: the model variable's position; `variable` the variable.
+            gradient: its dense gradient.
+            hyper, scalars: the rule's `Hyper` and this step's `Scalars`.
+            bound: this step's moment bound K, or None (`Storage.read`).
+            assign: the optimizer's `assign` (tf.distribute-aware).
+        """
+        key = (storage.layout_key(index), hyper, bound is None)
+        if key not in self._functions:
+            # The first variable of a layout stands for all: its decode and encode
+            # depend on nothing that `layout_key` does not hold.
+            # The scalars are in the compute dtype (`variable` may be a tf.Variable).
+            dtype = keras.backend.standardize_dtype(scalars.lr.dtype)
+            self._functions[key] = backends.compile_whole(
+                _step_function(storage, index, hyper, dtype))
+        held = storage.held(index)
+        values = tuple(tuple(h.value for h in slot) for slot in held)
+        fields = tuple(getattr(scalars, f.name) for f in dataclasses.fields(scalars))
+        theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
+        theta, values = self._functions[key](gradient, theta, values, fields, bound)
+        for slot, new in zip(held, values):
+            for h, value in zip(slot, new):
+                assign(h, value)
+        assign(variable, theta)
+
+
+def _step_function(storage, index, hyper, dtype):
+    def step(gradient, theta, values, fields, bound):
+        scalars = _rule.Scalars(*fields)
+        m, v, v_max = storage.decode(index, values, bound)
+        m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
+        return theta - ops.cast(delta, theta.dtype), storage.encode(index, m, v, v_max)
+
+    return step
