@@ -11,6 +11,28 @@ import keras  # noqa: E402
 import pytest
 
 
+def _full_float32_matmuls():
+    # On a GPU the frameworks may multiply float32 matrices in TF32 (10-bit
+    # mantissas); the tests' tolerances are derived for float32. No-op on CPU.
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    elif backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+
+
+_full_float32_matmuls()
+
+
 def pytest_report_header(config):
     requested = os.environ.get("KERAS_BACKEND")
     return f"keras backend: {keras.backend.backend()} (KERAS_BACKEND={requested})"

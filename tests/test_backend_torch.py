@@ -119,7 +119,8 @@ def _variables(seed):
 def test_the_kernel_follows_assignments_and_stateless_apply():
     """The kernel reuses last step's tensors (backends/torch.py `_tensors`); it must
     still see assignments, and leave the variables alone under stateless_apply."""
-    grads = [torch.as_tensor(g) for g in SEQUENCE[0]]
+    # On the variables' device (Keras's default), as Keras's trainer gives them.
+    grads = [keras.ops.convert_to_tensor(g) for g in SEQUENCE[0]]
     runs = {}
     for fused in (True, False):
         variables = _variables(7)

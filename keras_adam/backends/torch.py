@@ -83,9 +83,7 @@ class MultiTensor:
         kernel_step = float(t) if hyper.bias_correction else _NO_BIAS_CORRECTION_STEP
         with torch.no_grad():
             for device, params, ms, vs, v_maxes, positions in self._tensors(items, step):
-                gs = [items[i][0] for i in positions]
-                gs = [(g if g.dtype == p.dtype else g.to(p.dtype)).contiguous()
-                      for g, p in zip(gs, params)]
+                gs = [_like(items[i][0], p) for i, p in zip(positions, params)]
                 steps = [self._kernel_step(kernel_step, device)] * len(params)
                 torch._fused_adam_(
                     params, gs, ms, vs, v_maxes, steps,
@@ -133,11 +131,21 @@ class MultiTensor:
         return cached[2]
 
 
+def _like(g, param):
+    # The kernel takes gradients of its parameter's dtype and device, contiguous
+    # (a gradient may come as a CPU tensor for a GPU variable).
+    if g.dtype != param.dtype or g.device != param.device:
+        g = g.to(device=param.device, dtype=param.dtype)
+    return g.contiguous()
+
+
 def _grouped(items):
     """[(device, params, ms, vs, v_maxes, positions)], one per (device, dtype)."""
     groups = {}
     for i, (_, variable, (m, v, v_max)) in enumerate(items):
         param = variable.value
+        if param.numel() == 0:  # nothing to update; CUDA's kernel refuses empty tensors
+            continue
         group = groups.setdefault((param.device, param.dtype), ([], [], [], [], []))
         group[0].append(param)
         group[1].append(m.value)

@@ -37,6 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--devices", type=int, default=8, metavar="N",
                         help="the sharding case (JAX): devices of the data-parallel mesh; "
                              "without N real ones, N virtual CPU devices (default 8)")
+    parser.add_argument("--moments-on", default="large", metavar="CASES",
+                        help="the moments case: the step cases it times each moment_dtype "
+                             "on, comma-separated (default: large)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="the results as JSON: printed instead of the table, or with "
                              "PATH written there (the table is still printed)")
@@ -50,6 +53,11 @@ def parse_args(argv=None):
     unknown = [c for c in args.cases if c not in cases.NAMES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {cases.NAMES}")
+    args.moments_on = [c.strip() for c in args.moments_on.split(",") if c.strip()]
+    unknown = [c for c in args.moments_on if c not in cases.CASES]
+    if unknown or not args.moments_on:
+        parser.error(f"--moments-on takes cases of {list(cases.CASES)}. Received: "
+                     f"{args.moments_on}")
     if args.devices < 2:
         parser.error(f"--devices must be >= 2. Received: {args.devices}")
     if args.repeats < 1:

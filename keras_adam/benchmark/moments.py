@@ -53,7 +53,7 @@ def moment_formats(keras, keras_adam, harness, xla_modes, repeats, min_seconds, 
         base = statistics.median(timings["float32"])
         for name, optimizer in optimizers.items():
             rows.append({
-                "format": name, "xla": xla, "parameters": case.parameters,
+                "case": case.name, "format": name, "xla": xla, "parameters": case.parameters,
                 "bytes_per_parameter": state_bytes(keras, optimizer) / case.parameters,
                 "step_ms": timing.summary(timings[name]),
                 "vs_float32": statistics.median(timings[name]) / base,
@@ -63,15 +63,16 @@ def moment_formats(keras, keras_adam, harness, xla_modes, repeats, min_seconds, 
 
 def format_rows(rows):
     lines = [
-        "moment_dtype on the large case (4 x 2000 x 2000), keras_adam steps timed together:",
+        "moment_dtype per case, keras_adam steps timed together with float32 moments:",
         "",
-        "| moments | XLA | state bytes / parameter | step ms (min-max) | vs float32 |",
-        "|---|---|---|---|---|",
+        "| case | moments | XLA | state bytes / parameter | step ms (min-max) | vs float32 |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         ms = r["step_ms"]
         lines.append(
-            f"| {r['format']} | {'on' if r['xla'] else 'off'} | {r['bytes_per_parameter']:.3f} "
+            f"| {r.get('case', 'large')} | {r['format']} | {'on' if r['xla'] else 'off'} "
+            f"| {r['bytes_per_parameter']:.3f} "
             f"| {ms['median']:.2f} ({ms['min']:.2f}-{ms['max']:.2f}) | {r['vs_float32']:.2f} |")
     return "\n".join(lines)
 

@@ -52,8 +52,11 @@ def run(args):
             continue
         if name == case_table.MOMENTS:
             modes = [x for x in harness.xla_modes if x in wanted]
-            moment_rows = moments.moment_formats(keras, keras_adam, harness, modes, args.repeats,
-                                                 args.min_seconds, progress)
+            moment_rows = []
+            for case_name in getattr(args, "moments_on", ["large"]):
+                moment_rows += moments.moment_formats(
+                    keras, keras_adam, harness, modes, args.repeats, args.min_seconds, progress,
+                    case=case_table.CASES[case_name])
             continue
         if name == case_table.FIT:
             fit_rows = fit.fit_steps(keras, keras_adam, args.repeats, sparse=harness.sparse,
