@@ -70,18 +70,43 @@ def _mix(x):
     return ops.bitwise_xor(x, _logical_shift(x, 16))
 
 
-def uniform(seed, t, stream, index):
-    """Uniform numbers in [0, 1) with 24 random bits, one per element of `index`.
+def stream_key(seed, t, stream):
+    """The scalar int32 key of one stream at step `t` (see `random_bits`)."""
+    key = _mix(ops.cast(t, "int32") * _GOLDEN + stream)
+    return _mix(ops.bitwise_xor(ops.cast(seed, "int32"), key))
+
+
+def random_bits(seed, t, stream, index, key=None):
+    """32 random bits (int32), one per element of `index`.
 
     Args:
         seed: a scalar int32 tensor (the optimizer's saved rounding seed).
         t: the 1-based step, a scalar int tensor.
-        stream: a Python int naming the variable and slot.
+        stream: an int (or scalar int32 tensor) naming the variable and slot.
         index: int32 positions of the elements in their whole variable.
+        key: `stream_key(seed, t, stream)` if already computed (then the
+            first three are not used): a compiled function takes it as an
+            argument, since its scalar ops compile slowly (torch.compile).
     """
-    key = _mix(ops.cast(t, "int32") * _GOLDEN + stream)
-    key = _mix(ops.bitwise_xor(ops.cast(seed, "int32"), key))
-    bits = _mix(ops.bitwise_xor(index * _GOLDEN, key))
+    key = stream_key(seed, t, stream) if key is None else key
+    # The key is mixed in before the multiplication: torch.compile's Inductor
+    # (torch 2.13, CPU) miscompiles arange * a large constant into code that
+    # corrupts the heap, for some shapes.
+    return _mix(ops.bitwise_xor(index, key) * _GOLDEN)
+
+
+class Keys:
+    """The `stream_key`s of a variable's streams at one step, by kind (0: the
+    variable, 1-3: m, v, v_max), as `keras_adam._state.Storage` takes them
+    in place of (seed, t)."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+
+def uniform(seed, t, stream, index):
+    """Uniform numbers in [0, 1) with 24 random bits (`random_bits`'s high ones)."""
+    bits = random_bits(seed, t, stream, index)
     return ops.cast(_logical_shift(bits, 8), "float32") * (2.0 ** -24)
 
 
@@ -139,6 +164,23 @@ def stochastic(x, dtype, u):
     # Where y is not finite (overflow, NaN) d is NaN and `away` False: y stays.
     result = ops.where(away, y + ops.sign(d) * spacing, y)
     return ops.cast(result, dtype)
+
+
+def stochastic_bfloat16(x, bits):
+    """`x` (float32) rounded to bfloat16 up or down at random, from 16 random bits.
+
+    bfloat16 is float32's upper 16 bits. Adding a uniform 16-bit number r to
+    the 16 bits that bfloat16 drops (as integers, on the magnitude: the sign
+    is the top bit) carries into the kept bits with probability
+    dropped / 2^16, which is the distance to the lower neighbour in units of
+    the spacing: then truncating gives E[result] = x, to 2^-16 of a spacing.
+    Few operations: the cheap form for moments, written at every step.
+    Infinities and NaN are kept.
+    """
+    r = _logical_shift(bits, 16)             # the 16 best-mixed bits
+    carried = ops.bitwise_and(ops.view(x, "int32") + r, -65536)  # & 0xFFFF0000
+    result = ops.where(ops.isfinite(x), ops.view(carried, "float32"), x)
+    return ops.cast(result, "bfloat16")
 
 
 def compensated(target, dtype):

@@ -157,10 +157,13 @@ class Storage:
         return tuple(self._decode_values(slot, held, dtype) if held else None
                      for slot, held in zip(self.slots(index), values))
 
-    def encode(self, index, m, v, v_max):
-        """What `write(index, m, v, v_max)` assigns to `held(index)`, as a pure function."""
-        return tuple(() if slot is None else self._encode_values(slot, value)
-                     for slot, value in zip(self.slots(index), (m, v, v_max)))
+    def encode(self, index, m, v, v_max, noise=None):
+        """What `write(index, m, v, v_max, noise=noise)` assigns to `held(index)`, as a
+        pure function."""
+        return tuple(
+            () if slot is None else
+            self._encode_values(slot, self._rounded(value, slot, index, kind + 1, None, noise))
+            for kind, (slot, value) in enumerate(zip(self.slots(index), (m, v, v_max))))
 
     def layout_key(self, index):
         """What `decode` and `encode` depend on besides their tensors: equal keys
@@ -230,15 +233,56 @@ class Storage:
         dtype = keras.backend.standardize_dtype(slot.dtype)
         if noise is None or dtype not in _rounding.SIXTEEN_BIT:
             return value
+        value = ops.cast(value, "float32")
+        if dtype == "bfloat16":  # the cheap form: written for every element, every step
+            return _rounding.stochastic_bfloat16(value, self._bits(index, kind, rows, noise))
         u = self._uniform(index, kind, rows, noise)
-        return _rounding.stochastic(ops.cast(value, "float32"), dtype, u)
+        return _rounding.stochastic(value, dtype, u)
 
     def _uniform(self, index, kind, rows, noise):
+        return _rounding.uniform(*self._stream(index, kind, rows, noise))
+
+    def _bits(self, index, kind, rows, noise):
+        seed, t, stream, elements = self._stream(index, kind, rows, noise)
+        key = noise.keys[kind] if isinstance(noise, _rounding.Keys) else None
+        return _rounding.random_bits(seed, t, stream, elements, key)
+
+    def _stream(self, index, kind, rows, noise):
         # One stream per (variable, slot): kind 0 is the variable, 1-3 m, v, v_max.
-        seed, t = noise
-        position = index if self.positions is None else self.positions[index]
+        # `noise` is (seed, t), or the streams' keys (`_rounding.Keys`, for a
+        # compiled function that serves several variables: `keras_adam._whole`).
         elements = _rounding.element_index(self._variables[index].shape, rows)
-        return _rounding.uniform(seed, t, 4 * position + kind, elements)
+        if isinstance(noise, _rounding.Keys):
+            return None, None, None, elements
+        seed, t = noise
+        return seed, t, 4 * self.position(index) + kind, elements
+
+    def stream_keys(self, index, noise):
+        """`noise` (seed, t) as the keys of model variable `index`'s streams (`_rounding.Keys`)."""
+        seed, t = noise
+        return tuple(_rounding.stream_key(seed, t, 4 * self.position(index) + kind)
+                     for kind in range(4))
+
+    def position(self, index):
+        """Model variable `index`'s position among all the optimizer's variables."""
+        return index if self.positions is None else self.positions[index]
+
+    def moment_noise(self, variable, noise, t):
+        """How `variable`'s moments stored in 16 bits are written (`write`'s `noise`).
+
+        With the variable's own noise where it is written by a rounding; for a
+        float32 or float64 variable (`moment_dtype="bfloat16"`), stochastically
+        with seed 0: a bfloat16 v <- beta_2 v + (1 - beta_2) g^2 written to
+        nearest stops moving once (1 - beta_2) g^2 is under half an ulp of v
+        (v stalls near 0.4 g^2 with beta_2 = 0.999), and stochastic rounding
+        keeps E[v] on the float32 trajectory. The streams depend on the step
+        and the position only, so a run repeats and resumes bit for bit. A
+        16-bit variable written to nearest keeps nearest moments (None).
+        """
+        if noise is not None:
+            return noise
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        return None if dtype in _rounding.SIXTEEN_BIT else (0, t)
 
     def subtract(self, index, variable, delta, assign_sub, rows=None, decay=None, noise=None):
         """theta <- theta - delta for model variable `index` (or its `rows`), by its rounding.
@@ -579,9 +623,19 @@ class Grouped:
         storage, local = self._local[index]
         return storage.decode(local, values, bound)
 
-    def encode(self, index, m, v, v_max):
+    def encode(self, index, m, v, v_max, noise=None):
         storage, local = self._local[index]
-        return storage.encode(local, m, v, v_max)
+        return storage.encode(local, m, v, v_max, noise)
+
+    def position(self, index):
+        return index
+
+    def stream_keys(self, index, noise):
+        storage, local = self._local[index]
+        return storage.stream_keys(local, noise)
+
+    def moment_noise(self, variable, noise, t):
+        return self.formats[0].moment_noise(variable, noise, t)  # the same for every format
 
     def layout_key(self, index):
         storage, local = self._local[index]

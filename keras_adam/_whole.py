@@ -11,7 +11,8 @@ composed into one function of tensors,
                          or the 16-bit moments)
     m, v, v_max        = decode(values, K)               (`Storage.decode`)
     m, v, v_max, step  = rule(g, m, v, v_max, scalars)   (`keras_adam._rule.rule`)
-    theta', values'    = theta - step, encode(m, v, v_max)   (`Storage.encode`)
+    theta', values'    = theta - step, encode(m, v, v_max)   (`Storage.encode`,
+                         16-bit moments rounded stochastically)
 
 and given to the backend's compiler (`keras_adam.backends.compile_whole`):
 one XLA cluster on TensorFlow, with or without XLA around it; torch.compile
@@ -32,6 +33,7 @@ import dataclasses
 import keras
 from keras import ops
 
+from keras_adam import _rounding
 from keras_adam import _rule
 from keras_adam import backends
 
@@ -54,21 +56,24 @@ class Whole:
     def __init__(self):
         self._functions = {}
 
-    def apply(self, storage, index, variable, gradient, hyper, scalars, bound, assign):
+    def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
 
         Args:
             storage: the optimizer's `keras_adam._state.Storage`.
             index: the model variable's position; `variable` the variable.
             gradient: its dense gradient.
-            hyper, scalars: the rule's `Hyper` and this step's `Scalars`.
-            bound: this step's moment bound K, or None (`Storage.read`).
+            rule: the rule's `Hyper` and this step's `Scalars`.
+            state: this step's moment bound K, or None (`Storage.read`), and
+                how 16-bit moments are written (`Storage.moment_noise`).
             assign: the optimizer's `assign` (tf.distribute-aware).
         """
-        key = (storage.layout_key(index), hyper, bound is None)
+        (hyper, scalars), (bound, noise) = rule, state
+        key = (storage.layout_key(index), hyper, bound is None, noise is None)
         if key not in self._functions:
             # The first variable of a layout stands for all: its decode and encode
-            # depend on nothing that `layout_key` does not hold.
+            # depend on nothing that `layout_key` does not hold (its position, for
+            # the random streams, is an argument).
             # The scalars are in the compute dtype (`variable` may be a tf.Variable).
             dtype = keras.backend.standardize_dtype(scalars.lr.dtype)
             self._functions[key] = backends.compile_whole(
@@ -76,8 +81,10 @@ class Whole:
         held = storage.held(index)
         values = tuple(tuple(h.value for h in slot) for slot in held)
         fields = tuple(getattr(scalars, f.name) for f in dataclasses.fields(scalars))
+        if noise is not None:  # the streams' keys, computed here: scalars only
+            noise = storage.stream_keys(index, noise)
         theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
-        theta, values = self._functions[key](gradient, theta, values, fields, bound)
+        theta, values = self._functions[key](gradient, theta, values, fields, (bound, noise))
         for slot, new in zip(held, values):
             for h, value in zip(slot, new):
                 assign(h, value)
@@ -85,10 +92,11 @@ class Whole:
 
 
 def _step_function(storage, index, hyper, dtype):
-    def step(gradient, theta, values, fields, bound):
-        scalars = _rule.Scalars(*fields)
+    def step(gradient, theta, values, fields, state):
+        (bound, keys), scalars = state, _rule.Scalars(*fields)
+        noise = None if keys is None else _rounding.Keys(keys)
         m, v, v_max = storage.decode(index, values, bound)
         m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
-        return theta - ops.cast(delta, theta.dtype), storage.encode(index, m, v, v_max)
+        return theta - ops.cast(delta, theta.dtype), storage.encode(index, m, v, v_max, noise)
 
     return step

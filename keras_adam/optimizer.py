@@ -237,9 +237,8 @@ class Adam(Optimizer):
             lambda: self._apply_now(grads), lambda: self._skipped_steps.assign_add(1))
 
     def _apply_weight_decay(self, variables):
-        # A private seam of keras' BaseOptimizer: each variable decays with its update
-        # instead (`_decay`); tests/test_parity_builtin.py's AdamW rows check it.
-        pass
+        """A private seam of Keras's BaseOptimizer: each variable decays with its update
+        instead (`_decay`); tests/test_parity_builtin.py's AdamW rows check it."""
 
     def _use_weight_decay(self, variable):
         # A private seam of keras' BaseOptimizer, asked before decaying a variable (on
@@ -336,12 +335,13 @@ class Adam(Optimizer):
         dtype = storage.compute_dtype(self._trainable_variables[index])
         scalars, bound = step.scalars(hyper, dtype), (
             step.moment_bound(hyper) if storage.needs_bound else None)
+        moment_noise = storage.moment_noise(variable, noise, step.t)  # 16-bit m, v
         if method == _plan.WHOLE:  # as one compiled function (`keras_adam._whole`)
-            return self._whole.apply(storage, index, variable, gradient, hyper, scalars,
-                                     bound, self.assign)
+            return self._whole.apply(storage, index, variable, gradient, (hyper, scalars),
+                                     (bound, moment_noise), self.assign)
         m, v, v_max = storage.read(index, rows, bound)
         m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
-        storage.write(index, m, v, v_max, rows, noise)
+        storage.write(index, m, v, v_max, rows, moment_noise)
         # Lazy rows and 16-bit variables written by a rounding decay here, from
         # the theta of the step (the others have decayed already).
         rate = self._decay_rate(index) if rows is not None or noise is not None else None
