@@ -96,9 +96,9 @@ def random_bits(seed, t, stream, index, key=None):
 
 
 class Keys:
-    """The `stream_key`s of a variable's streams at one step, by kind (0: the
-    variable, 1-3: m, v, v_max), as `keras_adam._state.Storage` takes them
-    in place of (seed, t)."""
+    """The `stream_key`s of a variable's streams at one step, an int32 vector
+    indexed by kind (0: the variable, 1-3: m, v, v_max), as
+    `keras_adam._state.Storage` takes them in place of (seed, t)."""
 
     def __init__(self, keys):
         self.keys = keys

@@ -257,31 +257,33 @@ class Storage:
         seed, t = noise
         return seed, t, 4 * self.position(index) + kind, elements
 
-    def stream_keys(self, index, noise):
-        """`noise` (seed, t) as the keys of model variable `index`'s streams (`_rounding.Keys`)."""
-        seed, t = noise
-        return tuple(_rounding.stream_key(seed, t, 4 * self.position(index) + kind)
-                     for kind in range(4))
+    def stream_count(self):
+        """The number of random streams: four per variable of the optimizer."""
+        return 4 * (len(self._variables) if self.positions is None else
+                    max(self.positions, default=-1) + 1)
 
     def position(self, index):
         """Model variable `index`'s position among all the optimizer's variables."""
         return index if self.positions is None else self.positions[index]
 
-    def moment_noise(self, variable, noise, t):
-        """How `variable`'s moments stored in 16 bits are written (`write`'s `noise`).
+    def moment_noise(self, index, noise, t):
+        """How model variable `index`'s moments stored in 16 bits are written (`write`'s
+        `noise`; None where none is stored in 16 bits).
 
         With the variable's own noise where it is written by a rounding; for a
         float32 or float64 variable (`moment_dtype="bfloat16"`), stochastically
         with seed 0: a bfloat16 v <- beta_2 v + (1 - beta_2) g^2 written to
         nearest stops moving once (1 - beta_2) g^2 is under half an ulp of v
-        (v stalls near 0.4 g^2 with beta_2 = 0.999), and stochastic rounding
+        (v stalls at 0.25 g^2 with beta_2 = 0.999), and stochastic rounding
         keeps E[v] on the float32 trajectory. The streams depend on the step
         and the position only, so a run repeats and resumes bit for bit. A
         16-bit variable written to nearest keeps nearest moments (None).
         """
-        if noise is not None:
+        sixteen = [slot for slot in self.slots(index) if slot is not None and
+                   keras.backend.standardize_dtype(slot.dtype) in _rounding.SIXTEEN_BIT]
+        if noise is not None or not sixteen:  # no 16-bit moment: nothing to draw
             return noise
-        dtype = keras.backend.standardize_dtype(variable.dtype)
+        dtype = keras.backend.standardize_dtype(self._variables[index].dtype)
         return None if dtype in _rounding.SIXTEEN_BIT else (0, t)
 
     def subtract(self, index, variable, delta, assign_sub, rows=None, decay=None, noise=None):
@@ -630,12 +632,12 @@ class Grouped:
     def position(self, index):
         return index
 
-    def stream_keys(self, index, noise):
-        storage, local = self._local[index]
-        return storage.stream_keys(local, noise)
+    def stream_count(self):
+        return 4 * len(self._choice)
 
-    def moment_noise(self, variable, noise, t):
-        return self.formats[0].moment_noise(variable, noise, t)  # the same for every format
+    def moment_noise(self, index, noise, t):
+        storage, local = self._local[index]
+        return storage.moment_noise(local, noise, t)
 
     def layout_key(self, index):
         storage, local = self._local[index]

@@ -55,6 +55,7 @@ class Whole:
 
     def __init__(self):
         self._functions = {}
+        self._keys = None  # (t, seed, graph, every stream's key) of the last step
 
     def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
@@ -82,13 +83,32 @@ class Whole:
         values = tuple(tuple(h.value for h in slot) for slot in held)
         fields = tuple(getattr(scalars, f.name) for f in dataclasses.fields(scalars))
         if noise is not None:  # the streams' keys, computed here: scalars only
-            noise = storage.stream_keys(index, noise)
+            noise = self._stream_keys(storage, index, noise)
         theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
         theta, values = self._functions[key](gradient, theta, values, fields, (bound, noise))
         for slot, new in zip(held, values):
             for h, value in zip(slot, new):
                 assign(h, value)
         assign(variable, theta)
+
+
+    def _stream_keys(self, storage, index, noise):
+        """The keys of model variable `index`'s four streams (`_rounding.Keys`): a slice
+        of every variable's, computed once per step and graph.
+
+        Out of the compiled function, since torch.compile takes tens of seconds
+        over the scalar integer ops; once for all variables, since per variable
+        they would be some thirty eager ops each. The cache holds the step's
+        `t`, so that its identity marks the step.
+        """
+        seed, t = noise
+        trace = backends.trace_key()
+        cached = self._keys
+        if cached is None or cached[0] is not t or cached[1] is not seed or cached[2] != trace:
+            streams = ops.arange(storage.stream_count(), dtype="int32")
+            cached = self._keys = (t, seed, trace, _rounding.stream_key(seed, t, streams))
+        position = storage.position(index)
+        return cached[3][4 * position:4 * position + 4]
 
 
 def _step_function(storage, index, hyper, dtype):

@@ -335,7 +335,7 @@ class Adam(Optimizer):
         dtype = storage.compute_dtype(self._trainable_variables[index])
         scalars, bound = step.scalars(hyper, dtype), (
             step.moment_bound(hyper) if storage.needs_bound else None)
-        moment_noise = storage.moment_noise(variable, noise, step.t)  # 16-bit m, v
+        moment_noise = storage.moment_noise(index, noise, step.t)  # 16-bit m, v
         if method == _plan.WHOLE:  # as one compiled function (`keras_adam._whole`)
             return self._whole.apply(storage, index, variable, gradient, (hyper, scalars),
                                      (bound, moment_noise), self.assign)
