@@ -1,9 +1,10 @@
 """`.keras` files written by an earlier keras_adam still load, with their whole state.
 
 The files in tests/data were written by keras_adam 0.1.0 on TensorFlow;
-tests/data/make_legacy_files.py says how. Each holds a model and its optimizer after N steps; the `.npz` beside
-it holds every optimizer variable at that point (by position) and the
-model's weights after M more steps taken by that version.
+tests/data/make_legacy_files.py says how. Each holds a model and its
+optimizer after N steps; the `.npz` beside it holds every optimizer variable
+at that point (by position) and the model's weights after M more steps
+taken by that version.
 """
 
 import os
