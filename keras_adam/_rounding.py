@@ -7,7 +7,10 @@ remedies (Zamirai et al., 2020), chosen by `Adam(weight_rounding=...)`:
 
 "stochastic": round x to one of its two neighbours y_lo <= x <= y_hi in the
     16-bit format, up with probability (x - y_lo) / (y_hi - y_lo). Then
-    E[write] = x exactly: the updates survive on average.
+    E[write] = x exactly: the updates survive on average. bfloat16 is
+    float32's upper half, so this is adding 16 random bits to the half it
+    drops and truncating (`stochastic_bfloat16`, a few integer operations);
+    float16 takes the general form (`stochastic`).
 
 "compensated": Kahan summation. A compensation c in the variable's dtype
     keeps what the write dropped:
@@ -33,6 +36,8 @@ the whole variable).
 
 import numpy as np
 from keras import ops
+
+from keras_adam import backends
 
 ROUNDINGS = ("nearest", "stochastic", "compensated")
 SIXTEEN_BIT = ("bfloat16", "float16")
@@ -70,10 +75,22 @@ def _mix(x):
     return ops.bitwise_xor(x, _logical_shift(x, 16))
 
 
-def stream_key(seed, t, stream):
-    """The scalar int32 key of one stream at step `t` (see `random_bits`)."""
+def _stream_key(seed, t, stream):
     key = _mix(ops.cast(t, "int32") * _GOLDEN + stream)
     return _mix(ops.bitwise_xor(ops.cast(seed, "int32"), key))
+
+
+# One opaque operation under torch.compile: Inductor inlines a scalar into
+# every element's expression, and `random_bits`' mix refers to its input
+# eight times, the key's two mixes theirs too, so the key's expression was
+# expanded some 500 times per stream: minutes of compiling for a small model.
+_stream_key_operation = backends.opaque(_stream_key, "stream_key")
+
+
+def stream_key(seed, t, stream):
+    """The int32 key of one stream at step `t` (see `random_bits`); a vector of
+    keys for a vector of streams."""
+    return _stream_key_operation(seed, t, stream)
 
 
 def random_bits(seed, t, stream, index, key=None):
@@ -172,10 +189,11 @@ def stochastic_bfloat16(x, bits):
     bfloat16 is float32's upper 16 bits. Adding a uniform 16-bit number r to
     the 16 bits that bfloat16 drops (as integers, on the magnitude: the sign
     is the top bit) carries into the kept bits with probability
-    dropped / 2^16, which is the distance to the lower neighbour in units of
-    the spacing: then truncating gives E[result] = x, to 2^-16 of a spacing.
-    Few operations: the cheap form for moments, written at every step.
-    Infinities and NaN are kept.
+    dropped / 2^16, which is x's distance to its lower neighbour (in
+    magnitude) in units of the spacing; truncating then gives E[result] = x
+    exactly, as `stochastic` does, in a few integer operations: the form for
+    bfloat16 weights and moments, written at every step. Infinities and NaN
+    are kept.
     """
     r = _logical_shift(bits, 16)             # the 16 best-mixed bits
     carried = ops.bitwise_and(ops.view(x, "int32") + r, -65536)  # & 0xFFFF0000

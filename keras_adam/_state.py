@@ -229,12 +229,13 @@ class Storage:
                 self._assign(slot, self._encode(slot, value, rows))
 
     def _rounded(self, value, slot, index, kind, rows, noise):
-        """`value` stochastically rounded to a 16-bit `slot`'s dtype where `noise` says so."""
+        """`value` stochastically rounded to a 16-bit `slot`'s dtype where `noise` says so
+        (`slot`: a moment slot, or the variable itself for kind 0)."""
         dtype = keras.backend.standardize_dtype(slot.dtype)
         if noise is None or dtype not in _rounding.SIXTEEN_BIT:
             return value
         value = ops.cast(value, "float32")
-        if dtype == "bfloat16":  # the cheap form: written for every element, every step
+        if dtype == "bfloat16":  # the cheap form, exact for bfloat16 (`stochastic_bfloat16`)
             return _rounding.stochastic_bfloat16(value, self._bits(index, kind, rows, noise))
         u = self._uniform(index, kind, rows, noise)
         return _rounding.stochastic(value, dtype, u)
@@ -319,7 +320,7 @@ class Storage:
         target = theta - delta
         dtype = keras.backend.standardize_dtype(variable.dtype)
         if compensation is None:
-            values = _rounding.stochastic(target, dtype, self._uniform(index, 0, rows, noise))
+            values = self._rounded(target, variable, index, 0, rows, noise)
         else:
             values, c = _rounding.compensated(target, dtype)
             self._assign(compensation, c if rows is None else backends.row_slices(c, rows))
@@ -487,28 +488,26 @@ class Blockwise8bit(Storage):
     def _held(self, slot):
         return (slot, self._codes[id(slot)][0]) if id(slot) in self._codes else (slot,)
 
-    def _decode_values(self, slot, values, dtype):
+    def _decode_values(self, slot, values, dtype, decode=_quantize.decode):
         if id(slot) not in self._codes:
             return super()._decode_values(slot, values, dtype)
         _, blocks, signed = self._codes[id(slot)]
-        return ops.cast(_quantize.decode(values[0], values[1], signed, blocks), dtype)
+        return ops.cast(decode(values[0], values[1], signed, blocks), dtype)
 
-    def _encode_values(self, slot, value):
+    def _encode_values(self, slot, value, encode=_quantize.encode):
         if id(slot) not in self._codes:
             return super()._encode_values(slot, value)
         _, blocks, signed = self._codes[id(slot)]
-        return _quantize.encode(ops.cast(value, "float32"), signed, blocks)
+        return encode(ops.cast(value, "float32"), signed, blocks)
 
     def _decode(self, slot, dtype, rows):
         if id(slot) not in self._codes:
             return super()._decode(slot, dtype, rows)
-        scale, blocks, signed = self._codes[id(slot)]
+        scale = self._codes[id(slot)][0]
         if rows is None:
-            decoded = self._decode_whole(slot.value, scale.value, signed, blocks)
-        else:
-            codes, scales = backends.gather_rows(slot, rows), backends.gather_rows(scale, rows)
-            decoded = _quantize.decode(codes, scales, signed, blocks)
-        return ops.cast(decoded, dtype)
+            return self._decode_values(slot, (slot.value, scale.value), dtype, self._decode_whole)
+        values = (backends.gather_rows(slot, rows), backends.gather_rows(scale, rows))
+        return self._decode_values(slot, values, dtype)
 
     def write(self, index, m, v, v_max, rows=None, noise=None):
         if not self.quantizes(self._variables[index]):
@@ -516,10 +515,11 @@ class Blockwise8bit(Storage):
         for slot, value in zip(self.slots(index), (m, v, v_max)):
             if slot is None:
                 continue
-            scale, blocks, signed = self._codes[id(slot)]
-            encode = _quantize.encode if rows is not None else self._encode_whole
-            codes, scales = encode(ops.cast(value, "float32"), signed, blocks)
-            if rows is not None:
+            scale = self._codes[id(slot)][0]
+            if rows is None:
+                codes, scales = self._encode_values(slot, value, self._encode_whole)
+            else:
+                codes, scales = self._encode_values(slot, value)
                 codes = backends.row_slices(codes, rows)
                 scales = backends.row_slices(scales, rows)
             self._assign(slot, codes)

@@ -56,6 +56,7 @@ class Whole:
     def __init__(self):
         self._functions = {}
         self._keys = None  # (t, seed, graph, every stream's key) of the last step
+        self._fields = None  # (scalars, their fields as a tuple) of the last step
 
     def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
@@ -81,7 +82,7 @@ class Whole:
                 _step_function(storage, index, hyper, dtype))
         held = storage.held(index)
         values = tuple(tuple(h.value for h in slot) for slot in held)
-        fields = tuple(getattr(scalars, f.name) for f in dataclasses.fields(scalars))
+        fields = self._scalar_fields(scalars)
         if noise is not None:  # the streams' keys, computed here: scalars only
             noise = self._stream_keys(storage, index, noise)
         theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
@@ -91,6 +92,13 @@ class Whole:
                 assign(h, value)
         assign(variable, theta)
 
+    def _scalar_fields(self, scalars):
+        # The step's scalars as the tuple the compiled function takes, built
+        # once per step, not once per variable.
+        if self._fields is None or self._fields[0] is not scalars:
+            self._fields = (scalars, tuple(getattr(scalars, f.name)
+                                           for f in dataclasses.fields(scalars)))
+        return self._fields[1]
 
     def _stream_keys(self, storage, index, noise):
         """The keys of model variable `index`'s four streams (`_rounding.Keys`): a slice

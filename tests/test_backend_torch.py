@@ -169,3 +169,40 @@ def test_the_decay_factor_has_the_bits_of_keras_tensor_formula():
                 assert isinstance(factor, float)
                 torch._foreach_mul_(params, factor)
                 torch.testing.assert_close(params[0], want[0], rtol=0, atol=0)
+
+
+def test_without_a_compiler_the_whole_step_falls_back_with_one_warning(monkeypatch):
+    """8-bit moments' whole-variable step (keras_adam/_whole.py) is compiled by
+    torch.compile. Where compiling fails (no C compiler), the step must run
+    the same function uncompiled, and say so once."""
+    import warnings
+
+    from torch._dynamo.exc import TorchDynamoException
+
+    from keras_adam.backends import torch as torch_path
+
+    def failing_compile(fn, **kwargs):
+        def compiled(*args):
+            raise TorchDynamoException("no C compiler found")
+        return compiled
+
+    def run(compile_with):
+        monkeypatch.setattr(torch, "compile", compile_with)
+        monkeypatch.setattr(torch_path, "_WARNED", [])
+        variables = [keras.Variable(x) for x in initial_values(seed=8)]
+        optimizer = keras_adam.Adam(moment_dtype="8bit", min_8bit_size=1, learning_rate=1e-2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for grads in SEQUENCE[:3]:
+                optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+        messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+        return [v.numpy() for v in variables], messages
+
+    # Oracle: the same function never compiled (torch.compile as the identity).
+    want, none = run(lambda fn, **kwargs: fn)
+    got, messages = run(failing_compile)
+    assert none == []
+    assert len(messages) == 1 and "no C compiler found" in messages[0], messages
+    for a, b in zip(got, want):
+        # The fallback runs that very function eagerly: the same bits.
+        np.testing.assert_array_equal(a, b)

@@ -157,6 +157,22 @@ def trace_key():
     return tensorflow.trace_key()
 
 
+def opaque(fn, name):
+    """`fn`, an element-wise function of integer tensors (broadcast together) with an
+    int32 result, as one opaque operation for torch.compile: Inductor then calls
+    it as a kernel of its own and reads its result once, where it would
+    otherwise inline the whole expression into every consumer (see
+    `keras_adam._rounding.stream_key`). `fn` itself elsewhere.
+
+    `name` names the registered torch operation (`keras_adam::name`).
+    """
+    if keras.backend.backend() != "torch":
+        return fn
+    from keras_adam.backends import torch
+
+    return torch.opaque(fn, name)
+
+
 def compiled(fn):
     """`fn` compiled by XLA as one cluster, fused into a few passes over memory,
     where the backend would otherwise run one pass per op (TensorFlow, even

@@ -219,6 +219,40 @@ def _keras_scope_active():
     return stateless_scope.in_stateless_scope() or variables.get_autocast_scope() is not None
 
 
+def opaque(fn, name):
+    """`keras_adam.backends.opaque` on torch: a custom operation (torch.library)
+    running `fn` eagerly, called in its place while torch.compile traces."""
+
+    @torch.library.custom_op(f"keras_adam::{name}", mutates_args=())
+    def operation(args: list[torch.Tensor]) -> torch.Tensor:
+        return torch.as_tensor(fn(*args), dtype=torch.int32).clone()
+
+    @operation.register_fake
+    def _(args):
+        shape = torch.broadcast_shapes(*(a.shape for a in args))
+        return torch.empty(shape, dtype=torch.int32, device=_device_of(args))
+
+    def run(*args):
+        if not torch.compiler.is_compiling():
+            return fn(*args)
+        return operation([_int_tensor(a) for a in args])
+
+    return run
+
+
+def _int_tensor(value):
+    value = getattr(value, "value", value)  # a Keras variable's tensor
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(value, dtype=torch.int32)
+
+
+def _device_of(tensors):
+    # Python numbers become CPU scalars, which broadcast onto any device.
+    devices = [t.device for t in tensors if t.device.type != "cpu"]
+    return devices[0] if devices else tensors[0].device
+
+
 def compiled(fn):
     """`fn` compiled by torch.compile (Inductor: its element-wise ops fuse into a
     few loops), or `fn` itself, with one warning, where compiling fails (no C

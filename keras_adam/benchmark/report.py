@@ -53,7 +53,7 @@ def run(args):
         if name == case_table.MOMENTS:
             modes = [x for x in harness.xla_modes if x in wanted]
             moment_rows = []
-            for case_name in getattr(args, "moments_on", ["large"]):
+            for case_name in args.moments_on:
                 moment_rows += moments.moment_formats(
                     keras, keras_adam, harness, modes, args.repeats, args.min_seconds, progress,
                     case=case_table.CASES[case_name])
