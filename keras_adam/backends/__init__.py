@@ -62,8 +62,8 @@ def fast_path(hyper, fused):
 
 def apply_together(fast, items, methods, settings):
     """Runs a multi-tensor fast path over every variable planned for it: first
-    their decoupled decay, once per distinct (rate, lr), then the kernel, once
-    per distinct (Hyper, Step), that is once per group of values.
+    their decoupled decay (one call, each distinct (rate, lr) its factor), then
+    the kernel, once per distinct (Hyper, Step), that is once per group of values.
 
     Args:
         fast: the fast path (`per_variable` False).
@@ -83,8 +83,7 @@ def apply_together(fast, items, methods, settings):
         together.setdefault((hyper, id(step)), (hyper, step, []))[2].append(item)
         if rate:  # a rate of 0 (a group's "no decay") multiplies by 1: skipped
             decays.setdefault((rate, id(step)), (rate, step, []))[2].append(item[1])
-    for rate, step, variables in decays.values():
-        fast.decay(variables, rate, step)
+    fast.decay(list(decays.values()))
     for hyper, step, mine in together.values():
         rest += list(fast.apply(mine, hyper, step))
     return [(g, v) for g, v, _ in rest]

@@ -63,13 +63,26 @@ class MultiTensor:
         self._cached = {}
         self._step_tensor = None  # (t, device, the kernel's step tensor)
 
-    def decay(self, variables, weight_decay, step):
-        """`decay` on variables this path updates, with `step`'s lr, reading their
-        tensors from the cache."""
-        if variables:
-            params = self._cache(("decay", tuple(map(id, variables))), variables,
-                                 lambda: [v.value for v in variables], step)
-            _multiply(params, _decay_factor(weight_decay, step.lr, params, _numbers(step)[1]))
+    def decay(self, decays):
+        """Decoupled weight decay on variables this path updates: for each
+        (rate, step, variables) of `decays`, its variables multiplied by
+        1 - rate * step's lr, all in one foreach kernel (one factor per tensor),
+        their tensors read from the cache."""
+        variables = [variable for _, _, group in decays for variable in group]
+        if not variables:
+            return
+        params = self._cache(("decay", tuple(map(id, variables))), variables,
+                             lambda: [v.value for v in variables], decays[0][1])
+        factors, start = [], 0
+        for rate, step, group in decays:
+            mine = params[start:start + len(group)]
+            factors += [_decay_factor(rate, step.lr, mine, _numbers(step)[1])] * len(group)
+            start += len(group)
+        if all(isinstance(f, float) for f in factors):
+            _multiply(params, factors)
+            return
+        for param, factor in zip(params, factors):  # 16-bit: Keras's tensor factors
+            _multiply([param], factor)
 
     def apply(self, items, hyper, step):
         """One fused Adam step on all (gradient, variable, (m, v, v_max)) triples."""
