@@ -189,8 +189,28 @@ FIT_STEP_MS = {
     "keras_adam": [3.0, 2.0, 30.0],
     "keras_adam exact": [3.0, 2.0, 30.0],
     "keras_adam lazy": [2.5, 25.0, 2.0],
+    "keras_adam, 8bit moments": [6.0, 4.0, 60.0],
+    "keras_adam lazy, 8bit moments": [5.0, 4.0, 50.0],
+    "keras_adam, bfloat16 moments": [3.6, 3.3, 1.0],
+    "keras_adam lazy, bfloat16 moments": [2.75, 2.0, 30.0],
+    "keras_adam, pure bfloat16": [4.5, 1.0, 5.0],
+    "keras_adam lazy, pure bfloat16": [3.75, 3.0, 9.0],
     "builtin": [6.0, 6.5, 4.0],
     "no update": [1.5, 1.0, 2.0],
+    "no update, bfloat16": [1.8, 0.9, 2.5],
+}
+# Worked by hand from the medians: (speed-up = built-in 6 / ours, ours over
+# keras_adam's float32 step (3; lazy 2.5 where gradients are sparse) or None,
+# share = (ours - no update of the model's policy: 1.5, bfloat16 1.8) / ours).
+FIT_BY_HAND = {
+    "keras_adam": (2.0, None, 0.5), "keras_adam exact": (2.0, None, 0.5),
+    "keras_adam lazy": (2.4, None, 0.4),
+    "keras_adam, 8bit moments": (1.0, 2.0, 0.75),
+    "keras_adam lazy, 8bit moments": (1.2, 2.0, 0.7),
+    "keras_adam, bfloat16 moments": (6 / 3.3, 1.1, 1 - 1.5 / 3.3),
+    "keras_adam lazy, bfloat16 moments": (6 / 2.75, 1.1, 1 - 1.5 / 2.75),
+    "keras_adam, pure bfloat16": (6 / 4.5, 1.5, 0.6),
+    "keras_adam lazy, pure bfloat16": (1.6, 1.5, 0.52),
 }
 
 
@@ -203,29 +223,35 @@ def test_fit_case_rows_and_columns(monkeypatch):
     monkeypatch.setattr(timing, "time_interleaved", _planted(FIT_STEP_MS, calls=fit.STEPS))
     rows = fit.fit_steps(keras, keras_adam, repeats=3, names=("mlp", "recommender"),
                          sparse=BACKEND == "tensorflow", progress=lambda message: None)
-    # TensorFlow gives the recommender IndexedSlices gradients: exact and lazy rows.
-    expected = [("mlp", "keras_adam")] + (
-        [("recommender", "keras_adam exact"), ("recommender", "keras_adam lazy")]
-        if BACKEND == "tensorflow" else [("recommender", "keras_adam")])
+    # TensorFlow gives the recommender IndexedSlices gradients: exact and lazy
+    # rows, and the memory formats lazy; the mlp is not timed with them.
+    sparse = BACKEND == "tensorflow"
+    formats = [f"keras_adam{' lazy' if sparse else ''}, {f}"
+               for f in ("8bit moments", "bfloat16 moments", "pure bfloat16")]
+    expected = [("mlp", "keras_adam")] + [("recommender", v) for v in (
+        ["keras_adam exact", "keras_adam lazy"] if sparse else ["keras_adam"]) + formats]
     assert [(r["model"], r["variant"]) for r in rows] == expected
-    # Worked by hand from the medians (ours 3 or 2.5 ms, built-in 6, no update
-    # 1.5): speed-up = built-in / ours; share = (step - no-update step) / step.
-    by_hand = {"keras_adam": (2.0, 0.5), "keras_adam exact": (2.0, 0.5),
-               "keras_adam lazy": (2.4, 0.4)}
     for r in rows:
-        speedup, share = by_hand[r["variant"]]
+        speedup, vs_float32, share = FIT_BY_HAND[r["variant"]]
         assert r["speedup"] == pytest.approx(speedup, rel=1e-12)
+        assert r["vs_float32"] == (None if vs_float32 is None else
+                                   pytest.approx(vs_float32, rel=1e-12))
         assert r["keras_adam_share"] == pytest.approx(share, rel=1e-12)
         assert r["builtin_share"] == pytest.approx(0.75, rel=1e-12)
         assert r["builtin_ms"] == {"median": 6.0, "min": 4.0, "max": 6.5}
-        assert r["no_update_ms"] == {"median": 1.5, "min": 1.0, "max": 2.0}
+        bare = "no update, bfloat16" if "pure" in r["variant"] else "no update"
+        assert r["no_update_ms"] == {"median": sorted(FIT_STEP_MS[bare])[1],
+                                     "min": min(FIT_STEP_MS[bare]),
+                                     "max": max(FIT_STEP_MS[bare])}
         ours = FIT_STEP_MS[r["variant"]]
         assert r["keras_adam_ms"] == {"median": sorted(ours)[1], "min": min(ours),
                                       "max": max(ours)}
     table = fit.format_rows(rows)
     assert table.count("| recommender |") == len(expected) - 1
-    mlp_row = "| mlp | keras_adam | 3.00 (2.00-30.00) | 6.00 (4.00-6.50) | 2.00x | 50% | 75% |"
+    mlp_row = "| mlp | keras_adam | 3.00 (2.00-30.00) | 6.00 (4.00-6.50) | 2.00x | - | 50% | 75% |"
     assert mlp_row in table
+    assert f"| {formats[0]} | 5.00 (4.00-50.00) |" in table if sparse else \
+        f"| {formats[0]} | 6.00 (4.00-60.00) |" in table
 
 
 # ms per step of each moment format, three repeats each (as FIT_STEP_MS).

@@ -55,7 +55,9 @@ CASES = {
         StepCase("many-small", ((100, 200),) * 200),
         StepCase("mlp", MLP_SHAPES),
         StepCase("embedding", ((1_000_000, 64),),
-                 variants={"exact": {}, "lazy": {"sparse_updates": "lazy"}}, sparse_rows=1000),
+                 variants={"exact": {}, "lazy": {"sparse_updates": "lazy"},
+                           "lazy-8bit": {"sparse_updates": "lazy", "moment_dtype": "8bit"}},
+                 sparse_rows=1000),
         # The mlp's variables (named w0..w5 by the harnesses) with and without
         # three groups, as a fine-tuning recipe sets them: the first kernel at a
         # tenth of the lr, no decay on the biases, the rest the optimizer's.

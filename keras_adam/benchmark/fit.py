@@ -21,6 +21,13 @@ is XLA on JAX and none on TensorFlow and torch):
                 gradients, so keras_adam runs it exact and lazy
   transformer   an encoder block (4-head attention over 32 tokens of width 64,
                 feed-forward 128), vocabulary 2,000, batch 32
+
+The recommender and the transformer are also timed with keras_adam's memory
+formats (`FORMATS`): 8-bit moments, bfloat16 moments, and pure bfloat16
+(the model built under the "bfloat16" dtype policy, its weights written with
+stochastic rounding; its share is against a no-update model of the same
+policy). Each is given as a ratio to keras_adam's float32 step too (lazy
+on the recommender where its gradients are sparse).
 """
 
 import statistics
@@ -32,6 +39,14 @@ from keras_adam.benchmark import timing
 
 STEPS = 16
 MODELS = ("mlp", "cnn", "recommender", "transformer")
+# The models timed with the memory formats too, and the formats:
+# {name: (keras_adam.Adam kwargs, dtype policy of the model or None)}.
+FORMAT_MODELS = ("recommender", "transformer")
+FORMATS = {
+    "8bit moments": ({"moment_dtype": "8bit"}, None),
+    "bfloat16 moments": ({"moment_dtype": "bfloat16"}, None),
+    "pure bfloat16": ({}, "bfloat16"),
+}
 
 
 def _builders(keras):
@@ -103,68 +118,99 @@ def _no_update(keras):
     return NoUpdate(learning_rate=0.0)
 
 
-def variants(keras, keras_adam, sparse):
-    """{name: () -> optimizer}: keras_adam (exact and lazy where gradients are sparse),
-    the built-in, and the no-update baseline."""
-    found = {"keras_adam": lambda: keras_adam.Adam()}
+def variants(keras, keras_adam, sparse, formats=False):
+    """{name: (() -> optimizer, the model's dtype policy or None)}: keras_adam (exact
+    and lazy where gradients are sparse), its memory `FORMATS` if `formats`
+    (lazy where gradients are sparse), the built-in, and the no-update
+    baselines."""
+    default = {"sparse_updates": "lazy"} if sparse else {}
+    found = {"keras_adam": (lambda: keras_adam.Adam(), None)}
     if sparse:
-        found = {"keras_adam exact": lambda: keras_adam.Adam(),
-                 "keras_adam lazy": lambda: keras_adam.Adam(sparse_updates="lazy")}
-    found["builtin"] = lambda: keras.optimizers.Adam()
-    found["no update"] = lambda: _no_update(keras)
+        found = {"keras_adam exact": (lambda: keras_adam.Adam(), None),
+                 "keras_adam lazy": (lambda: keras_adam.Adam(**default), None)}
+    for name, (kwargs, policy) in (FORMATS.items() if formats else ()):
+        label = f"keras_adam{' lazy' if sparse else ''}, {name}"
+        found[label] = (lambda kw={**default, **kwargs}: keras_adam.Adam(**kw), policy)
+    found["builtin"] = (lambda: keras.optimizers.Adam(), None)
+    for policy in sorted({policy for _, policy in found.values() if policy}):
+        found[f"no update, {policy}"] = (lambda: _no_update(keras), policy)
+    found["no update"] = (lambda: _no_update(keras), None)
     return found
 
 
+def _built(keras, build, policy):
+    """The model of `build`, under dtype `policy` if given (the global policy restored)."""
+    if policy is None:
+        return build()
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        return build()
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
 def fit_steps(keras, keras_adam, repeats, names=MODELS, sparse=False, progress=print):
-    """One row per model and keras_adam variant: ms per fit step against the built-in's."""
+    """One row per model and keras_adam variant: ms per fit step against the built-in's
+    (and, for the memory formats, against keras_adam's float32 step)."""
     builders = _builders(keras)
     rows = []
     for name in names:
         build, loss, x, y, batch, embedding_rows = builders[name]
-        epochs = {}
-        for variant, make in variants(keras, keras_adam, sparse and embedding_rows).items():
+        epochs, policies = {}, {}
+        found = variants(keras, keras_adam, sparse and embedding_rows, name in FORMAT_MODELS)
+        for variant, (make, policy) in found.items():
             keras.utils.set_random_seed(0)
-            model = build()
+            model = _built(keras, build, policy)
             model.compile(optimizer=make(), loss=loss)
-            epochs[variant] = (lambda m=model: m.fit(x, y, batch_size=batch, epochs=1,
-                                                     shuffle=False, verbose=0))
+            epochs[variant], policies[variant] = (
+                lambda m=model: m.fit(x, y, batch_size=batch, epochs=1, shuffle=False,
+                                      verbose=0)), policy
         progress(f"{'fit':>10} {name} ...")
         # min_seconds=0: one epoch of STEPS steps per sample, after two warm-up epochs.
         samples = timing.time_interleaved(epochs, repeats, min_seconds=0)
         per_step = {v: [ms / STEPS for ms in s] for v, s in samples.items()}
-        builtin = statistics.median(per_step["builtin"])
-        bare = statistics.median(per_step["no update"])
-        for variant in epochs:
-            if variant in ("builtin", "no update"):
+        medians = {v: statistics.median(s) for v, s in per_step.items()}
+        float32 = medians["keras_adam lazy" if "keras_adam lazy" in medians else "keras_adam"]
+        for variant, policy in policies.items():
+            if variant == "builtin" or variant.startswith("no update"):
                 continue
-            ours = statistics.median(per_step[variant])
+            ours, bare = medians[variant], medians[_bare(policy)]
+            formatted = variant.split(", ", 1)[-1] in FORMATS
             rows.append({
                 "model": name, "variant": variant,
                 "keras_adam_ms": timing.summary(per_step[variant]),
                 "builtin_ms": timing.summary(per_step["builtin"]),
-                "no_update_ms": timing.summary(per_step["no update"]),
-                "speedup": builtin / ours,
+                "no_update_ms": timing.summary(per_step[_bare(policy)]),
+                "speedup": medians["builtin"] / ours,
+                "vs_float32": ours / float32 if formatted else None,
                 "keras_adam_share": (ours - bare) / ours,
-                "builtin_share": (builtin - bare) / builtin,
+                "builtin_share": (medians["builtin"] - medians["no update"]) / medians["builtin"],
             })
     return rows
+
+
+def _bare(policy):
+    return "no update" if policy is None else f"no update, {policy}"
 
 
 def format_rows(rows):
     lines = [
         f"model.fit steps ({STEPS} per epoch, medians over epochs; share = the optimizer's "
-        "part of a step, against a no-update optimizer):",
+        "part of a step, against a no-update optimizer; vs float32 = a memory format's "
+        "step over keras_adam's float32 step):",
         "",
         "| model | variant | keras_adam ms/step (min-max) | built-in ms/step (min-max) "
-        "| speed-up | keras_adam share | built-in share |",
-        "|---|---|---|---|---|---|---|",
+        "| speed-up | vs float32 | keras_adam share | built-in share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ours, builtin = r["keras_adam_ms"], r["builtin_ms"]
+        vs = "-" if r["vs_float32"] is None else f"{r['vs_float32']:.2f}x"
         lines.append(
             f"| {r['model']} | {r['variant']} "
             f"| {ours['median']:.2f} ({ours['min']:.2f}-{ours['max']:.2f}) "
             f"| {builtin['median']:.2f} ({builtin['min']:.2f}-{builtin['max']:.2f}) "
-            f"| {r['speedup']:.2f}x | {100 * r['keras_adam_share']:.0f}% "
+            f"| {r['speedup']:.2f}x | {vs} | {100 * r['keras_adam_share']:.0f}% "
             f"| {100 * r['builtin_share']:.0f}% |")
     return "\n".join(lines)
