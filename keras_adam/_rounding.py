@@ -123,7 +123,11 @@ class Keys:
 
 def uniform(seed, t, stream, index):
     """Uniform numbers in [0, 1) with 24 random bits (`random_bits`'s high ones)."""
-    bits = random_bits(seed, t, stream, index)
+    return uniform_from_bits(random_bits(seed, t, stream, index))
+
+
+def uniform_from_bits(bits):
+    """`random_bits`' output as uniform numbers in [0, 1), from its 24 high bits."""
     return ops.cast(_logical_shift(bits, 8), "float32") * (2.0 ** -24)
 
 

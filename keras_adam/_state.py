@@ -228,6 +228,12 @@ class Storage:
                 value = self._rounded(value, slot, index, kind + 1, rows, noise)
                 self._assign(slot, self._encode(slot, value, rows))
 
+    def round_weight(self, index, target, noise):
+        """Model variable `index`'s new value, in its dtype, from the float32 `target`,
+        written by its stochastic rounding (stream kind 0), as a pure function of
+        `target` and `noise` (`keras_adam._whole`)."""
+        return self._rounded(target, self._variables[index], index, 0, None, noise)
+
     def _rounded(self, value, slot, index, kind, rows, noise):
         """`value` stochastically rounded to a 16-bit `slot`'s dtype where `noise` says so
         (`slot`: a moment slot, or the variable itself for kind 0)."""
@@ -241,7 +247,7 @@ class Storage:
         return _rounding.stochastic(value, dtype, u)
 
     def _uniform(self, index, kind, rows, noise):
-        return _rounding.uniform(*self._stream(index, kind, rows, noise))
+        return _rounding.uniform_from_bits(self._bits(index, kind, rows, noise))
 
     def _bits(self, index, kind, rows, noise):
         seed, t, stream, elements = self._stream(index, kind, rows, noise)
@@ -642,6 +648,10 @@ class Grouped:
     def layout_key(self, index):
         storage, local = self._local[index]
         return storage.layout_key(local)
+
+    def round_weight(self, index, target, noise):
+        storage, local = self._local[index]
+        return storage.round_weight(local, target, noise)
 
     def write(self, index, m, v, v_max, rows=None, noise=None):
         storage, local = self._local[index]

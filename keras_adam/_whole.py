@@ -42,12 +42,15 @@ def applies(storage, variable):
     """Why `variable`'s dense steps take this path (a phrase for the plan), or None.
 
     It does where the moments are stored in another format than the
-    variable's dtype and the variable is written to nearest (a stochastic or
-    compensated write takes the portable path's `Storage.subtract`).
+    variable's dtype and the variable is written to nearest, and where the
+    variable is written with stochastic rounding (a compensated write takes
+    the portable path's `Storage.subtract`, which keeps the compensation).
     """
-    if storage.in_place_reason(variable) is None or storage.rounding(variable) != "nearest":
-        return None
-    return backends.whole_compiler()
+    rounding = storage.rounding(variable)
+    if rounding == "stochastic" or (
+            storage.in_place_reason(variable) is not None and rounding == "nearest"):
+        return backends.whole_compiler()
+    return None
 
 
 class Whole:
@@ -66,12 +69,16 @@ class Whole:
             index: the model variable's position; `variable` the variable.
             gradient: its dense gradient.
             rule: the rule's `Hyper` and this step's `Scalars`.
-            state: this step's moment bound K, or None (`Storage.read`), and
-                how 16-bit moments are written (`Storage.moment_noise`).
+            state: this step's moment bound K, or None (`Storage.read`), how
+                16-bit moments are written (`Storage.moment_noise`), and the
+                decoupled decay rate applied here, or None (a variable
+                written with stochastic rounding decays with its write).
             assign: the optimizer's `assign` (tf.distribute-aware).
         """
-        (hyper, scalars), (bound, noise) = rule, state
-        key = (storage.layout_key(index), hyper, bound is None, noise is None)
+        (hyper, scalars), (bound, noise, rate) = rule, state
+        rounds = storage.rounding(variable) == "stochastic"
+        key = (storage.layout_key(index), hyper, bound is None, noise is None, rounds, rate,
+               keras.backend.standardize_dtype(variable.dtype))
         if key not in self._functions:
             # The first variable of a layout stands for all: its decode and encode
             # depend on nothing that `layout_key` does not hold (its position, for
@@ -79,7 +86,7 @@ class Whole:
             # The scalars are in the compute dtype (`variable` may be a tf.Variable).
             dtype = keras.backend.standardize_dtype(scalars.lr.dtype)
             self._functions[key] = backends.compile_whole(
-                _step_function(storage, index, hyper, dtype))
+                _step_function(storage, index, hyper, dtype, rounds, rate))
         held = storage.held(index)
         values = tuple(tuple(h.value for h in slot) for slot in held)
         fields = self._scalar_fields(scalars)
@@ -119,12 +126,22 @@ class Whole:
         return cached[3][4 * position:4 * position + 4]
 
 
-def _step_function(storage, index, hyper, dtype):
+def _step_function(storage, index, hyper, dtype, rounds, rate):
+    """The step of variables like model variable `index`: the rule in `dtype`, the
+    variable written with stochastic rounding if `rounds` (after its decoupled
+    decay at `rate`, if any, from the theta of the step, as `Storage.subtract`
+    does), else theta - step in its own dtype."""
     def step(gradient, theta, values, fields, state):
         (bound, keys), scalars = state, _rule.Scalars(*fields)
         noise = None if keys is None else _rounding.Keys(keys)
         m, v, v_max = storage.decode(index, values, bound)
         m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
-        return theta - ops.cast(delta, theta.dtype), storage.encode(index, m, v, v_max, noise)
+        moments = storage.encode(index, m, v, v_max, noise)
+        if not rounds:
+            return theta - ops.cast(delta, theta.dtype), moments
+        theta = ops.cast(theta, dtype)
+        if rate is not None:
+            delta = delta + theta * ops.cast(rate, dtype) * scalars.lr
+        return storage.round_weight(index, theta - delta, noise), moments
 
     return step

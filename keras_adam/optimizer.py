@@ -336,16 +336,16 @@ class Adam(Optimizer):
         scalars, bound = step.scalars(hyper, dtype), (
             step.moment_bound(hyper) if storage.needs_bound else None)
         moment_noise = storage.moment_noise(index, noise, step.t)  # 16-bit m, v
-        if method == _plan.WHOLE:  # as one compiled function (`keras_adam._whole`)
-            return self._whole.apply(storage, index, variable, gradient, (hyper, scalars),
-                                     (bound, moment_noise), self.assign)
-        m, v, v_max = storage.read(index, rows, bound)
-        m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
-        storage.write(index, m, v, v_max, rows, moment_noise)
         # Lazy rows and 16-bit variables written by a rounding decay here, from
         # the theta of the step (the others have decayed already).
         rate = self._decay_rate(index) if rows is not None or noise is not None else None
         decay = (rate, scalars.lr) if rate else None
+        if method == _plan.WHOLE:  # as one compiled function (`keras_adam._whole`)
+            return self._whole.apply(storage, index, variable, gradient, (hyper, scalars),
+                                     (bound, moment_noise, rate or None), self.assign)
+        m, v, v_max = storage.read(index, rows, bound)
+        m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
+        storage.write(index, m, v, v_max, rows, moment_noise)
         storage.subtract(index, variable, delta, self.assign_sub, rows, decay, noise)
 
     def get_config(self):

@@ -43,7 +43,12 @@ OPTIONS = {
     "groups": dict(weight_decay=0.05, groups={
         ".*(kernel|embeddings)": {"moment_dtype": "8bit", "learning_rate_multiplier": 0.5},
         ".*bias": {"weight_decay": 0.0, "beta_2": 0.99}}),
+    # The model's variables in bfloat16 (POLICIES), written with stochastic
+    # rounding, their moments too.
+    "pure-bfloat16": dict(weight_rounding="stochastic"),
 }
+# The dtype policy an option set's model is built under (default: float32).
+POLICIES = {"pure-bfloat16": "bfloat16"}
 
 
 def mlp():
@@ -66,10 +71,14 @@ def data_parallel(n):
         keras.distribution.DataParallel(devices=jax.devices()[:n]))
 
 
-def compiled(model_name, options, shard):
+def compiled(model_name, options, shard, policy=None):
     build, _ = MODELS[model_name]
     keras.utils.set_random_seed(1)
-    model = build()
+    keras.config.set_dtype_policy(policy or "float32")
+    try:
+        model = build()
+    finally:
+        keras.config.set_dtype_policy("float32")
     model.compile(keras_adam.Adam(learning_rate=1e-2, shard_state=shard, **options), "mse")
     return model
 
@@ -106,10 +115,10 @@ def equal(out):
             for option_name, options in OPTIONS.items():
                 for shard in (False, True):
                     key = f"{model_name}/{option_name}/{n}/{'sharded' if shard else 'whole'}"
-                    model = compiled(model_name, options, shard)
+                    model = compiled(model_name, options, shard, POLICIES.get(option_name))
                     fit(model, x, 0, STEPS)
                     for i, w in enumerate(model.get_weights()):
-                        weights[f"{key}/{i}"] = w
+                        weights[f"{key}/{i}"] = np.asarray(w, "float32")  # bfloat16 exactly
                     layouts[key] = slot_report(model.optimizer, model)
     # ModelParallel: a (4, 2) mesh, the Dense kernels split on "model".
     mesh = keras.distribution.DeviceMesh((4, 2), ["batch", "model"], jax.devices())
