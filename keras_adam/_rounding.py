@@ -102,8 +102,8 @@ def random_bits(seed, t, stream, index, key=None):
         stream: an int (or scalar int32 tensor) naming the variable and slot.
         index: int32 positions of the elements in their whole variable.
         key: `stream_key(seed, t, stream)` if already computed (then the
-            first three are not used): a compiled function takes it as an
-            argument, since its scalar ops compile slowly (torch.compile).
+            first three are not used): a compiled function shared by several
+            variables takes their keys as arguments (`keras_adam._whole`).
     """
     key = stream_key(seed, t, stream) if key is None else key
     # The key is mixed in before the multiplication: torch.compile's Inductor

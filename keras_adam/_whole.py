@@ -111,9 +111,9 @@ class Whole:
         """The keys of model variable `index`'s four streams (`_rounding.Keys`): a slice
         of every variable's, computed once per step and graph.
 
-        Out of the compiled function, since torch.compile takes tens of seconds
-        over the scalar integer ops; once for all variables, since per variable
-        they would be some thirty eager ops each. The cache holds the step's
+        Arguments of the compiled function, which serves every variable of a
+        layout (the keys depend on the position); once for all variables,
+        since per variable they would be some thirty eager ops each. The cache holds the step's
         `t`, so that its identity marks the step.
         """
         seed, t = noise
