@@ -30,6 +30,8 @@ TINY = ["--repeats", "1", "--min-seconds", "0.001"]
         (["--intra-op-threads", "0", "--backend", "tensorflow"], "--intra-op-threads must be >= 1"),
         (["--intra-op-threads", "1", "--backend", "jax"], "tensorflow only"),
         (["--devices", "1"], "--devices must be >= 2"),
+        (["--moments-on", "large,huge"], "--moments-on takes cases of"),
+        (["--fit-models", "mlp,resnet"], "--fit-models takes models of"),
     ],
 )
 def test_bad_arguments_are_named(argv, message, capsys):
@@ -195,12 +197,15 @@ FIT_STEP_MS = {
     "keras_adam lazy, bfloat16 moments": [2.75, 2.0, 30.0],
     "keras_adam, pure bfloat16": [4.5, 1.0, 5.0],
     "keras_adam lazy, pure bfloat16": [3.75, 3.0, 9.0],
+    "keras_adam, weight decay": [4.0, 0.5, 4.5],
+    "keras_adam, weight decay, 3 groups": [5.0, 9.0, 1.0],
     "builtin": [6.0, 6.5, 4.0],
     "no update": [1.5, 1.0, 2.0],
     "no update, bfloat16": [1.8, 0.9, 2.5],
 }
 # Worked by hand from the medians: (speed-up = built-in 6 / ours, ours over
-# keras_adam's float32 step (3; lazy 2.5 where gradients are sparse) or None,
+# its base: keras_adam's float32 step (3; lazy 2.5 where gradients are sparse)
+# for a memory format, weight decay's (4) for its groups, or None,
 # share = (ours - no update of the model's policy: 1.5, bfloat16 1.8) / ours).
 FIT_BY_HAND = {
     "keras_adam": (2.0, None, 0.5), "keras_adam exact": (2.0, None, 0.5),
@@ -211,6 +216,8 @@ FIT_BY_HAND = {
     "keras_adam lazy, bfloat16 moments": (6 / 2.75, 1.1, 1 - 1.5 / 2.75),
     "keras_adam, pure bfloat16": (6 / 4.5, 1.5, 0.6),
     "keras_adam lazy, pure bfloat16": (1.6, 1.5, 0.52),
+    "keras_adam, weight decay": (1.5, None, 1 - 1.5 / 4),
+    "keras_adam, weight decay, 3 groups": (1.2, 1.25, 0.7),
 }
 
 
@@ -222,20 +229,22 @@ def test_fit_case_rows_and_columns(monkeypatch):
     # Samples are epochs of fit.STEPS steps.
     monkeypatch.setattr(timing, "time_interleaved", _planted(FIT_STEP_MS, calls=fit.STEPS))
     rows = fit.fit_steps(keras, keras_adam, repeats=3, names=("mlp", "recommender"),
-                         sparse=BACKEND == "tensorflow", progress=lambda message: None)
+                         sparse=BACKEND == "tensorflow", progress=lambda message: None,
+                         group_models=("mlp",))
     # TensorFlow gives the recommender IndexedSlices gradients: exact and lazy
-    # rows, and the memory formats lazy; the mlp is not timed with them.
+    # rows, and the memory formats lazy; the mlp is not timed with them, but
+    # with the groups.
     sparse = BACKEND == "tensorflow"
     formats = [f"keras_adam{' lazy' if sparse else ''}, {f}"
                for f in ("8bit moments", "bfloat16 moments", "pure bfloat16")]
-    expected = [("mlp", "keras_adam")] + [("recommender", v) for v in (
+    groups = ["keras_adam, weight decay", "keras_adam, weight decay, 3 groups"]
+    expected = [("mlp", v) for v in ["keras_adam", *groups]] + [("recommender", v) for v in (
         ["keras_adam exact", "keras_adam lazy"] if sparse else ["keras_adam"]) + formats]
     assert [(r["model"], r["variant"]) for r in rows] == expected
     for r in rows:
-        speedup, vs_float32, share = FIT_BY_HAND[r["variant"]]
+        speedup, vs_base, share = FIT_BY_HAND[r["variant"]]
         assert r["speedup"] == pytest.approx(speedup, rel=1e-12)
-        assert r["vs_float32"] == (None if vs_float32 is None else
-                                   pytest.approx(vs_float32, rel=1e-12))
+        assert r["vs_base"] == (None if vs_base is None else pytest.approx(vs_base, rel=1e-12))
         assert r["keras_adam_share"] == pytest.approx(share, rel=1e-12)
         assert r["builtin_share"] == pytest.approx(0.75, rel=1e-12)
         assert r["builtin_ms"] == {"median": 6.0, "min": 4.0, "max": 6.5}
@@ -247,7 +256,7 @@ def test_fit_case_rows_and_columns(monkeypatch):
         assert r["keras_adam_ms"] == {"median": sorted(ours)[1], "min": min(ours),
                                       "max": max(ours)}
     table = fit.format_rows(rows)
-    assert table.count("| recommender |") == len(expected) - 1
+    assert table.count("| recommender |") == len(expected) - 3
     mlp_row = "| mlp | keras_adam | 3.00 (2.00-30.00) | 6.00 (4.00-6.50) | 2.00x | - | 50% | 75% |"
     assert mlp_row in table
     assert f"| {formats[0]} | 5.00 (4.00-50.00) |" in table if sparse else \

@@ -3,7 +3,8 @@
 Run:  python -m keras_adam.benchmark
           [--cases large,many-small,mlp,embedding,monitor,fit,moments,memory,sharding]
           [--repeats 15] [--xla both|off|on] [--backend tensorflow|jax|torch]
-          [--intra-op-threads N] [--devices 8] [--json [PATH]]
+          [--intra-op-threads N] [--devices 8] [--moments-on CASES]
+          [--fit-models mlp,cnn,recommender,transformer] [--json [PATH]]
 
 Progress goes to stderr as the cases run; the table (or, with `--json`
 alone, the JSON report) to stdout; `--json PATH` also writes the JSON there.

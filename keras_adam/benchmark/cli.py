@@ -12,6 +12,7 @@ import os
 import sys
 
 from keras_adam.benchmark import cases
+from keras_adam.benchmark import fit
 from keras_adam.benchmark import report
 
 
@@ -40,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--moments-on", default="large", metavar="CASES",
                         help="the moments case: the step cases it times each moment_dtype "
                              "on, comma-separated (default: large)")
+    parser.add_argument("--fit-models", default=",".join(fit.MODELS), metavar="MODELS",
+                        help="the fit case: the models it times, comma-separated "
+                             f"(default: {','.join(fit.MODELS)})")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="the results as JSON: printed instead of the table, or with "
                              "PATH written there (the table is still printed)")
@@ -58,6 +62,11 @@ def parse_args(argv=None):
     if unknown or not args.moments_on:
         parser.error(f"--moments-on takes cases of {list(cases.CASES)}. Received: "
                      f"{args.moments_on}")
+    args.fit_models = [m.strip() for m in args.fit_models.split(",") if m.strip()]
+    unknown = [m for m in args.fit_models if m not in fit.MODELS]
+    if unknown or not args.fit_models:
+        parser.error(f"--fit-models takes models of {list(fit.MODELS)}. Received: "
+                     f"{args.fit_models}")
     if args.devices < 2:
         parser.error(f"--devices must be >= 2. Received: {args.devices}")
     if args.repeats < 1:

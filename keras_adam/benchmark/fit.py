@@ -28,6 +28,11 @@ formats (`FORMATS`): 8-bit moments, bfloat16 moments, and pure bfloat16
 stochastic rounding; its share is against a no-update model of the same
 policy). Each is given as a ratio to keras_adam's float32 step too (lazy
 on the recommender where its gradients are sparse).
+
+The transformer is also timed with per-variable hyperparameters (`GROUPS`):
+AdamW-style decoupled weight decay with three groups, as a fine-tuning
+recipe sets them (the embedding at a tenth of the learning rate, no decay on
+biases and LayerNorm), against the same decay without groups.
 """
 
 import statistics
@@ -46,6 +51,16 @@ FORMATS = {
     "8bit moments": ({"moment_dtype": "8bit"}, None),
     "bfloat16 moments": ({"moment_dtype": "bfloat16"}, None),
     "pure bfloat16": ({}, "bfloat16"),
+}
+# The models timed with and without groups, and the two variants:
+# {name: keras_adam.Adam kwargs}; the second's step is given over the first's.
+GROUP_MODELS = ("transformer",)
+DECAY = {"weight_decay": 0.01}
+GROUPS = {
+    "weight decay": DECAY,
+    "weight decay, 3 groups": {**DECAY, "groups": {
+        r".*embedding.*": {"learning_rate_multiplier": 0.1},
+        r".*/(bias|gamma|beta)": {"weight_decay": 0.0}}},
 }
 
 
@@ -118,11 +133,11 @@ def _no_update(keras):
     return NoUpdate(learning_rate=0.0)
 
 
-def variants(keras, keras_adam, sparse, formats=False):
+def variants(keras, keras_adam, sparse, formats=False, groups=False):
     """{name: (() -> optimizer, the model's dtype policy or None)}: keras_adam (exact
     and lazy where gradients are sparse), its memory `FORMATS` if `formats`
-    (lazy where gradients are sparse), the built-in, and the no-update
-    baselines."""
+    (lazy where gradients are sparse), its `GROUPS` variants if `groups`, the
+    built-in, and the no-update baselines."""
     default = {"sparse_updates": "lazy"} if sparse else {}
     found = {"keras_adam": (lambda: keras_adam.Adam(), None)}
     if sparse:
@@ -131,6 +146,9 @@ def variants(keras, keras_adam, sparse, formats=False):
     for name, (kwargs, policy) in (FORMATS.items() if formats else ()):
         label = f"keras_adam{' lazy' if sparse else ''}, {name}"
         found[label] = (lambda kw={**default, **kwargs}: keras_adam.Adam(**kw), policy)
+    for name, kwargs in (GROUPS.items() if groups else ()):
+        label = f"keras_adam{' lazy' if sparse else ''}, {name}"
+        found[label] = (lambda kw={**default, **kwargs}: keras_adam.Adam(**kw), None)
     found["builtin"] = (lambda: keras.optimizers.Adam(), None)
     for policy in sorted({policy for _, policy in found.values() if policy}):
         found[f"no update, {policy}"] = (lambda: _no_update(keras), policy)
@@ -150,15 +168,18 @@ def _built(keras, build, policy):
         keras.config.set_dtype_policy(before)
 
 
-def fit_steps(keras, keras_adam, repeats, names=MODELS, sparse=False, progress=print):
+def fit_steps(keras, keras_adam, repeats, names=MODELS, sparse=False, progress=print,
+              group_models=GROUP_MODELS):
     """One row per model and keras_adam variant: ms per fit step against the built-in's
-    (and, for the memory formats, against keras_adam's float32 step)."""
+    (and, for the memory formats, against keras_adam's float32 step; for the
+    groups, against the same decay without groups)."""
     builders = _builders(keras)
     rows = []
     for name in names:
         build, loss, x, y, batch, embedding_rows = builders[name]
         epochs, policies = {}, {}
-        found = variants(keras, keras_adam, sparse and embedding_rows, name in FORMAT_MODELS)
+        found = variants(keras, keras_adam, sparse and embedding_rows, name in FORMAT_MODELS,
+                         name in group_models)
         for variant, (make, policy) in found.items():
             keras.utils.set_random_seed(0)
             model = _built(keras, build, policy)
@@ -176,18 +197,29 @@ def fit_steps(keras, keras_adam, repeats, names=MODELS, sparse=False, progress=p
             if variant == "builtin" or variant.startswith("no update"):
                 continue
             ours, bare = medians[variant], medians[_bare(policy)]
-            formatted = variant.split(", ", 1)[-1] in FORMATS
+            base = _base(variant, float32, medians)
             rows.append({
                 "model": name, "variant": variant,
                 "keras_adam_ms": timing.summary(per_step[variant]),
                 "builtin_ms": timing.summary(per_step["builtin"]),
                 "no_update_ms": timing.summary(per_step[_bare(policy)]),
                 "speedup": medians["builtin"] / ours,
-                "vs_float32": ours / float32 if formatted else None,
+                "vs_base": None if base is None else ours / base,
                 "keras_adam_share": (ours - bare) / ours,
                 "builtin_share": (medians["builtin"] - medians["no update"]) / medians["builtin"],
             })
     return rows
+
+
+def _base(variant, float32, medians):
+    """The step a variant's is compared with: keras_adam's float32 step for a memory
+    format, the same decay without groups for groups, None for the others."""
+    kind = variant.split(", ", 1)[-1]
+    if kind in FORMATS:
+        return float32
+    if kind in GROUPS and kind != next(iter(GROUPS)):
+        return medians[variant.replace(kind, next(iter(GROUPS)))]
+    return None
 
 
 def _bare(policy):
@@ -197,16 +229,17 @@ def _bare(policy):
 def format_rows(rows):
     lines = [
         f"model.fit steps ({STEPS} per epoch, medians over epochs; share = the optimizer's "
-        "part of a step, against a no-update optimizer; vs float32 = a memory format's "
-        "step over keras_adam's float32 step):",
+        "part of a step, against a no-update optimizer; vs base = a memory format's "
+        "step over keras_adam's float32 step, and groups' over the same decay without "
+        "groups):",
         "",
         "| model | variant | keras_adam ms/step (min-max) | built-in ms/step (min-max) "
-        "| speed-up | vs float32 | keras_adam share | built-in share |",
+        "| speed-up | vs base | keras_adam share | built-in share |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ours, builtin = r["keras_adam_ms"], r["builtin_ms"]
-        vs = "-" if r["vs_float32"] is None else f"{r['vs_float32']:.2f}x"
+        vs = "-" if r["vs_base"] is None else f"{r['vs_base']:.2f}x"
         lines.append(
             f"| {r['model']} | {r['variant']} "
             f"| {ours['median']:.2f} ({ours['min']:.2f}-{ours['max']:.2f}) "

@@ -59,8 +59,8 @@ def run(args):
                     case=case_table.CASES[case_name])
             continue
         if name == case_table.FIT:
-            fit_rows = fit.fit_steps(keras, keras_adam, args.repeats, sparse=harness.sparse,
-                                     progress=progress)
+            fit_rows = fit.fit_steps(keras, keras_adam, args.repeats, names=args.fit_models,
+                                     sparse=harness.sparse, progress=progress)
             continue
         if name == case_table.MONITOR:
             progress("   monitor: AdamMonitor on the mlp model's epochs ...")
