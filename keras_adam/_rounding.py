@@ -134,6 +134,10 @@ def uniform_from_bits(bits):
 def element_index(shape, rows=None):
     """int32 positions in the whole variable of the elements of a (rows of a)
     variable of `shape`; `rows` are the row indices of a row-sparse update."""
+    if rows is None and len(shape) == 1:
+        # A flattened tensor's, whose length may be symbolic while a compiler
+        # traces it for every length (`keras_adam._whole`): not made a number.
+        return ops.arange(shape[0], dtype="int32")
     size = 1
     for d in shape:
         size *= int(d)

@@ -165,11 +165,20 @@ class Storage:
             self._encode_values(slot, self._rounded(value, slot, index, kind + 1, None, noise))
             for kind, (slot, value) in enumerate(zip(self.slots(index), (m, v, v_max))))
 
-    def layout_key(self, index):
+    def layout_key(self, index, shapes=True):
         """What `decode` and `encode` depend on besides their tensors: equal keys
-        mean one compiled function serves both variables (`keras_adam._whole`)."""
+        mean one compiled function serves both variables (`keras_adam._whole`).
+        Without `shapes`, for an `elementwise` layout whose function takes
+        flattened tensors of any length."""
         return (type(self), self.compute_dtype(self._variables[index]), tuple(
-            tuple((h.dtype, tuple(h.shape)) for h in held) for held in self.held(index)))
+            tuple((h.dtype, tuple(h.shape) if shapes else None) for h in held)
+            for held in self.held(index)))
+
+    def elementwise(self, index):
+        """Whether `decode`, `encode` and `round_weight` of model variable `index` work
+        element by element, each element's random stream from its position in
+        the tensor given: then they apply to the flattened tensors alike."""
+        return True
 
     def state_variables(self, index):
         """{role: Keras variable} for every variable holding model variable `index`'s state.
@@ -242,25 +251,27 @@ class Storage:
             return value
         value = ops.cast(value, "float32")
         if dtype == "bfloat16":  # the cheap form, exact for bfloat16 (`stochastic_bfloat16`)
-            return _rounding.stochastic_bfloat16(value, self._bits(index, kind, rows, noise))
-        u = self._uniform(index, kind, rows, noise)
+            return _rounding.stochastic_bfloat16(value, self._bits(value, index, kind, rows, noise))
+        u = self._uniform(value, index, kind, rows, noise)
         return _rounding.stochastic(value, dtype, u)
 
-    def _uniform(self, index, kind, rows, noise):
-        return _rounding.uniform_from_bits(self._bits(index, kind, rows, noise))
+    def _uniform(self, value, index, kind, rows, noise):
+        return _rounding.uniform_from_bits(self._bits(value, index, kind, rows, noise))
 
-    def _bits(self, index, kind, rows, noise):
-        seed, t, stream, elements = self._stream(index, kind, rows, noise)
+    def _bits(self, value, index, kind, rows, noise):
+        seed, t, stream, elements = self._stream(index, kind, rows, noise, value)
         key = noise.keys[kind] if isinstance(noise, _rounding.Keys) else None
         return _rounding.random_bits(seed, t, stream, elements, key)
 
-    def _stream(self, index, kind, rows, noise):
+    def _stream(self, index, kind, rows, noise, value):
         # One stream per (variable, slot): kind 0 is the variable, 1-3 m, v, v_max.
         # `noise` is (seed, t), or the streams' keys (`_rounding.Keys`, for a
         # compiled function that serves several variables: `keras_adam._whole`).
-        elements = _rounding.element_index(self._variables[index].shape, rows)
         if isinstance(noise, _rounding.Keys):
-            return None, None, None, elements
+            # A compiled function's (`keras_adam._whole`): the tensor may be the
+            # variable flattened, whose positions are the same.
+            return None, None, None, _rounding.element_index(ops.shape(value))
+        elements = _rounding.element_index(self._variables[index].shape, rows)
         seed, t = noise
         return seed, t, 4 * self.position(index) + kind, elements
 
@@ -488,8 +499,12 @@ class Blockwise8bit(Storage):
         return (m, ops.maximum(v, floor),
                 None if v_max is None else ops.maximum(v_max, floor))
 
-    def layout_key(self, index):
-        return (super().layout_key(index), self.block_size, self.min_size)
+    def layout_key(self, index, shapes=True):
+        return (super().layout_key(index, shapes), self.block_size, self.min_size)
+
+    def elementwise(self, index):
+        # Codes are decoded per block of a row (`_quantize.blocking`).
+        return not self.quantizes(self._variables[index])
 
     def _held(self, slot):
         return (slot, self._codes[id(slot)][0]) if id(slot) in self._codes else (slot,)
@@ -645,9 +660,13 @@ class Grouped:
         storage, local = self._local[index]
         return storage.moment_noise(local, noise, t)
 
-    def layout_key(self, index):
+    def layout_key(self, index, shapes=True):
         storage, local = self._local[index]
-        return storage.layout_key(local)
+        return storage.layout_key(local, shapes)
+
+    def elementwise(self, index):
+        storage, local = self._local[index]
+        return storage.elementwise(local)
 
     def round_weight(self, index, target, noise):
         storage, local = self._local[index]

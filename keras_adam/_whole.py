@@ -25,7 +25,11 @@ the op-by-op portable path to float32 rounding; the codes agree except
 where a value lies within that rounding of a code boundary.
 
 One function is compiled per `Storage.layout_key` and `Hyper`: the
-variables of a model share a few (one per shape and format).
+variables of a model share a few. Where the layout is element-wise (16-bit
+moments and weights; not 8-bit codes, decoded per block of a row) and the
+backend compiles one function for tensors of every length (torch.compile
+with dynamic shapes), the tensors are given flattened and one function
+serves every shape of that format.
 """
 
 import dataclasses
@@ -77,8 +81,12 @@ class Whole:
         """
         (hyper, scalars), (bound, noise, rate) = rule, state
         rounds = storage.rounding(variable) == "stochastic"
-        key = (storage.layout_key(index), hyper, bound is None, noise is None, rounds, rate,
-               keras.backend.standardize_dtype(variable.dtype))
+        # Element-wise layouts take the tensors flattened, where one compiled
+        # function serves every length: one compilation per format and dtype,
+        # not per shape (a model's first step waits for each).
+        flat = storage.elementwise(index) and backends.whole_any_length()
+        key = (storage.layout_key(index, shapes=not flat), hyper, bound is None, noise is None,
+               rounds, rate, keras.backend.standardize_dtype(variable.dtype))
         if key not in self._functions:
             # The first variable of a layout stands for all: its decode and encode
             # depend on nothing that `layout_key` does not hold (its position, for
@@ -86,18 +94,20 @@ class Whole:
             # The scalars are in the compute dtype (`variable` may be a tf.Variable).
             dtype = keras.backend.standardize_dtype(scalars.lr.dtype)
             self._functions[key] = backends.compile_whole(
-                _step_function(storage, index, hyper, dtype, rounds, rate))
+                _step_function(storage, index, hyper, dtype, rounds, rate), any_length=flat)
         held = storage.held(index)
-        values = tuple(tuple(h.value for h in slot) for slot in held)
+        shaped = _flattened if flat else (lambda x: x)
+        values = tuple(tuple(shaped(h.value) for h in slot) for slot in held)
         fields = self._scalar_fields(scalars)
         if noise is not None:  # the streams' keys, computed here: scalars only
             noise = self._stream_keys(storage, index, noise)
         theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
-        theta, values = self._functions[key](gradient, theta, values, fields, (bound, noise))
+        theta, values = self._functions[key](shaped(gradient), shaped(theta), values, fields,
+                                             (bound, noise))
         for slot, new in zip(held, values):
             for h, value in zip(slot, new):
-                assign(h, value)
-        assign(variable, theta)
+                assign(h, ops.reshape(value, h.shape) if flat else value)
+        assign(variable, ops.reshape(theta, variable.shape) if flat else theta)
 
     def _scalar_fields(self, scalars):
         # The step's scalars as the tuple the compiled function takes, built
@@ -123,7 +133,12 @@ class Whole:
             streams = ops.arange(storage.stream_count(), dtype="int32")
             cached = self._keys = (t, seed, trace, _rounding.stream_key(seed, t, streams))
         position = storage.position(index)
-        return cached[3][4 * position:4 * position + 4]
+        # A copy, not a view: torch.compile would guard on a view's offset.
+        return ops.copy(cached[3][4 * position:4 * position + 4])
+
+
+def _flattened(x):
+    return ops.reshape(x, (-1,))
 
 
 def _step_function(storage, index, hyper, dtype, rounds, rate):

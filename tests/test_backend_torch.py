@@ -206,3 +206,42 @@ def test_without_a_compiler_the_whole_step_falls_back_with_one_warning(monkeypat
     for a, b in zip(got, want):
         # The fallback runs that very function eagerly: the same bits.
         np.testing.assert_array_equal(a, b)
+
+
+def test_one_compiled_function_serves_every_shape_of_a_16_bit_layout(monkeypatch):
+    """bfloat16 variables written with stochastic rounding take the whole-variable
+    step with their tensors flattened, one torch.compile with dynamic shapes
+    for every shape. The random streams follow each element's position in
+    the flattened tensor, which is its position in the variable: the bits
+    must equal the step given each variable in its own shape."""
+    from keras_adam import backends
+
+    compiles = []
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kwargs):
+        compiles.append(kwargs.get("dynamic"))
+        return real_compile(fn, **kwargs)
+
+    def run(any_length):
+        monkeypatch.setattr(backends, "whole_any_length", lambda: any_length)
+        monkeypatch.setattr(torch, "compile", counting_compile)
+        compiles.clear()
+        keras.utils.set_random_seed(3)
+        rng = np.random.default_rng(4)
+        shapes = [(6, 5), (7, 3), (2, 3, 4), (9,)]
+        variables = [keras.Variable(rng.normal(size=s), dtype="bfloat16") for s in shapes]
+        optimizer = keras_adam.Adam(learning_rate=1e-3)
+        for _ in range(3):
+            grads = [keras.ops.convert_to_tensor(rng.normal(size=s), "bfloat16") for s in shapes]
+            optimizer.apply(grads, variables)
+        state = [s for v in variables for s in optimizer.slots(v) if s is not None]
+        return [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32"))
+                for x in variables + state], list(compiles)
+
+    flat, flat_compiles = run(True)
+    shaped, shaped_compiles = run(False)
+    # One function for the four shapes, compiled for any length; one per shape otherwise.
+    assert flat_compiles == [True] and shaped_compiles == [False] * 4
+    for a, b in zip(flat, shaped):
+        np.testing.assert_array_equal(a, b)

@@ -266,10 +266,12 @@ def _device_of(tensors):
     return devices[0] if devices else tensors[0].device
 
 
-def compiled(fn):
+def compiled(fn, any_length=False):
     """`fn` compiled by torch.compile (Inductor: its element-wise ops fuse into a
     few loops), or `fn` itself, with one warning, where compiling fails (no C
-    compiler, an unsupported platform).
+    compiler, an unsupported platform). With `any_length`, `fn` takes 1-D
+    tensors and is compiled with dynamic shapes: one compilation serves
+    every length (torch still specializes lengths 0 and 1).
 
     Each call gets a fresh copy of `fn`'s code: Dynamo keeps its compiled
     graphs per code object, up to a small limit (8), and the functions made
@@ -280,7 +282,7 @@ def compiled(fn):
     code = fn.__code__.replace()
     fresh = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__,
                                fn.__closure__)
-    compiled_fn = torch.compile(fresh, dynamic=False)
+    compiled_fn = torch.compile(fresh, dynamic=any_length)
     state = {"failed": False}
 
     def run(*args):
