@@ -1,18 +1,19 @@
 """Training in pure bfloat16: what the optimizer's write does to the final loss.
 
 Run:  python examples/bfloat16_training.py [--model mlp|cnn|transformer] [--seeds 3]
-          [--epochs 2] [--runs mixed,stochastic,compensated,8bit]
+          [--first-seed 0] [--epochs 2] [--runs mixed,stochastic,compensated,8bit]
 
 One small model (a regression MLP, a small CNN, or a one-block Transformer
 encoder built from keras.layers), the same data, start and number of steps,
-trained eight ways: float32; mixed_bfloat16 (float32 weights, bfloat16
-compute) with keras.optimizers.Adam and with keras_adam; and pure bfloat16
-(weights, gradients and arithmetic in bfloat16) with keras.optimizers.Adam,
-and with keras_adam writing the weights with nearest, stochastic and
-compensated rounding, plus stochastic rounding with 8-bit moments. Prints
-the final loss and the training state's bytes per parameter (weights +
-gradients + optimizer state) side by side (the mean over the seeds), and
-each final loss over that of mixed precision with keras_adam.
+trained nine ways: float32; mixed_bfloat16 (float32 weights, bfloat16
+compute) with keras.optimizers.Adam, with keras_adam, and with keras_adam's
+8-bit moments; and pure bfloat16 (weights, gradients and arithmetic in
+bfloat16) with keras.optimizers.Adam, and with keras_adam writing the
+weights with nearest, stochastic and compensated rounding, plus stochastic
+rounding with 8-bit moments. Prints the final loss and the training state's
+bytes per parameter (weights + gradients + optimizer state) side by side
+(the mean over the seeds), and each final loss over that of mixed precision
+with keras_adam.
 
 Every run of a seed starts from the same weights: drawn in float32 and
 rounded to bfloat16 (`start`). Built under the "bfloat16" policy, Keras's
@@ -38,6 +39,8 @@ RUNS = {
     "float32": ("float32", "float32", "keras.optimizers.Adam", None),
     "mixed-builtin": ("mixed_bfloat16", "mixed_bfloat16", "keras.optimizers.Adam", None),
     "mixed": ("mixed_bfloat16, keras_adam", "mixed_bfloat16", "keras_adam", {}),
+    "mixed-8bit": ("mixed_bfloat16, keras_adam, 8-bit moments", "mixed_bfloat16",
+                   "keras_adam", dict(moment_dtype="8bit", min_8bit_size=1024)),
     "builtin": ("bfloat16, keras.optimizers.Adam", "bfloat16", "keras.optimizers.Adam", None),
     "nearest": ("bfloat16, nearest", "bfloat16", "keras_adam", dict(weight_rounding="nearest")),
     "stochastic": ("bfloat16, stochastic", "bfloat16", "keras_adam",
@@ -149,6 +152,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=2, help="64 steps per epoch")
     parser.add_argument("--model", choices=MODELS, default="mlp")
     parser.add_argument("--seeds", type=int, default=1, help="runs per row, averaged")
+    parser.add_argument("--first-seed", type=int, default=0, help="the seeds' first")
     parser.add_argument("--runs", default=",".join(RUNS), metavar="IDS",
                         help=f"the runs, comma-separated, of {', '.join(RUNS)} (default: all)")
     args = parser.parse_args(argv)
@@ -159,17 +163,17 @@ def main(argv=None):
     rows = []
     print(f"backend: {keras.backend.backend()}, {args.model}, {args.epochs * 64} steps, "
           f"{args.seeds} seed(s)")
-    print(f"{'run':<38} {'final loss':>10} {'x mixed':>8} {'bytes/param':>12}")
+    print(f"{'run':<42} {'final loss':>10} {'x mixed':>8} {'bytes/param':>12}")
     baseline = None
     for run_id in ([BASELINE] if BASELINE in ids else []) + [r for r in ids if r != BASELINE]:
         label, policy, optimizer_name, kwargs = RUNS[run_id]
         runs = [train(policy, optimizer_name, kwargs or {}, args.epochs, seed, args.model)
-                for seed in range(args.seeds)]
+                for seed in range(args.first_seed, args.first_seed + args.seeds)]
         loss, per_parameter = float(np.mean([r[0] for r in runs])), runs[0][1]
         baseline = loss if run_id == BASELINE else baseline
         ratio = f"{loss / baseline:.3f}" if baseline else "-"
         rows.append((label, loss, per_parameter))
-        print(f"{label:<38} {loss:>10.4f} {ratio:>8} {per_parameter:>12.2f}", flush=True)
+        print(f"{label:<42} {loss:>10.4f} {ratio:>8} {per_parameter:>12.2f}", flush=True)
     return rows
 
 
