@@ -108,21 +108,50 @@ def blocking(shape, block_size=BLOCK_SIZE):
     return Blocking(rows, cols, block, blocks, scale_shape)
 
 
-def _to_blocks(x, b):
-    """(n, blocks, block) view of x (n rows of `b.cols`), zero-padding each row's last block."""
+def row_blocking(shape):
+    """The `Blocking` of a tensor given one block per row, (N, L): N blocks of L.
+
+    Its numbers are the tensor's own dimensions, not computed from them, so
+    that a compiler tracing them as symbols (torch.compile with dynamic
+    shapes) serves every N and L with one function.
+    """
+    rows, length = shape
+    return Blocking(rows, length, length, 1, (rows, 1))
+
+
+def _pieces(x, b):
+    """x (n rows of `b.cols`) as arrays of (n, blocks, length): each row's whole
+    blocks of `b.block_length`, then, where a row ends in a shorter block,
+    that block as (n, 1, rest).
+
+    Not by zero-padding the last block and slicing the padding off after the
+    arithmetic: fused with the rest of a step, that pattern is mis-indexed by
+    Inductor's CPU code (torch 2.13: the last column read garbage), and the
+    short block computed on its own gives the same values without a copy.
+    """
     x = ops.reshape(x, (-1, b.cols))
-    pad = b.blocks_per_row * b.block_length - b.cols
-    if pad:
-        x = ops.pad(x, [(0, 0), (0, pad)])
-    return ops.reshape(x, (-1, b.blocks_per_row, b.block_length))
+    whole = b.cols // b.block_length
+    full = whole * b.block_length
+    if full == b.cols:
+        return [ops.reshape(x, (-1, whole, b.block_length))]
+    tail = ops.reshape(x[:, full:], (-1, 1, b.cols - full))
+    return [ops.reshape(x[:, :full], (-1, whole, b.block_length)), tail] if whole else [tail]
 
 
-def _from_blocks(x, b, shape):
-    x = ops.reshape(x, (-1, b.blocks_per_row * b.block_length))
-    if b.blocks_per_row * b.block_length != b.cols:
-        x = x[:, :b.cols]
+def _joined(pieces, shape):
+    """The inverse of `_pieces`: their elements as a tensor of `shape` (n rows)."""
+    rows = [ops.reshape(p, (-1, p.shape[1] * p.shape[2])) for p in pieces]
+    x = rows[0] if len(rows) == 1 else ops.concatenate(rows, axis=1)
     # The number of rows may be unknown while tracing (gathered rows).
     return ops.reshape(x, (-1, *shape[1:]) if len(shape) else ())
+
+
+def _scale_pieces(scales, pieces):
+    """(n, blocks) scales cut as `_pieces` cuts the blocks."""
+    if len(pieces) == 1:
+        return [scales]
+    whole = pieces[0].shape[1]
+    return [scales[:, :whole], scales[:, whole:]]
 
 
 def _scale_shape(b, shape):
@@ -135,7 +164,13 @@ def encode(x, signed, b):
     `x` has the shape of the tensor `b` describes, or n of its rows.
     """
     shape = ops.shape(x)
-    blocks = _to_blocks(x, b)
+    codes, scales = zip(*(_encode_blocks(blocks, signed) for blocks in _pieces(x, b)))
+    scales = scales[0] if len(scales) == 1 else ops.concatenate(scales, axis=1)
+    return _joined(codes, shape), ops.reshape(scales, _scale_shape(b, shape))
+
+
+def _encode_blocks(blocks, signed):
+    """(codes, scales) of (n, blocks, length) float32 `blocks`."""
     magnitude = ops.abs(blocks)
     scales = ops.amax(magnitude, axis=-1)  # ops.max breaks a torch.compile graph (Keras 3.15)
     # One division per block, then a multiplication per element (a may then
@@ -144,16 +179,18 @@ def encode(x, signed, b):
     root = ops.sqrt(ops.sqrt(a))             # a^(1/4)
     if signed:
         j = ops.round(root * _M_CODE_MAX)
-        codes = ops.cast(ops.where(blocks < 0, -j, j), "int8")
-    else:
-        codes = ops.cast(ops.round(ops.sqrt(root) * _V_CODE_MAX), "uint8")
-    return _from_blocks(codes, b, shape), ops.reshape(scales, _scale_shape(b, shape))
+        return ops.cast(ops.where(blocks < 0, -j, j), "int8"), scales
+    return ops.cast(ops.round(ops.sqrt(root) * _V_CODE_MAX), "uint8"), scales
 
 
 def decode(codes, scales, signed, b):
     """float32 values of `codes` with their blocks' `scales` (the inverse of `encode`)."""
     shape = ops.shape(codes)
-    c = ops.cast(_to_blocks(codes, b), "float32")
-    q = _m_values(c) if signed else _v_values(c)
-    x = q * ops.expand_dims(ops.reshape(scales, (-1, b.blocks_per_row)), -1)
-    return _from_blocks(x, b, shape)
+    pieces = _pieces(codes, b)
+    scales = _scale_pieces(ops.reshape(scales, (-1, b.blocks_per_row)), pieces)
+    values = []
+    for c, scale in zip(pieces, scales):
+        c = ops.cast(c, "float32")
+        q = _m_values(c) if signed else _v_values(c)
+        values.append(q * ops.expand_dims(scale, -1))
+    return _joined(values, shape)

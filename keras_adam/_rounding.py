@@ -134,15 +134,16 @@ def uniform_from_bits(bits):
 def element_index(shape, rows=None):
     """int32 positions in the whole variable of the elements of a (rows of a)
     variable of `shape`; `rows` are the row indices of a row-sparse update."""
-    if rows is None and len(shape) == 1:
-        # A flattened tensor's, whose length may be symbolic while a compiler
-        # traces it for every length (`keras_adam._whole`): not made a number.
-        return ops.arange(shape[0], dtype="int32")
+    if rows is None:
+        # The dimensions are not made numbers: they may be symbols while a
+        # compiler traces the function for every length (`keras_adam._whole`).
+        size = 1
+        for d in shape:
+            size = size * d
+        return ops.reshape(ops.arange(size, dtype="int32"), shape)
     size = 1
     for d in shape:
         size *= int(d)
-    if rows is None:
-        return ops.reshape(ops.arange(size, dtype="int32"), shape)
     row_size = size // int(shape[0]) if shape and int(shape[0]) else 0
     within = ops.reshape(ops.arange(row_size, dtype="int32"), (1, *shape[1:]))
     rows = ops.reshape(ops.cast(rows, "int32"), (-1,) + (1,) * (len(shape) - 1))

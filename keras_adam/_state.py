@@ -24,8 +24,10 @@ which 8-bit storage needs when it reads. A storage format is one subclass:
 `StoredAs` (another dtype) and `Blockwise8bit` (8-bit codes with a scale
 per block, `keras_adam._quantize`) override `_new_slot` or `_stored_dtype`,
 `compute_dtype`, `in_place_reason`, and `_decode_values`/`_encode_values`
-(with `_held` where a slot is held in several variables); no update path
-changes. Where the slots live across devices is the
+(with `_held` where a slot is held in several variables; `given_shapes` and
+`_decode_given`/`_encode_given` where its tensors can be given in a shape
+that serves every variable, for a compiled function of any length); no
+update path changes. Where the slots live across devices is the
 `placement`'s business (`keras_adam._sharding`). With `groups` that set
 different `moment_dtype`s, `Grouped` holds one format per dtype and routes
 each call by the model variable's position.
@@ -149,36 +151,44 @@ class Storage:
     def _held(self, slot):
         return (slot,)
 
-    def decode(self, index, values, bound=None):
+    def decode(self, index, values, bound=None, given=False):
         """`read(index, bound=bound)` as a pure function of `values`, the tensors of
-        `held(index)`: it reads no variable, so that a compiler can fuse it with
-        the rule (`keras_adam._whole`)."""
+        `held(index)` (in their `given_shapes` if `given`): it reads no variable,
+        so that a compiler can fuse it with the rule (`keras_adam._whole`)."""
         dtype = self.compute_dtype(self._variables[index])
-        return tuple(self._decode_values(slot, held, dtype) if held else None
+        decode = self._decode_given if given else self._decode_values
+        return tuple(decode(slot, held, dtype) if held else None
                      for slot, held in zip(self.slots(index), values))
 
-    def encode(self, index, m, v, v_max, noise=None):
+    def encode(self, index, m, v, v_max, noise=None, given=False):
         """What `write(index, m, v, v_max, noise=noise)` assigns to `held(index)`, as a
-        pure function."""
+        pure function (of m, v, v_max in the variable's `given_shapes` if `given`)."""
+        encode = self._encode_given if given else self._encode_values
         return tuple(
             () if slot is None else
-            self._encode_values(slot, self._rounded(value, slot, index, kind + 1, None, noise))
+            encode(slot, self._rounded(value, slot, index, kind + 1, None, noise))
             for kind, (slot, value) in enumerate(zip(self.slots(index), (m, v, v_max))))
 
     def layout_key(self, index, shapes=True):
         """What `decode` and `encode` depend on besides their tensors: equal keys
         mean one compiled function serves both variables (`keras_adam._whole`).
-        Without `shapes`, for an `elementwise` layout whose function takes
-        flattened tensors of any length."""
+        Without `shapes`, for a function that takes the tensors in their
+        `given_shapes`, of any length."""
         return (type(self), self.compute_dtype(self._variables[index]), tuple(
             tuple((h.dtype, tuple(h.shape) if shapes else None) for h in held)
             for held in self.held(index)))
 
-    def elementwise(self, index):
-        """Whether `decode`, `encode` and `round_weight` of model variable `index` work
-        element by element, each element's random stream from its position in
-        the tensor given: then they apply to the flattened tensors alike."""
-        return True
+    def given_shapes(self, index):
+        """(the variable's, (each of `held(index)`'s, per slot)): shapes in which
+        `decode`, `encode` and `round_weight` of model variable `index` may be
+        given its tensors (with `given=True`), -1 standing for any length, so
+        that one compiled function serves every variable of a layout; or None.
+
+        Here every one is flat: they work element by element, each element's
+        random stream from its position in the tensor given, which flattening
+        keeps.
+        """
+        return (-1,), tuple(tuple((-1,) for _ in held) for held in self.held(index))
 
     def state_variables(self, index):
         """{role: Keras variable} for every variable holding model variable `index`'s state.
@@ -350,12 +360,20 @@ class Storage:
     def _decode_values(self, slot, values, dtype):
         return ops.cast(values[0], dtype)
 
+    def _decode_given(self, slot, values, dtype):
+        # `_decode_values` of tensors in their `given_shapes`: the same where the
+        # format works element by element.
+        return self._decode_values(slot, values, dtype)
+
     def _encode(self, slot, value, rows):
         (value,) = self._encode_values(slot, value)
         return value if rows is None else backends.row_slices(value, rows)
 
     def _encode_values(self, slot, value):
         return (ops.cast(value, slot.dtype),)
+
+    def _encode_given(self, slot, value):
+        return self._encode_values(slot, value)
 
 
 class StoredAs(Storage):
@@ -488,8 +506,8 @@ class Blockwise8bit(Storage):
     def read(self, index, rows=None, bound=None):
         return self._floored(index, *super().read(index, rows), bound)
 
-    def decode(self, index, values, bound=None):
-        return self._floored(index, *super().decode(index, values), bound)
+    def decode(self, index, values, bound=None, given=False):
+        return self._floored(index, *super().decode(index, values, given=given), bound)
 
     def _floored(self, index, m, v, v_max, bound):
         # v and v_max raised to m^2 / K (see the class docstring).
@@ -502,31 +520,58 @@ class Blockwise8bit(Storage):
     def layout_key(self, index, shapes=True):
         return (super().layout_key(index, shapes), self.block_size, self.min_size)
 
-    def elementwise(self, index):
-        # Codes are decoded per block of a row (`_quantize.blocking`).
-        return not self.quantizes(self._variables[index])
+    def given_shapes(self, index):
+        """Flat where the moments are not quantized. Codes are decoded per block of a
+        row (`_quantize.blocking`): where a row is whole blocks of L elements,
+        the variable and its codes are given as (-1, L), one block per row, and
+        the scales as (-1, 1); where the last block of a row is padded, None."""
+        variable = self._variables[index]
+        if not self.quantizes(variable):
+            return super().given_shapes(index)
+        blocks = _quantize.blocking(variable.shape, self.block_size)
+        if blocks.blocks_per_row * blocks.block_length != blocks.cols:
+            return None
+        rows = (-1, blocks.block_length)
+        return rows, tuple(
+            tuple(rows if h is slot else (-1, 1) for h in held) if slot is not None else ()
+            for slot, held in zip(self.slots(index), self.held(index)))
 
     def _held(self, slot):
         return (slot, self._codes[id(slot)][0]) if id(slot) in self._codes else (slot,)
 
-    def _decode_values(self, slot, values, dtype, decode=_quantize.decode):
+    def _decode_values(self, slot, values, dtype, decode=_quantize.decode, blocks=None):
         if id(slot) not in self._codes:
             return super()._decode_values(slot, values, dtype)
-        _, blocks, signed = self._codes[id(slot)]
+        _, stored, signed = self._codes[id(slot)]
+        blocks = stored if blocks is None else blocks
         return ops.cast(decode(values[0], values[1], signed, blocks), dtype)
 
-    def _encode_values(self, slot, value, encode=_quantize.encode):
+    def _encode_values(self, slot, value, encode=_quantize.encode, blocks=None):
         if id(slot) not in self._codes:
             return super()._encode_values(slot, value)
-        _, blocks, signed = self._codes[id(slot)]
+        _, stored, signed = self._codes[id(slot)]
+        blocks = stored if blocks is None else blocks
         return encode(ops.cast(value, "float32"), signed, blocks)
+
+    # Codes given one block per row (`given_shapes`): the blocking is the tensors' shape.
+    def _decode_given(self, slot, values, dtype):
+        if id(slot) not in self._codes:
+            return super()._decode_given(slot, values, dtype)
+        return self._decode_values(
+            slot, values, dtype, blocks=_quantize.row_blocking(ops.shape(values[0])))
+
+    def _encode_given(self, slot, value):
+        if id(slot) not in self._codes:
+            return super()._encode_given(slot, value)
+        return self._encode_values(slot, value, blocks=_quantize.row_blocking(ops.shape(value)))
 
     def _decode(self, slot, dtype, rows):
         if id(slot) not in self._codes:
             return super()._decode(slot, dtype, rows)
         scale = self._codes[id(slot)][0]
         if rows is None:
-            return self._decode_values(slot, (slot.value, scale.value), dtype, self._decode_whole)
+            return self._decode_values(slot, (slot.value, scale.value), dtype,
+                                       decode=self._decode_whole)
         values = (backends.gather_rows(slot, rows), backends.gather_rows(scale, rows))
         return self._decode_values(slot, values, dtype)
 
@@ -538,7 +583,7 @@ class Blockwise8bit(Storage):
                 continue
             scale = self._codes[id(slot)][0]
             if rows is None:
-                codes, scales = self._encode_values(slot, value, self._encode_whole)
+                codes, scales = self._encode_values(slot, value, encode=self._encode_whole)
             else:
                 codes, scales = self._encode_values(slot, value)
                 codes = backends.row_slices(codes, rows)
@@ -642,13 +687,13 @@ class Grouped:
         storage, local = self._local[index]
         return storage.held(local)
 
-    def decode(self, index, values, bound=None):
+    def decode(self, index, values, bound=None, given=False):
         storage, local = self._local[index]
-        return storage.decode(local, values, bound)
+        return storage.decode(local, values, bound, given)
 
-    def encode(self, index, m, v, v_max, noise=None):
+    def encode(self, index, m, v, v_max, noise=None, given=False):
         storage, local = self._local[index]
-        return storage.encode(local, m, v, v_max, noise)
+        return storage.encode(local, m, v, v_max, noise, given)
 
     def position(self, index):
         return index
@@ -664,9 +709,9 @@ class Grouped:
         storage, local = self._local[index]
         return storage.layout_key(local, shapes)
 
-    def elementwise(self, index):
+    def given_shapes(self, index):
         storage, local = self._local[index]
-        return storage.elementwise(local)
+        return storage.given_shapes(local)
 
     def round_weight(self, index, target, noise):
         storage, local = self._local[index]

@@ -25,11 +25,12 @@ the op-by-op portable path to float32 rounding; the codes agree except
 where a value lies within that rounding of a code boundary.
 
 One function is compiled per `Storage.layout_key` and `Hyper`: the
-variables of a model share a few. Where the layout is element-wise (16-bit
-moments and weights; not 8-bit codes, decoded per block of a row) and the
-backend compiles one function for tensors of every length (torch.compile
-with dynamic shapes), the tensors are given flattened and one function
-serves every shape of that format.
+variables of a model share a few. Where the backend compiles one function
+for tensors of every length (torch.compile with dynamic shapes), the
+tensors are given in the storage's `given_shapes`, and one function serves
+every shape of a format: flat for element-wise layouts (16-bit moments and
+weights), one block per row for 8-bit codes (when no row ends in a padded
+block; those keep their shapes, one function each).
 """
 
 import dataclasses
@@ -81,10 +82,12 @@ class Whole:
         """
         (hyper, scalars), (bound, noise, rate) = rule, state
         rounds = storage.rounding(variable) == "stochastic"
-        # Element-wise layouts take the tensors flattened, where one compiled
-        # function serves every length: one compilation per format and dtype,
-        # not per shape (a model's first step waits for each).
-        flat = storage.elementwise(index) and backends.whole_any_length()
+        # Where the backend compiles one function for every length, the tensors
+        # are given in the layout's `given_shapes` (flat, or one 8-bit block per
+        # row): one compilation per format and dtype, not per shape (a model's
+        # first step waits for each).
+        given = storage.given_shapes(index) if backends.whole_any_length() else None
+        flat = given is not None
         key = (storage.layout_key(index, shapes=not flat), hyper, bound is None, noise is None,
                rounds, rate, keras.backend.standardize_dtype(variable.dtype))
         if key not in self._functions:
@@ -94,16 +97,20 @@ class Whole:
             # The scalars are in the compute dtype (`variable` may be a tf.Variable).
             dtype = keras.backend.standardize_dtype(scalars.lr.dtype)
             self._functions[key] = backends.compile_whole(
-                _step_function(storage, index, hyper, dtype, rounds, rate), any_length=flat)
+                _step_function(storage, index, hyper, dtype, rounds, rate, flat),
+                any_length=flat)
         held = storage.held(index)
-        shaped = _flattened if flat else (lambda x: x)
-        values = tuple(tuple(shaped(h.value) for h in slot) for slot in held)
+        theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
+        values = tuple(tuple(h.value for h in slot) for slot in held)
+        if flat:
+            shape, shapes = given
+            gradient, theta = ops.reshape(gradient, shape), ops.reshape(theta, shape)
+            values = tuple(tuple(ops.reshape(x, s) for x, s in zip(slot, slot_shapes))
+                           for slot, slot_shapes in zip(values, shapes))
         fields = self._scalar_fields(scalars)
         if noise is not None:  # the streams' keys, computed here: scalars only
             noise = self._stream_keys(storage, index, noise)
-        theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
-        theta, values = self._functions[key](shaped(gradient), shaped(theta), values, fields,
-                                             (bound, noise))
+        theta, values = self._functions[key](gradient, theta, values, fields, (bound, noise))
         for slot, new in zip(held, values):
             for h, value in zip(slot, new):
                 assign(h, ops.reshape(value, h.shape) if flat else value)
@@ -137,21 +144,18 @@ class Whole:
         return ops.copy(cached[3][4 * position:4 * position + 4])
 
 
-def _flattened(x):
-    return ops.reshape(x, (-1,))
-
-
-def _step_function(storage, index, hyper, dtype, rounds, rate):
+def _step_function(storage, index, hyper, dtype, rounds, rate, given):
     """The step of variables like model variable `index`: the rule in `dtype`, the
     variable written with stochastic rounding if `rounds` (after its decoupled
     decay at `rate`, if any, from the theta of the step, as `Storage.subtract`
-    does), else theta - step in its own dtype."""
+    does), else theta - step in its own dtype; its tensors in the storage's
+    `given_shapes` if `given`."""
     def step(gradient, theta, values, fields, state):
         (bound, keys), scalars = state, _rule.Scalars(*fields)
         noise = None if keys is None else _rounding.Keys(keys)
-        m, v, v_max = storage.decode(index, values, bound)
+        m, v, v_max = storage.decode(index, values, bound, given)
         m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
-        moments = storage.encode(index, m, v, v_max, noise)
+        moments = storage.encode(index, m, v, v_max, noise, given)
         if not rounds:
             return theta - ops.cast(delta, theta.dtype), moments
         theta = ops.cast(theta, dtype)
