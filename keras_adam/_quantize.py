@@ -126,8 +126,9 @@ def _pieces(x, b):
 
     Not by zero-padding the last block and slicing the padding off after the
     arithmetic: fused with the rest of a step, that pattern is mis-indexed by
-    Inductor's CPU code (torch 2.13: the last column read garbage), and the
-    short block computed on its own gives the same values without a copy.
+    Inductor's CPU code (torch 2.13: the last column read garbage). The short
+    block computed on its own gives the same values (zeros never raise a
+    block's absmax).
     """
     x = ops.reshape(x, (-1, b.cols))
     whole = b.cols // b.block_length

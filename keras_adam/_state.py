@@ -524,11 +524,11 @@ class Blockwise8bit(Storage):
         """Flat where the moments are not quantized. Codes are decoded per block of a
         row (`_quantize.blocking`): where a row is whole blocks of L elements,
         the variable and its codes are given as (-1, L), one block per row, and
-        the scales as (-1, 1); where the last block of a row is padded, None."""
-        variable = self._variables[index]
-        if not self.quantizes(variable):
+        the scales as (-1, 1); where a row ends in a shorter block, None."""
+        if not self.quantizes(self._variables[index]):
             return super().given_shapes(index)
-        blocks = _quantize.blocking(variable.shape, self.block_size)
+        # The blocking made with the codes (asked every step: no divisor search).
+        blocks = self._codes[id(self.slots(index)[0])][1]
         if blocks.blocks_per_row * blocks.block_length != blocks.cols:
             return None
         rows = (-1, blocks.block_length)

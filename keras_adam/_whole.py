@@ -29,8 +29,8 @@ variables of a model share a few. Where the backend compiles one function
 for tensors of every length (torch.compile with dynamic shapes), the
 tensors are given in the storage's `given_shapes`, and one function serves
 every shape of a format: flat for element-wise layouts (16-bit moments and
-weights), one block per row for 8-bit codes (when no row ends in a padded
-block; those keep their shapes, one function each).
+weights), one block per row for 8-bit codes (where no row ends in a
+shorter block; those keep their shapes, one function each).
 """
 
 import dataclasses

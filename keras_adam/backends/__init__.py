@@ -196,8 +196,9 @@ def whole_compiler():
 
 
 def whole_any_length():
-    """Whether `compile_whole(fn, any_length=True)` makes one function for flattened
-    tensors of every length: on torch (torch.compile with dynamic shapes).
+    """Whether `compile_whole(fn, any_length=True)` makes one function for tensors
+    of every length (in a storage's `given_shapes`): on torch (torch.compile
+    with dynamic shapes).
     TensorFlow's cluster is traced per shape (Keras's bit views need a known
     last dimension), compiled in well under a second; JAX traces `fn` into
     the training step, with its shapes."""
@@ -207,8 +208,8 @@ def whole_any_length():
 def compile_whole(fn, any_length=False):
     """`fn` (a whole variable's step, `keras_adam._whole`) compiled for eager callers:
     one XLA cluster on TensorFlow, torch.compile on torch; as is on JAX, whose
-    jit compiles it with the training step. With `any_length`, `fn` takes
-    1-D tensors, and one compiled function serves every length."""
+    jit compiles it with the training step. With `any_length`, one compiled
+    function serves tensors of every length."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         return compiled(fn)

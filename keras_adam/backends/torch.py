@@ -269,9 +269,9 @@ def _device_of(tensors):
 def compiled(fn, any_length=False):
     """`fn` compiled by torch.compile (Inductor: its element-wise ops fuse into a
     few loops), or `fn` itself, with one warning, where compiling fails (no C
-    compiler, an unsupported platform). With `any_length`, `fn` takes 1-D
-    tensors and is compiled with dynamic shapes: one compilation serves
-    every length (torch still specializes lengths 0 and 1).
+    compiler, an unsupported platform). With `any_length`, `fn` is compiled
+    with dynamic shapes: one compilation serves every length (torch still
+    specializes lengths 0 and 1, and compiles again per rank).
 
     Each call gets a fresh copy of `fn`'s code: Dynamo keeps its compiled
     graphs per code object, up to a small limit (8), and the functions made
