@@ -33,7 +33,9 @@ weights), one block per row for 8-bit codes (where no row ends in a
 shorter block; those keep their shapes, one function each).
 """
 
+import contextlib
 import dataclasses
+import math
 
 import keras
 from keras import ops
@@ -65,9 +67,13 @@ class Whole:
         self._functions = {}
         self._keys = None  # (t, seed, graph, every stream's key) of the last step
         self._fields = None  # (scalars, their fields as a tuple) of the last step
+        self._waiting = None  # calls waiting within `together`
 
     def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
+
+        Within `together()`, a small variable may wait and be updated with others
+        on leaving it.
 
         Args:
             storage: the optimizer's `keras_adam._state.Storage`.
@@ -102,19 +108,67 @@ class Whole:
         held = storage.held(index)
         theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
         values = tuple(tuple(h.value for h in slot) for slot in held)
-        if flat:
-            shape, shapes = given
-            gradient, theta = ops.reshape(gradient, shape), ops.reshape(theta, shape)
-            values = tuple(tuple(ops.reshape(x, s) for x, s in zip(slot, slot_shapes))
-                           for slot, slot_shapes in zip(values, shapes))
-        fields = self._scalar_fields(scalars)
         if noise is not None:  # the streams' keys, computed here: scalars only
             noise = self._stream_keys(storage, index, noise)
-        theta, values = self._functions[key](gradient, theta, values, fields, (bound, noise))
-        for slot, new in zip(held, values):
-            for h, value in zip(slot, new):
-                assign(h, ops.reshape(value, h.shape) if flat else value)
-        assign(variable, ops.reshape(theta, variable.shape) if flat else theta)
+        if flat:
+            (shape, shapes), reshape = given, backends.reshape
+            gradient, theta = reshape(gradient, shape), reshape(theta, shape)
+            values = tuple(tuple(reshape(x, s) for x, s in zip(slot, slot_shapes))
+                           for slot, slot_shapes in zip(values, shapes))
+        call = _Call(key, gradient, theta, values, (variable, held, assign, flat),
+                     (self._scalar_fields(scalars), bound, noise))
+        if self._waiting is not None and flat and noise is None and call.size < TOGETHER_BELOW:
+            return self._waiting.append(call)
+        self._run([call])
+
+    @contextlib.contextmanager
+    def together(self):
+        """Within it, `apply` on a small variable given in its `given_shapes`, whose
+        moments draw no random numbers, waits; on leaving, those of one
+        function and step run as one call, on their tensors concatenated
+        (element-wise, or one 8-bit block per row: the results are those of
+        one call each).
+
+        Many small variables otherwise pay a compiled call each: on torch
+        eager some tenths of a millisecond (Dynamo's guards, flattening the
+        arguments), more than their arithmetic. Variables whose moments or
+        weights are rounded stochastically keep a call each: their random
+        numbers depend on each element's position in its own variable.
+        """
+        self._waiting = []
+        try:
+            yield
+            waiting = self._waiting
+        finally:
+            self._waiting = None
+        batches = {}
+        for call in waiting:
+            batches.setdefault(call.batch_key, []).append(call)
+        for batch in batches.values():
+            self._run(batch)
+
+    def _run(self, batch):
+        """One call of the function of `batch`'s variables (of one function and
+        step) on their tensors concatenated along the first axis, and the
+        results assigned to each variable."""
+        first = batch[0]
+        parts = [(c.gradient, c.theta) + tuple(x for slot in c.values for x in slot)
+                 for c in batch]
+        joined = [ops.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in zip(*parts)]
+        gradient, theta, rest = joined[0], joined[1], iter(joined[2:])
+        values = tuple(tuple(next(rest) for _ in slot) for slot in first.values)
+        fields, bound, noise = first.step
+        theta, values = self._functions[first.key](gradient, theta, values, fields,
+                                                   (bound, noise))
+        new = [theta] + [x for slot in values for x in slot]
+        pieces = [backends.split_rows(x, [p[i + 1] for p in parts]) for i, x in enumerate(new)]
+        pairs = []
+        for call, results in zip(batch, zip(*pieces)):
+            variable, held, assign, flat = call.targets
+            targets = [variable] + [h for slot in held for h in slot]
+            pairs += [(h, backends.reshape(x, h.shape) if flat else x)
+                      for h, x in zip(targets, results)]
+        backends.assign_all(first.targets[2], pairs)
 
     def _scalar_fields(self, scalars):
         # The step's scalars as the tuple the compiled function takes, built
@@ -130,8 +184,8 @@ class Whole:
 
         Arguments of the compiled function, which serves every variable of a
         layout (the keys depend on the position); once for all variables,
-        since per variable they would be some thirty eager ops each. The cache holds the step's
-        `t`, so that its identity marks the step.
+        since per variable they would be some thirty eager ops each. The cache
+        holds the step's `t`, so that its identity marks the step.
         """
         seed, t = noise
         trace = backends.trace_key()
@@ -142,6 +196,37 @@ class Whole:
         position = storage.position(index)
         # A copy, not a view: torch.compile would guard on a view's offset.
         return ops.copy(cached[3][4 * position:4 * position + 4])
+
+
+# Variables of fewer elements run together (`Whole.together`); a larger one has
+# its own call, whose overhead is small beside its arithmetic, and concatenating
+# would copy it.
+TOGETHER_BELOW = 1 << 16
+
+
+@dataclasses.dataclass
+class _Call:
+    """One variable's `Whole.apply`: the compiled function's key and arguments, and
+    where its results go (variable, `Storage.held`, assign, whether reshaped)."""
+
+    key: tuple
+    gradient: object
+    theta: object
+    values: tuple
+    targets: tuple
+    step: tuple  # (the scalars' fields, moment bound, noise)
+
+    @property
+    def size(self):
+        return math.prod(self.theta.shape)
+
+    @property
+    def batch_key(self):
+        # Calls that may run as one: one function, one step's values (alive while
+        # the calls wait, so their ids are not reused), the same trailing
+        # dimensions (8-bit rows).
+        fields, bound, _ = self.step
+        return self.key, id(fields), id(bound), tuple(self.theta.shape[1:])
 
 
 def _step_function(storage, index, hyper, dtype, rounds, rate, given):

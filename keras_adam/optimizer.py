@@ -282,9 +282,9 @@ class Adam(Optimizer):
         return _saving.roles(self.variables, _named_variables(self))
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # A private seam of keras' BaseOptimizer, touched here only. On torch,
-        # one multi-tensor kernel updates every variable planned for it at once
-        # (decay included); Keras's own method (tf.distribute-aware) does the rest.
+        # A private seam of keras' BaseOptimizer, touched here only. On torch, one
+        # multi-tensor kernel updates every variable planned for it (decay too);
+        # Keras's own (tf.distribute-aware) the rest, small ones' whole steps together.
         fast, hyper, indices, methods = self._methods_now(grads, trainable_variables)
         if fast is not None and not fast.per_variable:
             items, settings, step = [], [], self._step(learning_rate)
@@ -295,7 +295,8 @@ class Adam(Optimizer):
             if not rest:
                 return
             grads, trainable_variables = map(list, zip(*rest))
-        super()._backend_update_step(grads, trainable_variables, learning_rate)
+        with self._whole.together():
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
 
     def _methods_now(self, grads, variables):
         """(fast path, Hyper, each variable's index and update method this step)."""
@@ -331,8 +332,7 @@ class Adam(Optimizer):
                 self._decay(index, variable, step)
             if fast is not None and method == fast.name and fast.per_variable:
                 return fast.apply([(gradient, variable, storage.slots(index))], hyper, step)
-        # The portable path: the class docstring's rule in `keras.ops`, on any backend.
-        dtype = storage.compute_dtype(self._trainable_variables[index])
+        dtype = storage.compute_dtype(self._trainable_variables[index])  # the portable path
         scalars, bound = step.scalars(hyper, dtype), (
             step.moment_bound(hyper) if storage.needs_bound else None)
         moment_noise = storage.moment_noise(index, noise, step.t)  # 16-bit m, v

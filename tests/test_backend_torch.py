@@ -266,6 +266,69 @@ def test_one_compiled_function_serves_every_shape_of_a_layout(
         np.testing.assert_array_equal(a, b)
 
 
+# Small variables of one layout and step run as one compiled call on their
+# tensors concatenated (keras_adam._whole `Whole.together`): 8-bit moments with
+# rows of 8 (one batch, and one more for the group at lr x 0.5), a 1-D one of 16
+# (rows of 16: another), and bfloat16 moments, which draw random numbers per
+# element and keep a call per variable.
+TOGETHER_SHAPES = [(4, 8), (3, 8), (8,), (5, 8), (16,), (2, 8)]
+
+
+@pytest.mark.parametrize("moment_dtype,calls_per_step", [("8bit", 3), ("bfloat16", 6)])
+def test_small_variables_run_together_with_the_bits_of_one_call_each(
+        monkeypatch, moment_dtype, calls_per_step):
+    """Concatenating the small variables of one layout into one call must give
+    every variable, slot and scale the bits of one call per variable (the
+    oracle: the same optimizer with no variable counted small), in `apply`
+    and in `stateless_apply` (a Keras scope: the results assigned one by one)."""
+    from keras_adam import _whole
+    from keras_adam import backends
+
+    calls = []
+    real_compile = backends.compile_whole
+
+    def counting_compile(fn, any_length=False):
+        compiled = real_compile(fn, any_length)
+
+        def run(*args):
+            calls.append(1)
+            return compiled(*args)
+        return run
+
+    monkeypatch.setattr(backends, "compile_whole", counting_compile)
+
+    def run(below):
+        monkeypatch.setattr(_whole, "TOGETHER_BELOW", below)
+        rng = np.random.default_rng(11)
+        variables = [keras.Variable(rng.normal(size=s), dtype="float32", name=f"w{i}")
+                     for i, s in enumerate(TOGETHER_SHAPES)]
+        eight_bit = {"min_8bit_size": 1} if moment_dtype == "8bit" else {}
+        optimizer = keras_adam.Adam(
+            learning_rate=1e-2, moment_dtype=moment_dtype, **eight_bit,
+            groups={"w5": {"learning_rate_multiplier": 0.5}})
+        steps = [[keras.ops.convert_to_tensor(rng.normal(size=s), "float32")
+                  for s in TOGETHER_SHAPES] for _ in range(4)]
+        for grads in steps[:3]:
+            calls.clear()
+            optimizer.apply(grads, variables)
+        per_step = len(calls)
+        state = [keras.ops.convert_to_tensor(v) for v in optimizer.variables]
+        new_variables, new_state = optimizer.stateless_apply(
+            state, steps[3], [keras.ops.convert_to_tensor(v) for v in variables])
+        values = list(variables) + list(optimizer.variables) + new_variables + new_state
+        return [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")) for x in values], \
+            per_step
+
+    together, together_calls = run(_whole.TOGETHER_BELOW)
+    alone, alone_calls = run(0)
+    assert (together_calls, alone_calls) == (calls_per_step, len(TOGETHER_SHAPES))
+    assert len(together) == len(alone)
+    for a, b in zip(together, alone):
+        # The same element-wise function on the same elements (8-bit blocks are
+        # rows, which concatenating keeps whole): the same bits.
+        np.testing.assert_array_equal(a, b)
+
+
 def test_the_compiled_8bit_step_equals_the_uncompiled_one_where_a_row_ends_in_a_short_block(
         monkeypatch):
     """Rows of 257 and 263 elements are one block of 256 and a short block of 1

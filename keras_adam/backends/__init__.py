@@ -35,6 +35,7 @@ The backend modules import nothing from this package.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 # Both fused kernels (TensorFlow's and torch's) are exact for these dtypes only:
@@ -203,6 +204,38 @@ def whole_any_length():
     last dimension), compiled in well under a second; JAX traces `fn` into
     the training step, with its shapes."""
     return keras.backend.backend() == "torch"
+
+
+def reshape(x, shape):
+    """`ops.reshape(x, shape)`; on torch the tensor's own method, without Keras's
+    dispatch (tens of microseconds a call, where a step reshapes every small
+    variable's tensors: `keras_adam._whole`)."""
+    if keras.backend.backend() == "torch":
+        return x.reshape(shape)
+    return ops.reshape(x, shape)
+
+
+def split_rows(x, like):
+    """`x` cut along its first axis into pieces as long as the tensors `like`
+    (`x` itself for one)."""
+    if len(like) == 1:
+        return [x]
+    sizes = [int(t.shape[0]) for t in like]
+    if keras.backend.backend() == "torch":
+        return list(x.split(sizes))  # views; ops.split's dispatch costs more
+    return ops.split(x, np.cumsum(sizes)[:-1].tolist(), axis=0)
+
+
+def assign_all(assign, pairs):
+    """`assign(variable, value)` for each (variable, value) of `pairs`; on torch one
+    copy kernel for all, outside Keras's scopes (`torch.assign_all`)."""
+    if keras.backend.backend() == "torch":
+        from keras_adam.backends import torch
+
+        if torch.assign_all(pairs):
+            return
+    for variable, value in pairs:
+        assign(variable, value)
 
 
 def compile_whole(fn, any_length=False):

@@ -218,6 +218,19 @@ def _number(value):
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
+def assign_all(pairs):
+    """Each (Keras variable, tensor) of `pairs` assigned in one foreach copy, as
+    `variable.assign(tensor)` would (tensors of the variable's shape); False,
+    assigning nothing, inside a Keras scope, where a variable's `value` is
+    not its own tensor and assignments go through the scope."""
+    if _keras_scope_active():
+        return False
+    with torch.no_grad():
+        torch._foreach_copy_([variable.value for variable, _ in pairs],
+                             [value for _, value in pairs])
+    return True
+
+
 def _keras_scope_active():
     """Whether a Keras StatelessScope or AutocastScope is active: then a variable's
     `value` may be another tensor than its Parameter.
