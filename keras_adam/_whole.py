@@ -68,6 +68,7 @@ class Whole:
         self._keys = None  # (t, seed, graph, every stream's key) of the last step
         self._fields = None  # (scalars, their fields as a tuple) of the last step
         self._waiting = None  # calls waiting within `together`
+        self._layouts = {}  # `_layout_key`'s
 
     def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
@@ -94,8 +95,8 @@ class Whole:
         # first step waits for each).
         given = storage.given_shapes(index) if backends.whole_any_length() else None
         flat = given is not None
-        key = (storage.layout_key(index, shapes=not flat), hyper, bound is None, noise is None,
-               rounds, rate, keras.backend.standardize_dtype(variable.dtype))
+        key = (self._layout_key(storage, index, variable, flat), hyper, bound is None,
+               noise is None, rounds, rate)
         if key not in self._functions:
             # The first variable of a layout stands for all: its decode and encode
             # depend on nothing that `layout_key` does not hold (its position, for
@@ -154,7 +155,7 @@ class Whole:
         first = batch[0]
         parts = [(c.gradient, c.theta) + tuple(x for slot in c.values for x in slot)
                  for c in batch]
-        joined = [ops.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in zip(*parts)]
+        joined = [backends.concatenate_rows(p) for p in zip(*parts)]
         gradient, theta, rest = joined[0], joined[1], iter(joined[2:])
         values = tuple(tuple(next(rest) for _ in slot) for slot in first.values)
         fields, bound, noise = first.step
@@ -169,6 +170,15 @@ class Whole:
             pairs += [(h, backends.reshape(x, h.shape) if flat else x)
                       for h, x in zip(targets, results)]
         backends.assign_all(first.targets[2], pairs)
+
+    def _layout_key(self, storage, index, variable, flat):
+        # `Storage.layout_key` and the variable's dtype, fixed once the storage
+        # is made: worked out once per variable, not at every step.
+        key = (id(storage), index, flat)
+        if key not in self._layouts:
+            self._layouts[key] = (storage.layout_key(index, shapes=not flat),
+                                  keras.backend.standardize_dtype(variable.dtype))
+        return self._layouts[key]
 
     def _scalar_fields(self, scalars):
         # The step's scalars as the tuple the compiled function takes, built

@@ -215,6 +215,17 @@ def reshape(x, shape):
     return ops.reshape(x, shape)
 
 
+def concatenate_rows(tensors):
+    """`tensors` joined along their first axis (the one tensor itself for one)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    if keras.backend.backend() == "torch":
+        from keras_adam.backends import torch
+
+        return torch.concatenate_rows(tensors)
+    return ops.concatenate(tensors, axis=0)
+
+
 def split_rows(x, like):
     """`x` cut along its first axis into pieces as long as the tensors `like`
     (`x` itself for one)."""
@@ -222,7 +233,9 @@ def split_rows(x, like):
         return [x]
     sizes = [int(t.shape[0]) for t in like]
     if keras.backend.backend() == "torch":
-        return list(x.split(sizes))  # views; ops.split's dispatch costs more
+        from keras_adam.backends import torch
+
+        return torch.split_rows(x, sizes)
     return ops.split(x, np.cumsum(sizes)[:-1].tolist(), axis=0)
 
 

@@ -218,6 +218,17 @@ def _number(value):
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
+def concatenate_rows(tensors):
+    """`tensors` joined along their first axis (`ops.concatenate`'s dispatch costs
+    some microseconds per tensor, where many small variables are joined)."""
+    return torch.cat(tensors)
+
+
+def split_rows(x, sizes):
+    """`x` cut along its first axis into pieces of `sizes` rows: views."""
+    return list(x.split(sizes))
+
+
 def assign_all(pairs):
     """Each (Keras variable, tensor) of `pairs` assigned in one foreach copy, as
     `variable.assign(tensor)` would (tensors of the variable's shape); False,
@@ -302,7 +313,11 @@ def compiled(fn, any_length=False):
         if state["failed"] or torch.compiler.is_compiling():
             return fn(*args)
         try:
-            return compiled_fn(*args)
+            # Without autograd: a variable's tensor requires grad, and the
+            # compiled function would otherwise be wrapped for a backward pass
+            # (some tenths of a millisecond per call), which an update never takes.
+            with torch.no_grad():
+                return compiled_fn(*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back
             if not _backend_failure(error):
                 raise
