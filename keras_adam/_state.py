@@ -270,7 +270,7 @@ class Storage:
 
     def _bits(self, value, index, kind, rows, noise):
         seed, t, stream, elements = self._stream(index, kind, rows, noise, value)
-        key = noise.keys[kind] if isinstance(noise, _rounding.Keys) else None
+        key = noise.key(kind, ops.shape(value)) if isinstance(noise, _rounding.Keys) else None
         return _rounding.random_bits(seed, t, stream, elements, key)
 
     def _stream(self, index, kind, rows, noise, value):
@@ -279,8 +279,9 @@ class Storage:
         # compiled function that serves several variables: `keras_adam._whole`).
         if isinstance(noise, _rounding.Keys):
             # A compiled function's (`keras_adam._whole`): the tensor may be the
-            # variable flattened, whose positions are the same.
-            return None, None, None, _rounding.element_index(ops.shape(value))
+            # variable flattened or in rows, whose positions are the same, or
+            # variables' rows joined (`Keys.index`).
+            return None, None, None, noise.index(ops.shape(value))
         elements = _rounding.element_index(self._variables[index].shape, rows)
         seed, t = noise
         return seed, t, 4 * self.position(index) + kind, elements

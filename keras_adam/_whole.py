@@ -30,7 +30,17 @@ for tensors of every length (torch.compile with dynamic shapes), the
 tensors are given in the storage's `given_shapes`, and one function serves
 every shape of a format: flat for element-wise layouts (16-bit moments and
 weights), one block per row for 8-bit codes (where no row ends in a
-shorter block; those keep their shapes, one function each).
+shorter block; those keep their shapes, one function each). Element-wise
+layouts whose elements draw random numbers (stochastic rounding) are given
+in rows of up to 16 elements, with their streams' keys per row
+(`_rounding.Keys`).
+
+There, within `Whole.together()` (the optimizer's step), the small
+variables of one function and step wait and then run as one call on their
+tensors joined along rows: a step of many small variables is one call per
+layout, not one per variable. Each element keeps its own variable's random
+stream and its position in it, and each 8-bit block its rows, so the
+results are those of one call per variable, bit for bit.
 """
 
 import contextlib
@@ -38,6 +48,7 @@ import dataclasses
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_adam import _rounding
@@ -69,6 +80,7 @@ class Whole:
         self._fields = None  # (scalars, their fields as a tuple) of the last step
         self._waiting = None  # calls waiting within `together`
         self._layouts = {}  # `_layout_key`'s
+        self._batches = {}  # `_row_keys`' constants per set of variables
 
     def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
@@ -109,32 +121,33 @@ class Whole:
         held = storage.held(index)
         theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
         values = tuple(tuple(h.value for h in slot) for slot in held)
-        if noise is not None:  # the streams' keys, computed here: scalars only
-            noise = self._stream_keys(storage, index, noise)
         if flat:
-            (shape, shapes), reshape = given, backends.reshape
+            shape, shapes = given
+            if noise is not None and len(shape) == 1:  # element-wise: in rows (`_rows`)
+                shape = (-1, _row_length(math.prod(variable.shape)))
+                shapes = tuple(tuple(shape for _ in slot) for slot in shapes)
+            reshape = backends.reshape
             gradient, theta = reshape(gradient, shape), reshape(theta, shape)
             values = tuple(tuple(reshape(x, s) for x, s in zip(slot, slot_shapes))
                            for slot, slot_shapes in zip(values, shapes))
         call = _Call(key, gradient, theta, values, (variable, held, assign, flat),
-                     (self._scalar_fields(scalars), bound, noise))
-        if self._waiting is not None and flat and noise is None and call.size < TOGETHER_BELOW:
+                     (self._scalar_fields(scalars), bound, noise), (storage, index))
+        if self._waiting is not None and flat and call.size < TOGETHER_BELOW:
             return self._waiting.append(call)
         self._run([call])
 
     @contextlib.contextmanager
     def together(self):
-        """Within it, `apply` on a small variable given in its `given_shapes`, whose
-        moments draw no random numbers, waits; on leaving, those of one
-        function and step run as one call, on their tensors concatenated
-        (element-wise, or one 8-bit block per row: the results are those of
-        one call each).
+        """Within it, `apply` on a small variable given in its `given_shapes` waits;
+        on leaving, those of one function and step run as one call, on their
+        tensors concatenated along rows (element-wise, or one 8-bit block per
+        row), each row's random numbers drawn from its own variable's
+        streams at its elements' positions in that variable (`_row_keys`):
+        the results are those of one call each.
 
         Many small variables otherwise pay a compiled call each: on torch
         eager some tenths of a millisecond (Dynamo's guards, flattening the
-        arguments), more than their arithmetic. Variables whose moments or
-        weights are rounded stochastically keep a call each: their random
-        numbers depend on each element's position in its own variable.
+        arguments), more than their arithmetic.
         """
         self._waiting = []
         try:
@@ -158,7 +171,10 @@ class Whole:
         joined = [backends.concatenate_rows(p) for p in zip(*parts)]
         gradient, theta, rest = joined[0], joined[1], iter(joined[2:])
         values = tuple(tuple(next(rest) for _ in slot) for slot in first.values)
-        fields, bound, noise = first.step
+        (fields, bound, noise), (storage, index) = first.step, first.source
+        if noise is not None:  # the streams' keys, computed here
+            noise = self._row_keys(storage, batch, noise) if first.targets[3] else (
+                self._stream_keys(storage, index, noise),)
         theta, values = self._functions[first.key](gradient, theta, values, fields,
                                                    (bound, noise))
         new = [theta] + [x for slot in values for x in slot]
@@ -188,30 +204,63 @@ class Whole:
                                            for f in dataclasses.fields(scalars)))
         return self._fields[1]
 
-    def _stream_keys(self, storage, index, noise):
-        """The keys of model variable `index`'s four streams (`_rounding.Keys`): a slice
-        of every variable's, computed once per step and graph.
-
-        Arguments of the compiled function, which serves every variable of a
-        layout (the keys depend on the position); once for all variables,
-        since per variable they would be some thirty eager ops each. The cache
-        holds the step's `t`, so that its identity marks the step.
-        """
+    def _all_keys(self, storage, noise):
+        """Every stream's key at this step (`_rounding.stream_key`, four per variable:
+        the variable, m, v, v_max), computed once per step and graph, for all
+        variables: per variable they would be some thirty eager ops each. The
+        cache holds the step's `t`, so that its identity marks the step."""
         seed, t = noise
         trace = backends.trace_key()
         cached = self._keys
         if cached is None or cached[0] is not t or cached[1] is not seed or cached[2] != trace:
             streams = ops.arange(storage.stream_count(), dtype="int32")
             cached = self._keys = (t, seed, trace, _rounding.stream_key(seed, t, streams))
+        return cached[3]
+
+    def _stream_keys(self, storage, index, noise):
+        """The keys of model variable `index`'s four streams (`_rounding.Keys`):
+        an argument of the compiled function, which serves every variable of
+        a layout (the keys depend on the position)."""
         position = storage.position(index)
         # A copy, not a view: torch.compile would guard on a view's offset.
-        return ops.copy(cached[3][4 * position:4 * position + 4])
+        return ops.copy(self._all_keys(storage, noise)[4 * position:4 * position + 4])
+
+    def _row_keys(self, storage, batch, noise):
+        """The keys of `batch`'s variables, their tensors given in rows and joined
+        (`_rounding.Keys`'s row form): a row of four stream keys per variable,
+        and each variable's first element among the joined ones.
+
+        One row more than variables, never chosen (its first element is past
+        the last), so that torch compiles one function for one variable and
+        for many (it compiles a length of 1 apart).
+        """
+        indices = tuple(c.source[1] for c in batch)
+        if indices not in self._batches:  # constants of a set of variables
+            if len(self._batches) >= 64:
+                self._batches.clear()
+            positions = [storage.position(i) for i in indices] + [0]
+            starts = np.cumsum([0] + [c.size for c in batch])
+            self._batches[indices] = tuple(ops.convert_to_tensor(np.asarray(x, "int32"))
+                                           for x in (positions, starts))
+        positions, starts = self._batches[indices]
+        keys = ops.reshape(self._all_keys(storage, noise), (-1, 4))
+        return ops.take(keys, positions, axis=0), starts
 
 
 # Variables of fewer elements run together (`Whole.together`); a larger one has
 # its own call, whose overhead is small beside its arithmetic, and concatenating
 # would copy it.
 TOGETHER_BELOW = 1 << 16
+
+
+def _row_length(size):
+    """The rows in which an element-wise layout whose elements draw random numbers
+    is given: 16 elements, or the largest power of two under 16 dividing `size`,
+    so that a compiled function finds each row's variable once per row, not
+    per element (`_rounding.Keys`), with vectorised loops along it. At least
+    two rows (torch compiles a dimension of 1 apart): a variable of 16 is 2
+    rows of 8; an odd size, rows of 1 (one more compilation, for all such)."""
+    return next((n for n in (16, 8, 4, 2) if size % n == 0 and size // n >= 2), 1)
 
 
 @dataclasses.dataclass
@@ -225,6 +274,7 @@ class _Call:
     values: tuple
     targets: tuple
     step: tuple  # (the scalars' fields, moment bound, noise)
+    source: tuple  # (storage, the model variable's index)
 
     @property
     def size(self):
@@ -232,11 +282,12 @@ class _Call:
 
     @property
     def batch_key(self):
-        # Calls that may run as one: one function, one step's values (alive while
-        # the calls wait, so their ids are not reused), the same trailing
-        # dimensions (8-bit rows).
-        fields, bound, _ = self.step
-        return self.key, id(fields), id(bound), tuple(self.theta.shape[1:])
+        # Calls that may run as one: one function, one step's values and seed
+        # (alive while the calls wait, so their ids are not reused), rows of
+        # one length.
+        fields, bound, noise = self.step
+        return (self.key, id(fields), id(bound), None if noise is None else tuple(map(id, noise)),
+                tuple(self.theta.shape[1:]))
 
 
 def _step_function(storage, index, hyper, dtype, rounds, rate, given):
@@ -247,7 +298,7 @@ def _step_function(storage, index, hyper, dtype, rounds, rate, given):
     `given_shapes` if `given`."""
     def step(gradient, theta, values, fields, state):
         (bound, keys), scalars = state, _rule.Scalars(*fields)
-        noise = None if keys is None else _rounding.Keys(keys)
+        noise = None if keys is None else _rounding.Keys(*keys)
         m, v, v_max = storage.decode(index, values, bound, given)
         m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
         moments = storage.encode(index, m, v, v_max, noise, given)

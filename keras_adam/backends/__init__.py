@@ -206,12 +206,25 @@ def whole_any_length():
     return keras.backend.backend() == "torch"
 
 
+def owners(starts, positions):
+    """For each of `positions` (int32), the i with starts[i] <= position < starts[i + 1]
+    (`starts` ascending int32), as int32."""
+    if keras.backend.backend() == "torch":
+        from keras_adam.backends import torch
+
+        # Keras's searchsorted breaks a torch.compile graph (Keras 3.15).
+        return torch.owners(starts, positions)
+    return ops.cast(ops.searchsorted(starts, positions, side="right"), "int32") - 1
+
+
 def reshape(x, shape):
     """`ops.reshape(x, shape)`; on torch the tensor's own method, without Keras's
     dispatch (tens of microseconds a call, where a step reshapes every small
-    variable's tensors: `keras_adam._whole`)."""
+    variable's tensors: `keras_adam._whole`), and detached: a compiled
+    function guards on whether its inputs require grad, and a variable's do
+    where joined variables' do not."""
     if keras.backend.backend() == "torch":
-        return x.reshape(shape)
+        return x.detach().reshape(shape)
     return ops.reshape(x, shape)
 
 

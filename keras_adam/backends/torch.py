@@ -218,10 +218,20 @@ def _number(value):
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
+def owners(starts, positions):
+    """`keras_adam.backends.owners` on torch."""
+    return torch.searchsorted(starts, positions, right=True, out_int32=True) - 1
+
+
 def concatenate_rows(tensors):
     """`tensors` joined along their first axis (`ops.concatenate`'s dispatch costs
-    some microseconds per tensor, where many small variables are joined)."""
-    return torch.cat(tensors)
+    some microseconds per tensor, where many small variables are joined).
+
+    Given as a view of the result: a compiled function guards on whether an
+    input is a view, and a variable's tensors are given as views.
+    """
+    joined = torch.cat(tensors)
+    return joined.view(joined.shape)
 
 
 def split_rows(x, sizes):
