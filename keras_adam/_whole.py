@@ -38,7 +38,7 @@ in rows of up to 16 elements, with their streams' keys per row
 There, within `Whole.together()` (the optimizer's step), the small
 variables of one function and step wait and then run as one call on their
 tensors joined along rows: a step of many small variables is one call per
-layout, not one per variable. Each element keeps its own variable's random
+layout and row length, not one per variable. Each element keeps its own variable's random
 stream and its position in it, and each 8-bit block its rows, so the
 results are those of one call per variable, bit for bit.
 """
@@ -131,7 +131,7 @@ class Whole:
             values = tuple(tuple(reshape(x, s) for x, s in zip(slot, slot_shapes))
                            for slot, slot_shapes in zip(values, shapes))
         call = _Call(key, gradient, theta, values, (variable, held, assign, flat),
-                     (self._scalar_fields(scalars), bound, noise), (storage, index))
+                     (scalars, bound, noise), (storage, index))
         if self._waiting is not None and flat and call.size < TOGETHER_BELOW:
             return self._waiting.append(call)
         self._run([call])
@@ -171,7 +171,8 @@ class Whole:
         joined = [backends.concatenate_rows(p) for p in zip(*parts)]
         gradient, theta, rest = joined[0], joined[1], iter(joined[2:])
         values = tuple(tuple(next(rest) for _ in slot) for slot in first.values)
-        (fields, bound, noise), (storage, index) = first.step, first.source
+        (scalars, bound, noise), (storage, index) = first.step, first.source
+        fields = self._scalar_fields(scalars)
         if noise is not None:  # the streams' keys, computed here
             noise = self._row_keys(storage, batch, noise) if first.targets[3] else (
                 self._stream_keys(storage, index, noise),)
@@ -236,7 +237,7 @@ class Whole:
         """
         indices = tuple(c.source[1] for c in batch)
         if indices not in self._batches:  # constants of a set of variables
-            if len(self._batches) >= 64:
+            if len(self._batches) >= 4096:  # a step has at most one per variable
                 self._batches.clear()
             positions = [storage.position(i) for i in indices] + [0]
             starts = np.cumsum([0] + [c.size for c in batch])
@@ -257,9 +258,11 @@ def _row_length(size):
     """The rows in which an element-wise layout whose elements draw random numbers
     is given: 16 elements, or the largest power of two under 16 dividing `size`,
     so that a compiled function finds each row's variable once per row, not
-    per element (`_rounding.Keys`), with vectorised loops along it. At least
-    two rows (torch compiles a dimension of 1 apart): a variable of 16 is 2
-    rows of 8; an odd size, rows of 1 (one more compilation, for all such)."""
+    per element (`_rounding.Keys`), with vectorised loops along it. Two rows
+    at least where the size allows (torch compiles a dimension of 1 apart):
+    a variable of 16 is 2 rows of 8; an odd size (or 2) is rows of 1 (one
+    more compilation, for all such).
+    """
     return next((n for n in (16, 8, 4, 2) if size % n == 0 and size // n >= 2), 1)
 
 
@@ -273,7 +276,7 @@ class _Call:
     theta: object
     values: tuple
     targets: tuple
-    step: tuple  # (the scalars' fields, moment bound, noise)
+    step: tuple  # (the rule's scalars, moment bound, noise)
     source: tuple  # (storage, the model variable's index)
 
     @property
@@ -285,8 +288,8 @@ class _Call:
         # Calls that may run as one: one function, one step's values and seed
         # (alive while the calls wait, so their ids are not reused), rows of
         # one length.
-        fields, bound, noise = self.step
-        return (self.key, id(fields), id(bound), None if noise is None else tuple(map(id, noise)),
+        scalars, bound, noise = self.step
+        return (self.key, id(scalars), id(bound), None if noise is None else tuple(map(id, noise)),
                 tuple(self.theta.shape[1:]))
 
 

@@ -254,7 +254,7 @@ def split_rows(x, like):
 
 def assign_all(assign, pairs):
     """`assign(variable, value)` for each (variable, value) of `pairs`; on torch one
-    copy kernel for all, outside Keras's scopes (`torch.assign_all`)."""
+    foreach copy for all, outside Keras's scopes (`torch.assign_all`)."""
     if keras.backend.backend() == "torch":
         from keras_adam.backends import torch
 
