@@ -149,12 +149,17 @@ class Whole:
         eager some tenths of a millisecond (Dynamo's guards, flattening the
         arguments), more than their arithmetic.
         """
-        self._waiting = []
+        if not backends.whole_any_length():
+            # Nothing waits here, and under tf.distribute the replicas' threads
+            # enter this step at once: leave the object alone.
+            yield
+            return
+        outer, self._waiting = self._waiting, []
         try:
             yield
             waiting = self._waiting
         finally:
-            self._waiting = None
+            self._waiting = outer
         batches = {}
         for call in waiting:
             batches.setdefault(call.batch_key, []).append(call)
