@@ -38,9 +38,9 @@ in rows of up to 16 elements, with their streams' keys per row
 There, within `Whole.together()` (the optimizer's step), the small
 variables of one function and step wait and then run as one call on their
 tensors joined along rows: a step of many small variables is one call per
-layout and row length, not one per variable. Each element keeps its own variable's random
-stream and its position in it, and each 8-bit block its rows, so the
-results are those of one call per variable, bit for bit.
+layout and row length, not one per variable. Each element keeps its own
+variable's random stream and its position in it, and each 8-bit block its
+row, so the results are those of one call per variable, bit for bit.
 """
 
 import contextlib
@@ -123,7 +123,7 @@ class Whole:
         values = tuple(tuple(h.value for h in slot) for slot in held)
         if flat:
             shape, shapes = given
-            if noise is not None and len(shape) == 1:  # element-wise: in rows (`_rows`)
+            if noise is not None and len(shape) == 1:  # element-wise: in rows (`_row_length`)
                 shape = (-1, _row_length(math.prod(variable.shape)))
                 shapes = tuple(tuple(shape for _ in slot) for slot in shapes)
             reshape = backends.reshape
