@@ -1,10 +1,12 @@
 """Training in pure bfloat16: what the optimizer's write does to the final loss.
 
 Run:  python examples/bfloat16_training.py [--model mlp|cnn|transformer] [--seeds 3]
-          [--first-seed 0] [--epochs 2] [--runs mixed,stochastic,compensated,8bit]
+          [--first-seed 0] [--epochs 2] [--samples 2048]
+          [--runs mixed,stochastic,compensated,8bit]
 
 One small model (a regression MLP, a small CNN, or a one-block Transformer
-encoder built from keras.layers), the same data, start and number of steps,
+encoder built from keras.layers), the same data (2,048 samples, or
+--samples; an epoch is samples / 32 steps), start and number of steps,
 trained nine ways: float32; mixed_bfloat16 (float32 weights, bfloat16
 compute) with keras.optimizers.Adam, with keras_adam, and with keras_adam's
 8-bit moments; and pure bfloat16 (weights, gradients and arithmetic in
@@ -61,23 +63,24 @@ BASELINE = "mixed"
 MODELS = ("mlp", "cnn", "transformer")
 
 
-def data(model_name="mlp", seed=0):
-    """(x, y): 2,048 samples of a smooth target (64 steps of 32 per epoch)."""
+def data(model_name="mlp", seed=0, samples=2048):
+    """(x, y): `samples` samples of a smooth target (batches of 32)."""
     rng = np.random.default_rng(seed)
+    n = samples
     if model_name == "cnn":
-        x = rng.normal(size=(2048, 12, 12, 1)).astype("float32")
+        x = rng.normal(size=(n, 12, 12, 1)).astype("float32")
         # The mean |3x3 filter response| of each image: a non-linear statistic.
         windows = np.lib.stride_tricks.sliding_window_view(x[..., 0], (3, 3), axis=(1, 2))
         y = np.abs(np.einsum("nijkl,kl->nij", windows, rng.normal(size=(3, 3))))
         return x, (y.mean(axis=(1, 2)) - 0.8).astype("float32")[:, None]
     if model_name == "transformer":
-        x = rng.integers(0, 64, size=(2048, 16)).astype("int32")
+        x = rng.integers(0, 64, size=(n, 16)).astype("int32")
         # A token's weight times its position's: a target that needs both.
         score = rng.normal(size=64)[x] * rng.normal(size=16)
         return x, np.tanh(score.sum(axis=1) / 4).astype("float32")[:, None]
-    x = rng.normal(size=(2048, 32)).astype("float32")
+    x = rng.normal(size=(n, 32)).astype("float32")
     w = rng.normal(size=(32, 1)) / np.sqrt(32)
-    return x, (np.tanh(x @ w) + 0.1 * rng.normal(size=(2048, 1))).astype("float32")
+    return x, (np.tanh(x @ w) + 0.1 * rng.normal(size=(n, 1))).astype("float32")
 
 
 class Positions(keras.layers.Layer):
@@ -123,9 +126,9 @@ def start(model_name, seed):
             for w in weights]
 
 
-def train(policy, optimizer_name, kwargs, epochs, seed=0, model_name="mlp"):
+def train(policy, optimizer_name, kwargs, epochs, seed=0, model_name="mlp", samples=2048):
     """(final loss, training bytes per parameter) of one run."""
-    x, y = data(model_name)
+    x, y = data(model_name, samples=samples)
     weights = start(model_name, seed)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
@@ -149,25 +152,31 @@ def train(policy, optimizer_name, kwargs, epochs, seed=0, model_name="mlp"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2, help="64 steps per epoch")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the samples")
+    parser.add_argument("--samples", type=int, default=2048,
+                        help="the training set's size; an epoch is samples / 32 steps")
     parser.add_argument("--model", choices=MODELS, default="mlp")
     parser.add_argument("--seeds", type=int, default=1, help="runs per row, averaged")
     parser.add_argument("--first-seed", type=int, default=0, help="the seeds' first")
     parser.add_argument("--runs", default=",".join(RUNS), metavar="IDS",
                         help=f"the runs, comma-separated, of {', '.join(RUNS)} (default: all)")
     args = parser.parse_args(argv)
+    if args.samples < 32 or args.samples % 32:
+        parser.error(f"--samples takes a multiple of 32. Received: {args.samples}")
     ids = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in ids if r not in RUNS]
     if unknown or not ids:
         parser.error(f"--runs takes ids of {list(RUNS)}. Received: {ids}")
     rows = []
-    print(f"backend: {keras.backend.backend()}, {args.model}, {args.epochs * 64} steps, "
+    steps = args.epochs * args.samples // 32
+    print(f"backend: {keras.backend.backend()}, {args.model}, {steps} steps, "
           f"{args.seeds} seed(s)")
     print(f"{'run':<42} {'final loss':>10} {'x mixed':>8} {'bytes/param':>12}")
     baseline = None
     for run_id in ([BASELINE] if BASELINE in ids else []) + [r for r in ids if r != BASELINE]:
         label, policy, optimizer_name, kwargs = RUNS[run_id]
-        runs = [train(policy, optimizer_name, kwargs or {}, args.epochs, seed, args.model)
+        runs = [train(policy, optimizer_name, kwargs or {}, args.epochs, seed, args.model,
+                      args.samples)
                 for seed in range(args.first_seed, args.first_seed + args.seeds)]
         loss, per_parameter = float(np.mean([r[0] for r in runs])), runs[0][1]
         baseline = loss if run_id == BASELINE else baseline

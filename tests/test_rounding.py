@@ -356,6 +356,18 @@ def test_every_run_of_a_seed_starts_from_the_same_weights():
     assert len(weights) == len(model.weights)
 
 
+def test_the_example_draws_the_samples_asked_for(capsys):
+    # `--samples` sets the training set (a longer run on fresh samples); a
+    # size that is not whole batches of 32 is refused, naming the flag.
+    example = _example()
+    for name in ("mlp", "cnn", "transformer"):
+        x, y = example.data(name, samples=96)
+        assert len(x) == len(y) == 96
+    with pytest.raises(SystemExit):
+        example.main(["--samples", "100", "--runs", "mixed"])
+    assert "--samples takes a multiple of 32" in capsys.readouterr().err
+
+
 def test_a_file_saved_without_the_rounding_state_loads(tmp_path):
     # A bfloat16 model saved with nearest rounding (no seed, no compensation)
     # loads into an optimizer with compensated rounding: every saved value
