@@ -45,6 +45,8 @@ position, so this order is part of the file format. (`Grouped` creates each
 format's slots in turn, in this order within each.)
 """
 
+import copy
+import dataclasses
 import math
 import warnings
 
@@ -177,6 +179,22 @@ class Storage:
         return (type(self), self.compute_dtype(self._variables[index]), tuple(
             tuple((h.dtype, tuple(h.shape) if shapes else None) for h in held)
             for held in self.held(index)))
+
+    def stand_in(self, index):
+        """A copy of this storage whose variable 0 stands for model variable `index`:
+        the same `decode`, `encode` and `round_weight` (their tensors are
+        arguments) from the shapes and dtypes of its variable and slots alone.
+
+        It holds no variable, so that a compiled function made from it may serve
+        other optimizers' variables of the same `layout_key` (`keras_adam._whole`)
+        without keeping this optimizer's variables alive.
+        """
+        twin = copy.copy(self)
+        twin._assign, twin.positions = None, None
+        twin._variables = [_Spec.of(self._variables[index])]
+        twin._slots = [tuple(None if s is None else _Spec.of(s) for s in self.slots(index))]
+        twin._compensation = [None]
+        return twin
 
     def given_shapes(self, index):
         """(the variable's, (each of `held(index)`'s, per slot)): shapes in which
@@ -521,6 +539,13 @@ class Blockwise8bit(Storage):
     def layout_key(self, index, shapes=True):
         return (super().layout_key(index, shapes), self.block_size, self.min_size)
 
+    def stand_in(self, index):
+        twin = super().stand_in(index)
+        twin._codes = {id(spec): (None,) + self._codes[id(slot)][1:]
+                       for spec, slot in zip(twin._slots[0], self.slots(index))
+                       if slot is not None and id(slot) in self._codes}
+        return twin
+
     def given_shapes(self, index):
         """Flat where the moments are not quantized. Codes are decoded per block of a
         row (`_quantize.blocking`): where a row is whole blocks of L elements,
@@ -591,6 +616,18 @@ class Blockwise8bit(Storage):
                 scales = backends.row_slices(scales, rows)
             self._assign(slot, codes)
             self._assign(scale, scales)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Spec:
+    """A variable's shape and dtype, in its place in a `Storage.stand_in`."""
+
+    shape: tuple
+    dtype: str
+
+    @classmethod
+    def of(cls, variable):
+        return cls(tuple(variable.shape), keras.backend.standardize_dtype(variable.dtype))
 
 
 def for_options(options, assign, var_list=(), moment_dtypes=None):
@@ -713,6 +750,10 @@ class Grouped:
     def given_shapes(self, index):
         storage, local = self._local[index]
         return storage.given_shapes(local)
+
+    def stand_in(self, index):
+        storage, local = self._local[index]
+        return storage.stand_in(local)
 
     def round_weight(self, index, target, noise):
         storage, local = self._local[index]

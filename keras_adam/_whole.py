@@ -25,12 +25,14 @@ the op-by-op portable path to float32 rounding; the codes agree except
 where a value lies within that rounding of a code boundary.
 
 One function is compiled per `Storage.layout_key` and `Hyper`: the
-variables of a model share a few. Where the backend compiles one function
-for tensors of every length (torch.compile with dynamic shapes), the
-tensors are given in the storage's `given_shapes`, and one function serves
-every shape of a format: flat for element-wise layouts (16-bit moments and
-weights), one block per row for 8-bit codes (where no row ends in a
-shorter block; those keep their shapes, one function each). Element-wise
+variables of a model share a few, and on torch so do the optimizers of a
+process (the function is made from a `Storage.stand_in`, which holds no
+variable). Where the backend compiles one function for tensors of every
+length (torch.compile with dynamic shapes), the tensors are given in the
+storage's `given_shapes`, and one function serves every shape of a
+format: flat for element-wise layouts (16-bit moments and weights), one
+block per row for 8-bit codes (where no row ends in a shorter block;
+those keep their shapes, one function each). Element-wise
 layouts whose elements draw random numbers (stochastic rounding) are given
 in rows of up to 16 elements, with their streams' keys per row
 (`_rounding.Keys`).
@@ -110,14 +112,15 @@ class Whole:
         key = (self._layout_key(storage, index, variable, flat), hyper, bound is None,
                noise is None, rounds, rate)
         if key not in self._functions:
-            # The first variable of a layout stands for all: its decode and encode
-            # depend on nothing that `layout_key` does not hold (its position, for
-            # the random streams, is an argument).
             # The scalars are in the compute dtype (`variable` may be a tf.Variable).
             dtype = keras.backend.standardize_dtype(scalars.lr.dtype)
-            self._functions[key] = backends.compile_whole(
-                _step_function(storage, index, hyper, dtype, rounds, rate, flat),
-                any_length=flat)
+            def make():
+                return _step_function(storage.stand_in(index), 0, hyper, dtype, rounds,
+                                      rate, flat)
+
+            self._functions[key] = (
+                _shared(key + (dtype,), make, flat) if backends.whole_shared()
+                else backends.compile_whole(make(), any_length=flat))
         held = storage.held(index)
         theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
         values = tuple(tuple(h.value for h in slot) for slot in held)
@@ -251,6 +254,31 @@ class Whole:
         positions, starts = self._batches[indices]
         keys = ops.reshape(self._all_keys(storage, noise), (-1, 4))
         return ops.take(keys, positions, axis=0), starts
+
+
+# The compiled functions of every optimizer, by key, where the backend allows
+# (`backends.whole_shared`): a function depends on its key alone
+# (`Storage.stand_in`), so an optimizer made later (the next model of a
+# notebook, a hyperparameter search's next trial) reuses the compilations of
+# those before it instead of waiting for its own. Bounded: the oldest go.
+_SHARED = {}
+_SHARED_MOST = 256
+
+
+def _shared(key, make, any_length):
+    """The compiled step of `key` (`backends.compile_whole` of `make()`), made once
+    per process and backend.
+
+    The first variable of a layout stands for all: its decode and encode
+    depend on nothing that `Storage.layout_key` does not hold (its position,
+    for the random streams, is an argument).
+    """
+    key = (keras.backend.backend(),) + key
+    if key not in _SHARED:
+        if len(_SHARED) >= _SHARED_MOST:
+            del _SHARED[next(iter(_SHARED))]
+        _SHARED[key] = backends.compile_whole(make(), any_length=any_length)
+    return _SHARED[key]
 
 
 # Variables of fewer elements run together (`Whole.together`); a larger one has

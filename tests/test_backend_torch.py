@@ -186,9 +186,12 @@ def test_without_a_compiler_the_whole_step_falls_back_with_one_warning(monkeypat
             raise TorchDynamoException("no C compiler found")
         return compiled
 
+    from keras_adam import _whole
+
     def run(compile_with):
         monkeypatch.setattr(torch, "compile", compile_with)
         monkeypatch.setattr(torch_path, "_WARNED", [])
+        monkeypatch.setattr(_whole, "_SHARED", {})  # compiled anew, not shared
         variables = [keras.Variable(x) for x in initial_values(seed=8)]
         optimizer = keras_adam.Adam(moment_dtype="8bit", min_8bit_size=1, learning_rate=1e-2)
         with warnings.catch_warnings(record=True) as caught:
@@ -240,9 +243,12 @@ def test_one_compiled_function_serves_every_shape_of_a_layout(
         compiles.append(kwargs.get("dynamic"))
         return real_compile(fn, **kwargs)
 
+    from keras_adam import _whole
+
     def run(any_length):
         monkeypatch.setattr(backends, "whole_any_length", lambda: any_length)
         monkeypatch.setattr(torch, "compile", counting_compile)
+        monkeypatch.setattr(_whole, "_SHARED", {})  # compiled here, not by earlier tests
         compiles.clear()
         keras.utils.set_random_seed(3)
         rng = np.random.default_rng(4)
@@ -301,6 +307,8 @@ def test_small_variables_run_together_with_the_bits_of_one_call_each(
         return run
 
     monkeypatch.setattr(backends, "compile_whole", counting_compile)
+    # Functions compiled here (counting), not those of earlier optimizers.
+    monkeypatch.setattr(_whole, "_SHARED", {})
 
     def run(below):
         monkeypatch.setattr(_whole, "TOGETHER_BELOW", below)
@@ -343,8 +351,11 @@ def test_the_compiled_8bit_step_equals_the_uncompiled_one_where_a_row_ends_in_a_
     compiled whole-variable step must follow the same function run eagerly."""
     steps, lr = 5, 1e-3
 
+    from keras_adam import _whole
+
     def run(compile_with):
         monkeypatch.setattr(torch, "compile", compile_with)
+        monkeypatch.setattr(_whole, "_SHARED", {})  # compiled by `compile_with`
         rng = np.random.default_rng(7)
         shapes = [(2, 257), (263,)]
         variables = [keras.Variable(rng.normal(size=s), dtype="float32") for s in shapes]

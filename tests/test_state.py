@@ -99,3 +99,62 @@ def test_lazy_rows_go_through_the_seam(monkeypatch):
     assert len(slots_n) == 3
     # Gradients are standard normal: |g| < 5 for these 42 draws.
     _assert_same_to_rounding([theta_n], [theta_s], [slots_n], [slots_s], g_max=5.0)
+
+
+@pytest.mark.parametrize("kwargs,dtype", [
+    (dict(moment_dtype="8bit", min_8bit_size=1), "float32"),
+    (dict(moment_dtype="bfloat16"), "float32"),
+    (dict(weight_rounding="stochastic"), "bfloat16")],
+    ids=["8bit", "bfloat16-moments", "pure-bfloat16"])
+def test_a_later_optimizer_reuses_the_compiled_steps_and_frees_the_first(monkeypatch, kwargs,
+                                                                           dtype):
+    """Where the backend shares them (torch), the whole-variable steps
+    (keras_adam/_whole.py) are compiled once per process: a second optimizer of
+    the same layouts compiles none and ends bit for bit where an optimizer
+    compiling its own ends (the oracle: the cache emptied). On every backend
+    the compiled functions keep no optimizer's variables alive."""
+    import gc
+    import weakref
+
+    from keras_adam import _whole
+    from keras_adam import backends
+
+    made = []
+    real_compile = backends.compile_whole
+
+    def counting_compile(fn, any_length=False):
+        made.append(1)
+        return real_compile(fn, any_length)
+
+    monkeypatch.setattr(backends, "compile_whole", counting_compile)
+    monkeypatch.setattr(_whole, "_SHARED", {})
+    shapes = [(64, 32), (32,), (300, 40)]
+
+    def train():
+        keras.utils.set_random_seed(3)
+        rng = np.random.default_rng(4)
+        variables = [keras.Variable(rng.normal(size=s), dtype=dtype) for s in shapes]
+        optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
+        for _ in range(3):
+            optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=s), dtype)
+                             for s in shapes], variables)
+        values = [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32"))
+                  for x in list(variables) + list(optimizer.variables)]
+        return values, optimizer
+
+    first, optimizer = train()
+    first_made = len(made)
+    assert first_made > 0
+    slot = weakref.ref(optimizer.variables[-1])
+    del optimizer
+    gc.collect()
+    assert slot() is None  # nothing shared holds the first optimizer's state
+    second, _ = train()
+    shared = backends.whole_shared()
+    assert len(made) == (1 if shared else 2) * first_made  # none for the second
+    monkeypatch.setattr(_whole, "_SHARED", {})
+    fresh, _ = train()
+    assert len(made) == (2 if shared else 3) * first_made
+    for a, b, c in zip(first, second, fresh):
+        np.testing.assert_array_equal(b, c)
+        np.testing.assert_array_equal(a, c)

@@ -206,6 +206,16 @@ def whole_any_length():
     return keras.backend.backend() == "torch"
 
 
+def whole_shared():
+    """Whether one `compile_whole` function may serve the optimizers of a process:
+    on torch, where compiling takes seconds (Dynamo traces it anew for each
+    new function). Not on TensorFlow, where a tf.function's traces keep
+    references to the variables it was called with (the learning rate's) and
+    fail once the optimizer that made them is gone; nor on JAX, which traces
+    `fn` into each training step anyway."""
+    return keras.backend.backend() == "torch"
+
+
 def owners(starts, positions):
     """For each of `positions` (int32), the i with starts[i] <= position < starts[i + 1]
     (`starts` ascending int32), as int32."""
