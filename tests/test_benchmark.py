@@ -317,3 +317,46 @@ def test_groups_case_times_the_same_model_with_and_without_groups(capsys):
         rows = [r for r in report["results"] if r["xla"] == xla]
         assert sorted(r["variant"] for r in rows) == ["3-groups", "no-groups"]
         assert all(r["keras_adam_ms"]["median"] > 0 for r in rows)
+
+
+@pytest.mark.backend_independent
+def test_warmup_case_rows_come_from_its_processes(monkeypatch):
+    """Each variant runs a process with empty caches (cold; its second model
+    gives second and later), then one given the caches the first left
+    (warm). Planted children's seconds, all distinct, must land in their
+    columns; only `--cases warmup` runs it."""
+    from keras_adam.benchmark import warmup
+
+    caches = {}
+
+    def child(backend, variant, cache, second):
+        caches.setdefault(variant, []).append(cache)
+        base = 10.0 * warmup.VARIANTS.index(variant)
+        if second:
+            return {"first": base + 1, "second": base + 2, "later": base + 3}
+        return {"first": base + 4}
+
+    monkeypatch.setattr(warmup, "_child", child)
+    rows = warmup.run(BACKEND, progress=lambda message: None)
+    assert [r["variant"] for r in rows] == list(warmup.VARIANTS)
+    for i, r in enumerate(rows):
+        assert (r["cold_s"], r["second_s"], r["later_s"], r["warm_s"]) == tuple(
+            10.0 * i + k for k in (1, 2, 3, 4))
+    # The warm process is given the cold one's cache, and each variant a new one.
+    assert all(a == b for a, b in caches.values())
+    assert len({a for a, _ in caches.values()}) == len(warmup.VARIANTS)
+    table = warmup.format_rows(rows)
+    assert "| pure bfloat16 | 31.0 | 34.0 | 32.0 | 33.0 |" in table
+    assert "warmup" not in benchmark.parse_args([]).cases
+    assert benchmark.parse_args(["--cases", "warmup"]).cases == ["warmup"]
+
+
+def test_warmup_child_times_a_second_model(monkeypatch, tmp_path):
+    """The child's epochs on the active backend: a first model's first epoch,
+    and a second model's first and second (no timing is asserted)."""
+    from keras_adam.benchmark import warmup
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    result = warmup.epochs("bfloat16 moments", second=True)
+    assert set(result) == {"first", "second", "later"}
+    assert all(seconds > 0 for seconds in result.values())

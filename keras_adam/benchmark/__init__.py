@@ -1,7 +1,8 @@
 """Times one optimizer step of keras_adam.Adam beside keras.optimizers.Adam.
 
 Run:  python -m keras_adam.benchmark
-          [--cases large,many-small,mlp,embedding,monitor,fit,moments,memory,sharding]
+          [--cases large,many-small,mlp,embedding,monitor,fit,moments,memory,sharding,
+                   warmup]
           [--repeats 15] [--xla both|off|on] [--backend tensorflow|jax|torch]
           [--intra-op-threads N] [--devices 8] [--moments-on CASES]
           [--fit-models mlp,cnn,recommender,transformer] [--json [PATH]]
@@ -34,12 +35,14 @@ float32, bfloat16 and 8bit (state bytes per parameter, step time);
 gradients, optimizer state) for float32, mixed_bfloat16 and pure bfloat16
 with each moment format and weight rounding (nothing is timed);
 "sharding" (JAX) compares shard_state=True with whole state on `--devices`
-devices.
+devices. "warmup" (only when named) times the first epochs of the fit
+case's Transformer in fresh processes, with empty and with warm compile
+caches: the wait for keras_adam's compiled steps.
 
 Modules: `timing` (the harness), `cases` (what is timed, its roofline),
 `harnesses` (each backend's step and bandwidth), `monitor` (AdamMonitor's
 cost), `fit` (model.fit steps), `moments` (moment_dtype's bytes and time, training memory),
-`sharding` (shard_state on N devices),
+`sharding` (shard_state on N devices), `warmup` (first epochs in fresh processes),
 `report` (running and the table), `cli` (arguments and the launcher).
 """
 

@@ -83,7 +83,11 @@ MOMENTS = "moments"
 # for float32, mixed and pure bfloat16 training; nothing timed
 # (keras_adam/benchmark/moments.py).
 MEMORY = "memory"
-NAMES = [*CASES, MONITOR, FIT, MOMENTS, MEMORY, SHARDING]
+# The first epochs' wait for compiling, in fresh processes; minutes on torch, so
+# only when asked for (keras_adam/benchmark/warmup.py).
+WARMUP = "warmup"
+NAMES = [*CASES, MONITOR, FIT, MOMENTS, MEMORY, SHARDING, WARMUP]
+DEFAULT_NAMES = [name for name in NAMES if name != WARMUP]
 
 
 def derive(ours_ms, builtin_ms, touched, bandwidth_gb_per_s):

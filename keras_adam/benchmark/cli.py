@@ -22,8 +22,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m keras_adam.benchmark",
                                      description=package.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(cases.NAMES),
-                        help=f"comma-separated subset of {cases.NAMES}")
+    parser.add_argument("--cases", default=",".join(cases.DEFAULT_NAMES),
+                        help=f"comma-separated subset of {cases.NAMES} (default: all "
+                             f"but {cases.WARMUP})")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per measurement")
     parser.add_argument("--min-seconds", type=float, default=0.1,
                         help="each repeat runs enough steps to last about this long")

@@ -19,6 +19,7 @@ from keras_adam.benchmark import moments
 from keras_adam.benchmark import monitor
 from keras_adam.benchmark import sharding
 from keras_adam.benchmark import timing
+from keras_adam.benchmark import warmup
 
 
 def progress(message):
@@ -44,8 +45,11 @@ def run(args):
     progress(f"  {bandwidth:.1f} GB/s")
     wanted = {"both": (False, True), "off": (False,), "on": (True,)}[args.xla]
     results, monitor_result, sharding_result, fit_rows = [], None, None, None
-    moment_rows = memory_rows = None
+    moment_rows = memory_rows = warmup_rows = None
     for name in args.cases:
+        if name == case_table.WARMUP:
+            warmup_rows = warmup.run(args.backend, progress)
+            continue
         if name == case_table.MEMORY:
             progress("    memory: training bytes per parameter ...")
             memory_rows = moments.memory_rows(keras, keras_adam)
@@ -89,7 +93,7 @@ def run(args):
         "framework": _framework_version(args.backend),
         "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor_result,
         "sharding": sharding_result, "fit": fit_rows, "moments": moment_rows,
-        "memory": memory_rows,
+        "memory": memory_rows, "warmup": warmup_rows,
     }
 
 
@@ -173,6 +177,8 @@ def format_table(report):
     result = report.get("sharding")
     if result:
         lines += ["", _sharding_table(result)]
+    if report.get("warmup"):
+        lines += ["", warmup.format_rows(report["warmup"])]
     return "\n".join(lines)
 
 
