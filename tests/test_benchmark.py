@@ -353,10 +353,11 @@ def test_warmup_case_rows_come_from_its_processes(monkeypatch):
 
 def test_warmup_child_times_a_second_model(monkeypatch, tmp_path):
     """The child's epochs on the active backend: a first model's first epoch,
-    and a second model's first and second (no timing is asserted)."""
+    and a second model's first and second (no timing is asserted; float32,
+    the variant that compiles least: what is checked is the plumbing)."""
     from keras_adam.benchmark import warmup
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    result = warmup.epochs("bfloat16 moments", second=True)
+    result = warmup.epochs("float32", second=True)
     assert set(result) == {"first", "second", "later"}
     assert all(seconds > 0 for seconds in result.values())
