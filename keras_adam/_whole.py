@@ -83,6 +83,7 @@ class Whole:
         self._waiting = None  # calls waiting within `together`
         self._layouts = {}  # `_layout_key`'s
         self._batches = {}  # `_row_keys`' constants per set of variables
+        self._bounds = {}  # a Python float bound K as a tensor
 
     def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
@@ -184,6 +185,13 @@ class Whole:
         if noise is not None:  # the streams' keys, computed here
             noise = self._row_keys(storage, batch, noise) if first.targets[3] else (
                 self._stream_keys(storage, index, noise),)
+        if isinstance(bound, float) and backends.whole_any_length():
+            # Compiled with dynamic shapes, a function traces a Python float
+            # argument as a symbol, then restarts its analysis to fix it (some
+            # seconds of a first step): K is given as a tensor (the same float32).
+            if bound not in self._bounds:
+                self._bounds[bound] = ops.convert_to_tensor(bound, "float32")
+            bound = self._bounds[bound]
         theta, values = self._functions[first.key](gradient, theta, values, fields,
                                                    (bound, noise))
         new = [theta] + [x for slot in values for x in slot]

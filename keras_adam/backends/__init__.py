@@ -234,7 +234,9 @@ def reshape(x, shape):
     function guards on whether its inputs require grad, and a variable's do
     where joined variables' do not."""
     if keras.backend.backend() == "torch":
-        return x.detach().reshape(shape)
+        from keras_adam.backends import torch
+
+        return torch.reshaped(x, shape)
     return ops.reshape(x, shape)
 
 

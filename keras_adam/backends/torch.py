@@ -226,12 +226,25 @@ def owners(starts, positions):
 def concatenate_rows(tensors):
     """`tensors` joined along their first axis (`ops.concatenate`'s dispatch costs
     some microseconds per tensor, where many small variables are joined).
+    Like `reshaped`'s tensors, not a view."""
+    return torch.cat(tensors)
 
-    Given as a view of the result: a compiled function guards on whether an
-    input is a view, and a variable's tensors are given as views.
+
+def reshaped(x, shape):
+    """`x` detached and reshaped, as a tensor of its own over `x`'s memory: not a
+    view, where `x.reshape` gives one.
+
+    A compiled function guards on the inputs' views: on whether an input is
+    one, and on its base's shape (a variable of 4 x 16 x 64 given in rows of
+    256 failed the guard set by one of 2000 x 64 in rows of 64, and the
+    function was traced again, seconds of a first step). A tensor of its
+    own (`Tensor.set_` on the same storage) has no base to guard on.
     """
-    joined = torch.cat(tensors)
-    return joined.view(joined.shape)
+    view = x.detach().reshape(shape)
+    if view._base is None:  # reshape copied (x not contiguous): already its own
+        return view
+    own = torch.empty(0, dtype=view.dtype, device=view.device)
+    return own.set_(view.untyped_storage(), view.storage_offset(), view.size(), view.stride())
 
 
 def split_rows(x, sizes):
