@@ -241,8 +241,10 @@ def reshaped(x, shape):
     own (`Tensor.set_` on the same storage) has no base to guard on.
     """
     view = x.detach().reshape(shape)
-    if view._base is None:  # reshape copied (x not contiguous): already its own
-        return view
+    # Traced into an outer graph (Keras's jit_compile=True), the function is
+    # inlined, with no guards of its own (and Dynamo cannot trace `set_`).
+    if view._base is None or torch.compiler.is_compiling():
+        return view  # (no base: reshape copied, x not contiguous)
     own = torch.empty(0, dtype=view.dtype, device=view.device)
     return own.set_(view.untyped_storage(), view.storage_offset(), view.size(), view.stride())
 
