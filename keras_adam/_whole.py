@@ -17,7 +17,11 @@ composed into one function of tensors,
 and given to the backend's compiler (`keras_adam.backends.compile_whole`):
 one XLA cluster on TensorFlow, with or without XLA around it; torch.compile
 on torch; on JAX the function as it is, since jax.jit compiles the whole
-training step. The caller assigns theta' and values'.
+training step. The caller assigns theta' and values'; on torch, outside
+Keras's scopes and an outer torch.compile (`backends.whole_in_place`), the
+compiled function writes them into theta and values, which are the
+variables' own memory: no new tensors of their size, and no pass to copy
+them.
 
 The arithmetic is the portable path's, op for op. A compiler may still fuse
 a multiplication and an addition into one rounding, so results agree with
@@ -110,8 +114,9 @@ class Whole:
         # first step waits for each).
         given = storage.given_shapes(index) if backends.whole_any_length() else None
         flat = given is not None
+        in_place = backends.whole_in_place()
         key = (self._layout_key(storage, index, variable, flat), hyper, bound is None,
-               noise is None, rounds, rate)
+               noise is None, rounds, rate, in_place)
         if key not in self._functions:
             # The scalars are in the compute dtype (`variable` may be a tf.Variable).
             dtype = keras.backend.standardize_dtype(scalars.lr.dtype)
@@ -120,23 +125,25 @@ class Whole:
                                       rate, flat)
 
             self._functions[key] = (
-                _shared(key + (dtype,), make, flat) if backends.whole_shared()
-                else backends.compile_whole(make(), any_length=flat))
+                _shared(key + (dtype,), make, flat, in_place) if backends.whole_shared()
+                else backends.compile_whole(make(), any_length=flat, in_place=in_place))
         held = storage.held(index)
         theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
         values = tuple(tuple(h.value for h in slot) for slot in held)
+        waits = self._waiting is not None and flat and math.prod(variable.shape) < TOGETHER_BELOW
         if flat:
             shape, shapes = given
             if noise is not None and len(shape) == 1:  # element-wise: in rows (`_row_length`)
                 shape = (-1, _row_length(math.prod(variable.shape)))
                 shapes = tuple(tuple(shape for _ in slot) for slot in shapes)
-            reshape = backends.reshape
+            # A call that waits is joined with others (a new tensor): views will do.
+            reshape = backends.view if waits else backends.reshape
             gradient, theta = reshape(gradient, shape), reshape(theta, shape)
             values = tuple(tuple(reshape(x, s) for x, s in zip(slot, slot_shapes))
                            for slot, slot_shapes in zip(values, shapes))
         call = _Call(key, gradient, theta, values, (variable, held, assign, flat),
                      (scalars, bound, noise), (storage, index))
-        if self._waiting is not None and flat and call.size < TOGETHER_BELOW:
+        if waits:
             return self._waiting.append(call)
         self._run([call])
 
@@ -177,7 +184,10 @@ class Whole:
         first = batch[0]
         parts = [(c.gradient, c.theta) + tuple(x for slot in c.values for x in slot)
                  for c in batch]
-        joined = [backends.concatenate_rows(p) for p in zip(*parts)]
+        if len(batch) == 1:  # a waiting call left alone: its tensors of their own (`apply`)
+            joined = [backends.reshape(x, x.shape) for x in parts[0]]
+        else:
+            joined = [backends.concatenate_rows(p) for p in zip(*parts)]
         gradient, theta, rest = joined[0], joined[1], iter(joined[2:])
         values = tuple(tuple(next(rest) for _ in slot) for slot in first.values)
         (scalars, bound, noise), (storage, index) = first.step, first.source
@@ -192,15 +202,16 @@ class Whole:
             if bound not in self._bounds:
                 self._bounds[bound] = ops.convert_to_tensor(bound, "float32")
             bound = self._bounds[bound]
-        theta, values = self._functions[first.key](gradient, theta, values, fields,
-                                                   (bound, noise))
+        results = self._functions[first.key](gradient, theta, values, fields, (bound, noise))
+        if not first.in_place:  # else theta and values now hold the results
+            theta, values = results
         new = [theta] + [x for slot in values for x in slot]
         pieces = [backends.split_rows(x, [p[i + 1] for p in parts]) for i, x in enumerate(new)]
         pairs = []
         for call, results in zip(batch, zip(*pieces)):
             variable, held, assign, flat = call.targets
             targets = [variable] + [h for slot in held for h in slot]
-            pairs += [(h, backends.reshape(x, h.shape) if flat else x)
+            pairs += [(h, backends.view(x, h.shape) if flat else x)
                       for h, x in zip(targets, results)]
         backends.assign_all(first.targets[2], pairs)
 
@@ -273,7 +284,7 @@ _SHARED = {}
 _SHARED_MOST = 256
 
 
-def _shared(key, make, any_length):
+def _shared(key, make, any_length, in_place):
     """The compiled step of `key` (`backends.compile_whole` of `make()`), made once
     per process and backend.
 
@@ -285,7 +296,8 @@ def _shared(key, make, any_length):
     if key not in _SHARED:
         if len(_SHARED) >= _SHARED_MOST:
             del _SHARED[next(iter(_SHARED))]
-        _SHARED[key] = backends.compile_whole(make(), any_length=any_length)
+        _SHARED[key] = backends.compile_whole(make(), any_length=any_length,
+                                              in_place=in_place)
     return _SHARED[key]
 
 
@@ -297,14 +309,17 @@ TOGETHER_BELOW = 1 << 16
 
 def _row_length(size):
     """The rows in which an element-wise layout whose elements draw random numbers
-    is given: 16 elements, or the largest power of two under 16 dividing `size`,
+    is given: 16 elements (256 for a variable of its own call, at least
+    `TOGETHER_BELOW`: fewer rows, each found once), or the largest power of
+    two under that dividing `size`,
     so that a compiled function finds each row's variable once per row, not
     per element (`_rounding.Keys`), with vectorised loops along it. Two rows
     at least where the size allows (torch compiles a dimension of 1 apart):
     a variable of 16 is 2 rows of 8; an odd size (or 2) is rows of 1 (one
     more compilation, for all such).
     """
-    return next((n for n in (16, 8, 4, 2) if size % n == 0 and size // n >= 2), 1)
+    lengths = (256, 128, 64, 32, 16, 8, 4, 2) if size >= TOGETHER_BELOW else (16, 8, 4, 2)
+    return next((n for n in lengths if size % n == 0 and size // n >= 2), 1)
 
 
 @dataclasses.dataclass
@@ -319,6 +334,11 @@ class _Call:
     targets: tuple
     step: tuple  # (the rule's scalars, moment bound, noise)
     source: tuple  # (storage, the model variable's index)
+
+    @property
+    def in_place(self):
+        # Whether the function writes its results into its inputs (`Whole.apply`'s key).
+        return self.key[-1]
 
     @property
     def size(self):

@@ -3,6 +3,8 @@
 Skips only where the torch backend is not the active one.
 """
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -298,8 +300,8 @@ def test_small_variables_run_together_with_the_bits_of_one_call_each(
     calls = []
     real_compile = backends.compile_whole
 
-    def counting_compile(fn, any_length=False):
-        compiled = real_compile(fn, any_length)
+    def counting_compile(fn, **kwargs):
+        compiled = real_compile(fn, **kwargs)
 
         def run(*args):
             calls.append(1)
@@ -341,6 +343,68 @@ def test_small_variables_run_together_with_the_bits_of_one_call_each(
         # The same element-wise function on the same elements (8-bit blocks are
         # rows, which concatenating keeps whole): the same bits.
         np.testing.assert_array_equal(a, b)
+
+
+# 8-bit codes with bfloat16 weights (stochastic rounding) and bfloat16 moments
+# (stochastic too): between them, every tensor the step writes.
+@pytest.mark.parametrize("moment_dtype,dtype", [("8bit", "bfloat16"), ("bfloat16", "float32")])
+def test_the_step_written_in_place_has_the_bits_of_the_step_assigned(
+        monkeypatch, moment_dtype, dtype):
+    """Outside Keras's scopes the compiled step writes theta and the moments into
+    the variables' own memory (`backends.whole_in_place`). The oracle is the
+    same step returning its results, which are then assigned: the bits
+    must be equal (a read after a write within the step would differ).
+    Written in place, a variable of its own call needs no copy at all; and
+    `stateless_apply` must leave the tensors it is given untouched."""
+    from keras_adam import _whole
+    from keras_adam import backends
+
+    shapes = [(40, 300), (6, 8), (4, 8)]  # one of its own call, two joined
+    copied = []
+    real_copy = torch._foreach_copy_
+
+    def counting_copy(targets, values):
+        copied.extend(tuple(t.shape) for t in targets)
+        return real_copy(targets, values)
+
+    real_in_place = backends.whole_in_place
+
+    def run(in_place):
+        monkeypatch.setattr(backends, "whole_in_place", real_in_place if in_place else bool)
+        monkeypatch.setattr(_whole, "TOGETHER_BELOW", 64)  # the small ones are joined
+        monkeypatch.setattr(_whole, "_SHARED", {})
+        keras.utils.set_random_seed(5)
+        rng = np.random.default_rng(12)
+        variables = [keras.Variable(rng.normal(size=s), dtype=dtype) for s in shapes]
+        eight_bit = {"min_8bit_size": 1} if moment_dtype == "8bit" else {}
+        optimizer = keras_adam.Adam(learning_rate=1e-2, moment_dtype=moment_dtype, **eight_bit)
+        steps = [[keras.ops.convert_to_tensor(rng.normal(size=s), dtype) for s in shapes]
+                 for _ in range(4)]
+        monkeypatch.setattr(torch, "_foreach_copy_", counting_copy)
+        copied.clear()
+        for grads in steps[:3]:
+            optimizer.apply(grads, variables)
+        monkeypatch.setattr(torch, "_foreach_copy_", real_copy)
+        state = [keras.ops.copy(keras.ops.convert_to_tensor(v)) for v in optimizer.variables]
+        given = [keras.ops.copy(x) for x in state]
+        weights = [keras.ops.copy(keras.ops.convert_to_tensor(v)) for v in variables]
+        new_variables, new_state = optimizer.stateless_apply(state, steps[3], weights)
+        for before, after in zip(given, state):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(before),
+                                          keras.ops.convert_to_numpy(after))
+        values = list(variables) + list(optimizer.variables) + new_variables + new_state
+        return [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")) for x in values], \
+            list(copied)
+
+    written, written_copies = run(True)
+    assigned, assigned_copies = run(False)
+    assert len(written) == len(assigned)
+    for a, b in zip(written, assigned):
+        np.testing.assert_array_equal(a, b)
+    # Assigned, every variable is copied at every step; written in place, only
+    # the joined small ones (their results are in the joined tensors).
+    assert (40, 300) in assigned_copies
+    assert written_copies and max(math.prod(s) for s in written_copies) <= 6 * 8
 
 
 def test_the_compiled_8bit_step_equals_the_uncompiled_one_where_a_row_ends_in_a_short_block(

@@ -240,6 +240,15 @@ def reshape(x, shape):
     return ops.reshape(x, shape)
 
 
+def view(x, shape):
+    """`ops.reshape(x, shape)`; on torch the tensor's own method, a view where it can
+    be (without Keras's dispatch): for tensors that are joined or assigned,
+    not given to a compiled function (`reshape`)."""
+    if keras.backend.backend() == "torch":
+        return x.reshape(shape)
+    return ops.reshape(x, shape)
+
+
 def concatenate_rows(tensors):
     """`tensors` joined along their first axis (the one tensor itself for one)."""
     if len(tensors) == 1:
@@ -276,19 +285,37 @@ def assign_all(assign, pairs):
         assign(variable, value)
 
 
-def compile_whole(fn, any_length=False):
+def compile_whole(fn, any_length=False, in_place=False):
     """`fn` (a whole variable's step, `keras_adam._whole`) compiled for eager callers:
     one XLA cluster on TensorFlow, torch.compile on torch; as is on JAX, whose
     jit compiles it with the training step. With `any_length`, one compiled
-    function serves tensors of every length."""
+    function serves tensors of every length. With `in_place` (where
+    `whole_in_place()`), the function writes its results into its inputs
+    theta and values and returns nothing."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         return compiled(fn)
     if backend == "torch":
         from keras_adam.backends import torch
 
-        return torch.compiled(fn, any_length)
+        return torch.compiled(torch.in_place(fn) if in_place else fn, any_length)
     return fn
+
+
+def whole_in_place():
+    """Whether `compile_whole(fn, in_place=True)` may be called now: on torch, outside
+    an outer torch.compile and Keras's scopes (`torch.writes_in_place`).
+
+    A compiled step that returns its results writes them to new tensors,
+    which are then copied into the variables: one more pass over theta and
+    the moments, and their size again in memory while it lasts. Written in
+    place, the results go straight into the variables' memory. TensorFlow's
+    and JAX's functions are pure (XLA reuses donated buffers itself)."""
+    if keras.backend.backend() != "torch":
+        return False
+    from keras_adam.backends import torch
+
+    return torch.writes_in_place()
 
 
 # Row primitives. Row-sparse gradients exist only on TensorFlow, so only its

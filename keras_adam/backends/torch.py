@@ -258,13 +258,51 @@ def assign_all(pairs):
     """Each (Keras variable, tensor) of `pairs` assigned in one foreach copy, as
     `variable.assign(tensor)` would (tensors of the variable's shape); False,
     assigning nothing, inside a Keras scope, where a variable's `value` is
-    not its own tensor and assignments go through the scope."""
+    not its own tensor and assignments go through the scope.
+
+    A tensor that is the variable's own memory (a step written in place,
+    `in_place`) is already assigned: it is not copied onto itself."""
     if _keras_scope_active():
         return False
-    with torch.no_grad():
-        torch._foreach_copy_([variable.value for variable, _ in pairs],
-                             [value for _, value in pairs])
+    targets, values = [], []
+    for variable, value in pairs:
+        target = variable.value
+        if value.data_ptr() != target.data_ptr() or value.numel() != target.numel():
+            targets.append(target)
+            values.append(value)
+    if targets:
+        with torch.no_grad():
+            torch._foreach_copy_(targets, values)
     return True
+
+
+def writes_in_place():
+    """`keras_adam.backends.whole_in_place` on torch: not while torch.compile traces
+    (Keras's jit_compile=True: the step is traced into the outer graph, which
+    assigns its results), nor in a Keras scope, where a variable's `value`
+    may be another tensor than its own (`stateless_apply` must not write
+    into the state it is given)."""
+    return not torch.compiler.is_compiling() and not _keras_scope_active()
+
+
+def in_place(fn):
+    """`fn`, a whole variable's step `(gradient, theta, values, fields, state) ->
+    (theta', values')` (`keras_adam._whole`), writing theta' and values'
+    into theta and values and returning nothing.
+
+    Compiled, Inductor stores the results straight into the inputs' memory
+    (the copies fuse into the step's loops): where theta and values are the
+    variables' own tensors (`reshaped`), the step makes no new tensor of
+    their size and no second pass to assign them.
+    """
+    def step(gradient, theta, values, fields, state):
+        new_theta, new_values = fn(gradient, theta, values, fields, state)
+        theta.copy_(new_theta)
+        for slot, new_slot in zip(values, new_values):
+            for x, new in zip(slot, new_slot):
+                x.copy_(new)
+
+    return step
 
 
 def _keras_scope_active():
