@@ -265,7 +265,7 @@ def test_fit_case_rows_and_columns(monkeypatch):
 
 # ms per step of each moment format, three repeats each (as FIT_STEP_MS).
 MOMENT_STEP_MS = {"float32": [4.0, 2.0, 40.0], "bfloat16": [5.0, 6.0, 1.0],
-                  "8bit": [8.0, 10.0, 3.0]}
+                  "8bit": [8.0, 10.0, 3.0], "pure bfloat16": [6.0, 7.0, 2.0]}
 
 
 def test_moments_case_bytes_and_ratios(monkeypatch):
@@ -278,14 +278,17 @@ def test_moments_case_bytes_and_ratios(monkeypatch):
     rows = moments.moment_formats(keras, keras_adam, harness, harness.xla_modes, 3, 0.0,
                                   lambda message: None, case=case)
     assert [(r["format"], r["xla"]) for r in rows] == [
-        (f, x) for x in harness.xla_modes for f in ("float32", "bfloat16", "8bit")]
+        (f, x) for x in harness.xla_modes
+        for f in ("float32", "bfloat16", "8bit", "pure bfloat16")]
     # The closed forms: 2 moments of 4 or 2 bytes; in 8 bits the 65,536-element
     # kernel has 1 byte per code plus 4 per block of 256, the 300-element bias
-    # (below min_8bit_size) keeps float32 m and v.
+    # (below min_8bit_size) keeps float32 m and v. Pure bfloat16: bfloat16 m
+    # and v, and the int32 seed of the weights' stochastic rounding.
     quantized = 2 * (64 * 1024 * (1 + 4 / 256)) + 2 * 4 * 300
-    expected = {"float32": 8.0, "bfloat16": 4.0, "8bit": quantized / case.parameters}
-    # The medians are 4, 5 and 8 ms: each format's step over float32's.
-    vs_float32 = {"float32": 1.0, "bfloat16": 1.25, "8bit": 2.0}
+    expected = {"float32": 8.0, "bfloat16": 4.0, "8bit": quantized / case.parameters,
+                "pure bfloat16": 4.0 + 4 / case.parameters}
+    # The medians are 4, 5, 8 and 6 ms: each format's step over float32's.
+    vs_float32 = {"float32": 1.0, "bfloat16": 1.25, "8bit": 2.0, "pure bfloat16": 1.5}
     for r in rows:
         assert r["bytes_per_parameter"] == pytest.approx(expected[r["format"]])
         assert r["vs_float32"] == pytest.approx(vs_float32[r["format"]], rel=1e-12)

@@ -57,8 +57,8 @@ class TensorFlowHarness:
             return [tf.IndexedSlices(values, indices, tf.constant(case.shapes[0], tf.int64))]
         return [tf.random.normal(s, seed=100 + i) for i, s in enumerate(case.shapes)]
 
-    def step(self, keras, optimizer, shapes, grads, xla):
-        variables = [keras.Variable(self.tf.random.normal(s, seed=i), name=f"w{i}")
+    def step(self, keras, optimizer, shapes, grads, xla, dtype="float32"):
+        variables = [keras.Variable(self.tf.random.normal(s, seed=i), name=f"w{i}", dtype=dtype)
                      for i, s in enumerate(shapes)]
         optimizer.build(variables)
 
@@ -95,9 +95,9 @@ class JaxHarness:
         keys = self.jax.random.split(self.jax.random.key(100), len(case.shapes))
         return [self.jax.random.normal(k, s) for k, s in zip(keys, case.shapes)]
 
-    def step(self, keras, optimizer, shapes, grads, xla):
+    def step(self, keras, optimizer, shapes, grads, xla, dtype="float32"):
         keys = self.jax.random.split(self.jax.random.key(0), len(shapes))
-        variables = [keras.Variable(self.jax.random.normal(k, s), name=f"w{i}")
+        variables = [keras.Variable(self.jax.random.normal(k, s), name=f"w{i}", dtype=dtype)
                      for i, (k, s) in enumerate(zip(keys, shapes))]
         optimizer.build(variables)
         apply = self.jax.jit(lambda t, o, g: optimizer.stateless_apply(o, g, t),
@@ -142,10 +142,10 @@ class TorchHarness:
         gen = self.torch.Generator(device=self.device).manual_seed(100)
         return [self.torch.randn(s, generator=gen, device=self.device) for s in case.shapes]
 
-    def step(self, keras, optimizer, shapes, grads, xla):
+    def step(self, keras, optimizer, shapes, grads, xla, dtype="float32"):
         gen = self.torch.Generator(device=self.device).manual_seed(0)
         variables = [keras.Variable(self.torch.randn(s, generator=gen, device=self.device),
-                                    name=f"w{i}") for i, s in enumerate(shapes)]
+                                    name=f"w{i}", dtype=dtype) for i, s in enumerate(shapes)]
         optimizer.build(variables)
 
         def step():

@@ -3,7 +3,9 @@
 `python -m keras_adam.benchmark --cases moments`.
 
 On the large case's shapes (four 2000 x 2000 variables), one keras_adam step
-per stored format, timed interleaved with float32 moments in the same run,
+per stored format, and one of pure bfloat16 training (bfloat16 variables and
+moments, the variables written with stochastic rounding), timed interleaved
+with float32 moments in the same run,
 the way the backend's trainer runs it (`harnesses`), with and without XLA
 where the backend has both. The state bytes are measured from the
 optimizer's variables (every one but the step counter and the learning
@@ -17,7 +19,11 @@ import statistics
 from keras_adam.benchmark import cases as case_table
 from keras_adam.benchmark import timing
 
-FORMATS = {"float32": None, "bfloat16": "bfloat16", "8bit": "8bit"}
+# name: (moment_dtype, the variables' and gradients' dtype). "pure bfloat16" is
+# bfloat16 variables (written with stochastic rounding, the default) and their
+# default moments (bfloat16): the whole step of pure bfloat16 training.
+FORMATS = {"float32": (None, "float32"), "bfloat16": ("bfloat16", "float32"),
+           "8bit": ("8bit", "float32"), "pure bfloat16": (None, "bfloat16")}
 
 
 def variable_bytes(keras, variable):
@@ -45,10 +51,14 @@ def moment_formats(keras, keras_adam, harness, xla_modes, repeats, min_seconds, 
     grads = harness.gradients(case)
     rows = []
     for xla in xla_modes:
-        progress(f"   moments xla={'on' if xla else 'off'}: float32, bfloat16, 8bit ...")
-        optimizers = {name: keras_adam.Adam(moment_dtype=dtype) for name, dtype in FORMATS.items()}
-        steps = {name: harness.step(keras, optimizer, case.shapes, grads, xla)
-                 for name, optimizer in optimizers.items()}
+        progress(f"   moments xla={'on' if xla else 'off'}: {', '.join(FORMATS)} ...")
+        optimizers = {name: keras_adam.Adam(moment_dtype=moments)
+                      for name, (moments, _) in FORMATS.items()}
+        steps = {}
+        for name, optimizer in optimizers.items():
+            dtype = FORMATS[name][1]
+            given = grads if dtype == "float32" else [keras.ops.cast(g, dtype) for g in grads]
+            steps[name] = harness.step(keras, optimizer, case.shapes, given, xla, dtype)
         timings = timing.time_interleaved(steps, repeats, min_seconds)
         base = statistics.median(timings["float32"])
         for name, optimizer in optimizers.items():
