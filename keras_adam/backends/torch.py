@@ -26,6 +26,7 @@ import warnings
 
 import numpy as np
 import torch
+from torch._dynamo import config as dynamo_config
 
 from keras_adam import _rule
 
@@ -375,6 +376,13 @@ def compiled(fn, any_length=False):
     def run(*args):
         if state["failed"] or torch.compiler.is_compiling():
             return fn(*args)
+        # Python floats that `fn` reads (constants of the codec, the rule's
+        # epsilon) are constants: compiled with dynamic shapes, Dynamo would
+        # trace them as symbols, then restart its analysis to fix them (the
+        # tracing done twice, seconds of a first step). The setting is
+        # Dynamo's, process-wide, and restored after the call.
+        specialize_float = dynamo_config.specialize_float
+        dynamo_config.specialize_float = True
         try:
             # Without autograd: a variable's tensor requires grad, and the
             # compiled function would otherwise be wrapped for a backward pass
@@ -387,6 +395,8 @@ def compiled(fn, any_length=False):
             state["failed"] = True
             _warn_once(error)
             return fn(*args)
+        finally:
+            dynamo_config.specialize_float = specialize_float
 
     return run
 
