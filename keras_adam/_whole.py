@@ -19,9 +19,10 @@ one XLA cluster on TensorFlow, with or without XLA around it; torch.compile
 on torch; on JAX the function as it is, since jax.jit compiles the whole
 training step. The caller assigns theta' and values'; on torch, outside
 Keras's scopes and an outer torch.compile (`backends.whole_in_place`), the
-compiled function writes them into theta and values, which are the
-variables' own memory: no new tensors of their size, and no pass to copy
-them.
+compiled function writes them into theta and values. For a variable of its
+own call these are the variables' own memory: no new tensors of their
+size, and no pass to copy them (joined small variables, and a variable
+whose tensor is not contiguous, are still copied back).
 
 The arithmetic is the portable path's, op for op. A compiler may still fuse
 a multiplication and an addition into one rounding, so results agree with
@@ -309,8 +310,8 @@ TOGETHER_BELOW = 1 << 16
 
 def _row_length(size):
     """The rows in which an element-wise layout whose elements draw random numbers
-    is given: 16 elements (256 for a variable of its own call, at least
-    `TOGETHER_BELOW`: fewer rows, each found once), or the largest power of
+    is given: 16 elements (256 for a variable of at least `TOGETHER_BELOW`,
+    which has its own call: fewer rows, each found once), or the largest power of
     two under that dividing `size`,
     so that a compiled function finds each row's variable once per row, not
     per element (`_rounding.Keys`), with vectorised loops along it. Two rows

@@ -394,11 +394,17 @@ def test_the_step_written_in_place_has_the_bits_of_the_step_assigned(
         optimizer = keras_adam.Adam(learning_rate=1e-2, moment_dtype=moment_dtype, **eight_bit)
         steps = [[keras.ops.convert_to_tensor(rng.normal(size=s), dtype) for s in shapes]
                  for _ in range(4)]
+        # A graph that saved a variable's tensor: after a step, autograd must know
+        # that the tensor changed (a copy tells it; a write in place must too).
+        weight = variables[0].value
+        saved = (weight * weight).sum()
         monkeypatch.setattr(torch, "_foreach_copy_", counting_copy)
         copied.clear()
         for grads in steps[:3]:
             optimizer.apply(grads, variables)
         monkeypatch.setattr(torch, "_foreach_copy_", real_copy)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()
         state = [keras.ops.copy(keras.ops.convert_to_tensor(v)) for v in optimizer.variables]
         given = [keras.ops.copy(x) for x in state]
         weights = [keras.ops.copy(keras.ops.convert_to_tensor(v)) for v in variables]

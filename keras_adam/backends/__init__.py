@@ -241,11 +241,13 @@ def reshape(x, shape):
 
 
 def view(x, shape):
-    """`ops.reshape(x, shape)`; on torch the tensor's own method, a view where it can
-    be (without Keras's dispatch): for tensors that are joined or assigned,
-    not given to a compiled function (`reshape`)."""
+    """`ops.reshape(x, shape)`; on torch the tensor's own method, detached, a view
+    where it can be (without Keras's dispatch): for tensors that are joined
+    or assigned, not given to a compiled function as they are (`reshape`).
+    Detached, as `reshape`'s: tensors joined from them are given to the
+    function that `reshape`'s tensors are given to."""
     if keras.backend.backend() == "torch":
-        return x.reshape(shape)
+        return x.detach().reshape(shape)
     return ops.reshape(x, shape)
 
 

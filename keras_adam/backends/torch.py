@@ -20,7 +20,9 @@ those variables use the portable path. Decoupled weight decay is applied by
 Keras before this step, so the kernel's own is 0.
 """
 
+import contextlib
 import math
+import threading
 import types
 import warnings
 
@@ -265,12 +267,24 @@ def assign_all(pairs):
     `in_place`) is already assigned: it is not copied onto itself."""
     if _keras_scope_active():
         return False
-    targets, values = [], []
-    for variable, value in pairs:
-        target = variable.value
-        if value.data_ptr() != target.data_ptr() or value.numel() != target.numel():
-            targets.append(target)
-            values.append(value)
+    if torch.compiler.is_compiling():
+        # Traced (jit_compile=True): nothing was written in place, and comparing
+        # data pointers would break the graph.
+        targets, values = [variable.value for variable, _ in pairs], [v for _, v in pairs]
+        written = []
+    else:
+        targets, values, written = [], [], []
+        for variable, value in pairs:
+            target = variable.value
+            if value.data_ptr() == target.data_ptr() and value.numel() == target.numel():
+                written.append(target)
+            else:
+                targets.append(target)
+                values.append(value)
+    if written:
+        # Written through a tensor of its own over the same memory: autograd
+        # learns of it as of a copy (a graph that saved the tensor then raises).
+        torch.autograd.graph.increment_version(written)
     if targets:
         with torch.no_grad():
             torch._foreach_copy_(targets, values)
@@ -374,31 +388,53 @@ def compiled(fn, any_length=False):
     state = {"failed": False}
 
     def run(*args):
-        if state["failed"] or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return fn(*args)
-        # Python floats that `fn` reads (constants of the codec, the rule's
-        # epsilon) are constants: compiled with dynamic shapes, Dynamo would
-        # trace them as symbols, then restart its analysis to fix them (the
-        # tracing done twice, seconds of a first step). The setting is
-        # Dynamo's, process-wide, and restored after the call.
-        specialize_float = dynamo_config.specialize_float
-        dynamo_config.specialize_float = True
-        try:
-            # Without autograd: a variable's tensor requires grad, and the
-            # compiled function would otherwise be wrapped for a backward pass
-            # (some tenths of a millisecond per call), which an update never takes.
-            with torch.no_grad():
-                return compiled_fn(*args)
-        except Exception as error:  # noqa: BLE001 - any compiler failure falls back
-            if not _backend_failure(error):
-                raise
-            state["failed"] = True
-            _warn_once(error)
-            return fn(*args)
-        finally:
-            dynamo_config.specialize_float = specialize_float
+        # Without autograd: a variable's tensor requires grad, and the compiled
+        # function would otherwise be wrapped for a backward pass (some tenths
+        # of a millisecond per call), which an update never takes; and `fn`
+        # may write into a variable's Parameter (`in_place`).
+        with torch.no_grad():
+            if state["failed"]:
+                return fn(*args)
+            try:
+                with _floats_as_constants():
+                    return compiled_fn(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler failure falls back
+                if not _backend_failure(error):
+                    raise
+                state["failed"] = True
+                _warn_once(error)
+                return fn(*args)
 
     return run
+
+
+_FLOATS = {"lock": threading.Lock(), "depth": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _floats_as_constants():
+    """Within it, Dynamo compiles the Python floats a function reads as constants.
+
+    The whole-variable step reads some (the codec's constants, the rule's
+    epsilon). Compiled with dynamic shapes, Dynamo would trace them as
+    symbols, then restart its analysis to fix them: the tracing done twice,
+    seconds of a first step. The setting is Dynamo's and process-wide: it is
+    set on the first entry of any thread and restored on the last exit.
+    """
+    with _FLOATS["lock"]:
+        if _FLOATS["depth"] == 0:
+            _FLOATS["saved"] = dynamo_config.specialize_float
+            dynamo_config.specialize_float = True
+        _FLOATS["depth"] += 1
+    try:
+        yield
+    finally:
+        with _FLOATS["lock"]:
+            _FLOATS["depth"] -= 1
+            if _FLOATS["depth"] == 0:
+                dynamo_config.specialize_float = _FLOATS["saved"]
 
 
 def _backend_failure(error):
