@@ -86,6 +86,7 @@ class Whole:
         self._keys = None  # (t, seed, graph, every stream's key) of the last step
         self._fields = None  # (scalars, their fields as a tuple) of the last step
         self._waiting = None  # calls waiting within `together`
+        self._in_place = None  # `backends.whole_in_place()` within `together`
         self._layouts = {}  # `_layout_key`'s
         self._batches = {}  # `_row_keys`' constants per set of variables
         self._bounds = {}  # a Python float bound K as a tensor
@@ -115,7 +116,7 @@ class Whole:
         # first step waits for each).
         given = storage.given_shapes(index) if backends.whole_any_length() else None
         flat = given is not None
-        in_place = backends.whole_in_place()
+        in_place = backends.whole_in_place() if self._in_place is None else self._in_place
         key = (self._layout_key(storage, index, variable, flat), hyper, bound is None,
                noise is None, rounds, rate, in_place)
         if key not in self._functions:
@@ -131,20 +132,16 @@ class Whole:
         held = storage.held(index)
         theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
         values = tuple(tuple(h.value for h in slot) for slot in held)
-        waits = self._waiting is not None and flat and math.prod(variable.shape) < TOGETHER_BELOW
+        size = math.prod(variable.shape)
         if flat:
             shape, shapes = given
             if noise is not None and len(shape) == 1:  # element-wise: in rows (`_row_length`)
-                shape = (-1, _row_length(math.prod(variable.shape)))
+                shape = (-1, _row_length(size))
                 shapes = tuple(tuple(shape for _ in slot) for slot in shapes)
-            # A call that waits is joined with others (a new tensor): views will do.
-            reshape = backends.view if waits else backends.reshape
-            gradient, theta = reshape(gradient, shape), reshape(theta, shape)
-            values = tuple(tuple(reshape(x, s) for x, s in zip(slot, slot_shapes))
-                           for slot, slot_shapes in zip(values, shapes))
-        call = _Call(key, gradient, theta, values, (variable, held, assign, flat),
+            given = (shape, shapes)
+        call = _Call(key, gradient, theta, values, given, size, (variable, held, assign),
                      (scalars, bound, noise), (storage, index))
-        if waits:
+        if self._waiting is not None and flat and size < TOGETHER_BELOW:
             return self._waiting.append(call)
         self._run([call])
 
@@ -166,12 +163,14 @@ class Whole:
             # enter this step at once: leave the object alone.
             yield
             return
-        outer, self._waiting = self._waiting, []
+        # Asked once for the step's variables, not once each (some microseconds).
+        outer = self._waiting, self._in_place
+        self._waiting, self._in_place = [], backends.whole_in_place()
         try:
             yield
             waiting = self._waiting
         finally:
-            self._waiting = outer
+            self._waiting, self._in_place = outer
         batches = {}
         for call in waiting:
             batches.setdefault(call.batch_key, []).append(call)
@@ -180,21 +179,26 @@ class Whole:
 
     def _run(self, batch):
         """One call of the function of `batch`'s variables (of one function and
-        step) on their tensors concatenated along the first axis, and the
-        results assigned to each variable."""
+        step) on their tensors in the given shapes, joined along rows where
+        there are more than one, and the results assigned to each variable."""
         first = batch[0]
         parts = [(c.gradient, c.theta) + tuple(x for slot in c.values for x in slot)
                  for c in batch]
-        if len(batch) == 1:  # a waiting call left alone: its tensors of their own (`apply`)
-            joined = [backends.reshape(x, x.shape) for x in parts[0]]
+        if first.given is None:  # in the variables' own shapes (a call alone)
+            tensors = parts[0]
         else:
-            joined = [backends.concatenate_rows(p) for p in zip(*parts)]
-        gradient, theta, rest = joined[0], joined[1], iter(joined[2:])
+            shape, shapes = first.given
+            given = (shape, shape) + tuple(s for slot in shapes for s in slot)
+            if len(batch) == 1:  # tensors of their own over the variables' memory
+                tensors = [backends.reshape(x, s) for x, s in zip(parts[0], given)]
+            else:  # new tensors, each the variables' tensors one after another
+                tensors = [backends.join(p, s) for p, s in zip(zip(*parts), given)]
+        gradient, theta, rest = tensors[0], tensors[1], iter(tensors[2:])
         values = tuple(tuple(next(rest) for _ in slot) for slot in first.values)
         (scalars, bound, noise), (storage, index) = first.step, first.source
         fields = self._scalar_fields(scalars)
         if noise is not None:  # the streams' keys, computed here
-            noise = self._row_keys(storage, batch, noise) if first.targets[3] else (
+            noise = self._row_keys(storage, batch, noise) if first.given is not None else (
                 self._stream_keys(storage, index, noise),)
         if isinstance(bound, float) and backends.whole_any_length():
             # Compiled with dynamic shapes, a function traces a Python float
@@ -206,15 +210,19 @@ class Whole:
         results = self._functions[first.key](gradient, theta, values, fields, (bound, noise))
         if not first.in_place:  # else theta and values now hold the results
             theta, values = results
+        # Per tensor kind (theta, then each held one), each call's tensor, and
+        # the results cut to match (views).
+        kinds = [[p[i] for p in parts] for i in range(1, len(parts[0]))]
         new = [theta] + [x for slot in values for x in slot]
-        pieces = [backends.split_rows(x, [p[i + 1] for p in parts]) for i, x in enumerate(new)]
-        pairs = []
-        for call, results in zip(batch, zip(*pieces)):
-            variable, held, assign, flat = call.targets
-            targets = [variable] + [h for slot in held for h in slot]
-            pairs += [(h, backends.view(x, h.shape) if flat else x)
-                      for h, x in zip(targets, results)]
-        backends.assign_all(first.targets[2], pairs)
+        pieces = [x for joined, like in zip(new, kinds) for x in backends.split_like(joined, like)]
+        if len(batch) > 1 and first.in_place:
+            # Outside Keras's scopes (`whole_in_place`): the tensors taken in
+            # `apply` are the variables' own, written in one pass for all.
+            return backends.copy_into([x for like in kinds for x in like], pieces)
+        targets = [(c.targets[0],) + tuple(h for slot in c.targets[1] for h in slot)
+                   for c in batch]
+        variables = [t[i] for i in range(len(targets[0])) for t in targets]
+        backends.assign_all(first.targets[2], list(zip(variables, pieces)))
 
     def _layout_key(self, storage, index, variable, flat):
         # `Storage.layout_key` and the variable's dtype, fixed once the storage
@@ -325,13 +333,17 @@ def _row_length(size):
 
 @dataclasses.dataclass
 class _Call:
-    """One variable's `Whole.apply`: the compiled function's key and arguments, and
-    where its results go (variable, `Storage.held`, assign, whether reshaped)."""
+    """One variable's `Whole.apply`: the compiled function's key and arguments (the
+    tensors as they are, and the shapes they are given in, or None), the
+    variable's size, and where its results go (variable, `Storage.held`,
+    assign)."""
 
     key: tuple
     gradient: object
     theta: object
     values: tuple
+    given: tuple
+    size: int
     targets: tuple
     step: tuple  # (the rule's scalars, moment bound, noise)
     source: tuple  # (storage, the model variable's index)
@@ -342,17 +354,13 @@ class _Call:
         return self.key[-1]
 
     @property
-    def size(self):
-        return math.prod(self.theta.shape)
-
-    @property
     def batch_key(self):
         # Calls that may run as one: one function, one step's values and seed
-        # (alive while the calls wait, so their ids are not reused), rows of
-        # one length.
+        # (alive while the calls wait, so their ids are not reused), given in
+        # rows of one length.
         scalars, bound, noise = self.step
         return (self.key, id(scalars), id(bound), None if noise is None else tuple(map(id, noise)),
-                tuple(self.theta.shape[1:]))
+                self.given)
 
 
 def _step_function(storage, index, hyper, dtype, rounds, rate, given):

@@ -34,6 +34,8 @@ dtypes, so which variables they may take is decided here (`variable_reason`).
 The backend modules import nothing from this package.
 """
 
+import math
+
 import keras
 import numpy as np
 from keras import ops
@@ -242,37 +244,45 @@ def reshape(x, shape):
 
 def view(x, shape):
     """`ops.reshape(x, shape)`; on torch the tensor's own method, detached, a view
-    where it can be (without Keras's dispatch): for tensors that are joined
-    or assigned, not given to a compiled function as they are (`reshape`).
-    Detached, as `reshape`'s: tensors joined from them are given to the
-    function that `reshape`'s tensors are given to."""
+    where it can be (without Keras's dispatch)."""
     if keras.backend.backend() == "torch":
         return x.detach().reshape(shape)
     return ops.reshape(x, shape)
 
 
-def concatenate_rows(tensors):
-    """`tensors` joined along their first axis (the one tensor itself for one)."""
-    if len(tensors) == 1:
-        return tensors[0]
+def join(tensors, shape):
+    """`tensors` flattened, one after another, in `shape` (-1 for the rows): a new
+    tensor. On torch one call for all (no dispatch per tensor, where a
+    step joins many small variables' tensors: `keras_adam._whole`), not
+    recorded by autograd, as `reshape`'s tensors are not."""
     if keras.backend.backend() == "torch":
         from keras_adam.backends import torch
 
-        return torch.concatenate_rows(tensors)
-    return ops.concatenate(tensors, axis=0)
+        return torch.join(tensors, shape)
+    return ops.reshape(ops.concatenate([ops.reshape(x, (-1,)) for x in tensors]), shape)
 
 
-def split_rows(x, like):
-    """`x` cut along its first axis into pieces as long as the tensors `like`
-    (`x` itself for one)."""
+def split_like(x, like):
+    """`x`'s elements cut, in order, into tensors of the shapes of `like`'s (views
+    where the backend has them): `join`'s inverse."""
     if len(like) == 1:
-        return [x]
-    sizes = [int(t.shape[0]) for t in like]
+        return [view(x, like[0].shape)]
     if keras.backend.backend() == "torch":
         from keras_adam.backends import torch
 
-        return torch.split_rows(x, sizes)
-    return ops.split(x, np.cumsum(sizes)[:-1].tolist(), axis=0)
+        return torch.split_like(x, like)
+    sizes = np.cumsum([math.prod(t.shape) for t in like])[:-1].tolist()
+    return [ops.reshape(p, t.shape) for p, t in zip(ops.split(ops.reshape(x, (-1,)), sizes),
+                                                   like)]
+
+
+def copy_into(targets, values):
+    """Each of `values` copied into the tensor of `targets` at its position (of one
+    shape each), as one foreach copy: on torch, where `whole_in_place()`
+    (the targets are variables' own tensors)."""
+    from keras_adam.backends import torch
+
+    torch.copy_into(targets, values)
 
 
 def assign_all(assign, pairs):

@@ -226,11 +226,22 @@ def owners(starts, positions):
     return torch.searchsorted(starts, positions, right=True, out_int32=True) - 1
 
 
-def concatenate_rows(tensors):
-    """`tensors` joined along their first axis (`ops.concatenate`'s dispatch costs
-    some microseconds per tensor, where many small variables are joined).
-    Like `reshaped`'s tensors, not a view."""
-    return torch.cat(tensors)
+def join(tensors, shape):
+    """`keras_adam.backends.join` on torch: each tensor flattened and concatenated
+    in one call (`flatten_dense_tensors`, as DDP joins gradients into buckets)."""
+    with torch.no_grad():
+        return torch._utils._flatten_dense_tensors(tensors).view(shape)
+
+
+def split_like(x, like):
+    """`keras_adam.backends.split_like` on torch: views of `x`, in one call."""
+    return torch._utils._unflatten_dense_tensors(x.reshape(-1), like)
+
+
+def copy_into(targets, values):
+    """`keras_adam.backends.copy_into` on torch: one foreach copy, not recorded."""
+    with torch.no_grad():
+        torch._foreach_copy_(targets, values)
 
 
 def reshaped(x, shape):
@@ -250,11 +261,6 @@ def reshaped(x, shape):
         return view  # (no base: reshape copied, x not contiguous)
     own = torch.empty(0, dtype=view.dtype, device=view.device)
     return own.set_(view.untyped_storage(), view.storage_offset(), view.size(), view.stride())
-
-
-def split_rows(x, sizes):
-    """`x` cut along its first axis into pieces of `sizes` rows: views."""
-    return list(x.split(sizes))
 
 
 def assign_all(pairs):
