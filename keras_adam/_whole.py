@@ -87,7 +87,7 @@ class Whole:
         self._fields = None  # (scalars, their fields as a tuple) of the last step
         self._waiting = None  # calls waiting within `together`
         self._in_place = None  # `backends.whole_in_place()` within `together`
-        self._layouts = {}  # `_layout_key`'s
+        self._layouts = {}  # `_layout`'s
         self._batches = {}  # `_row_keys`' constants per set of variables
         self._bounds = {}  # a Python float bound K as a tensor
 
@@ -109,16 +109,11 @@ class Whole:
             assign: the optimizer's `assign` (tf.distribute-aware).
         """
         (hyper, scalars), (bound, noise, rate) = rule, state
-        rounds = storage.rounding(variable) == "stochastic"
-        # Where the backend compiles one function for every length, the tensors
-        # are given in the layout's `given_shapes` (flat, or one 8-bit block per
-        # row): one compilation per format and dtype, not per shape (a model's
-        # first step waits for each).
-        given = storage.given_shapes(index) if backends.whole_any_length() else None
+        layout, rounds, given, size, held = self._layout(
+            storage, index, variable, backends.whole_any_length(), noise is not None)
         flat = given is not None
         in_place = backends.whole_in_place() if self._in_place is None else self._in_place
-        key = (self._layout_key(storage, index, variable, flat), hyper, bound is None,
-               noise is None, rounds, rate, in_place)
+        key = (layout, hyper, bound is None, noise is None, rounds, rate, in_place)
         if key not in self._functions:
             # The scalars are in the compute dtype (`variable` may be a tf.Variable).
             dtype = keras.backend.standardize_dtype(scalars.lr.dtype)
@@ -129,16 +124,8 @@ class Whole:
             self._functions[key] = (
                 _shared(key + (dtype,), make, flat, in_place) if backends.whole_shared()
                 else backends.compile_whole(make(), any_length=flat, in_place=in_place))
-        held = storage.held(index)
         theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
         values = tuple(tuple(h.value for h in slot) for slot in held)
-        size = math.prod(variable.shape)
-        if flat:
-            shape, shapes = given
-            if noise is not None and len(shape) == 1:  # element-wise: in rows (`_row_length`)
-                shape = (-1, _row_length(size))
-                shapes = tuple(tuple(shape for _ in slot) for slot in shapes)
-            given = (shape, shapes)
         call = _Call(key, gradient, theta, values, given, size, (variable, held, assign),
                      (scalars, bound, noise), (storage, index))
         if self._waiting is not None and flat and size < TOGETHER_BELOW:
@@ -224,13 +211,29 @@ class Whole:
         variables = [t[i] for i in range(len(targets[0])) for t in targets]
         backends.assign_all(first.targets[2], list(zip(variables, pieces)))
 
-    def _layout_key(self, storage, index, variable, flat):
-        # `Storage.layout_key` and the variable's dtype, fixed once the storage
-        # is made: worked out once per variable, not at every step.
-        key = (id(storage), index, flat)
+    def _layout(self, storage, index, variable, any_length, rows):
+        """(the layout's key: `Storage.layout_key` and the variable's dtype; whether
+        the variable is written with stochastic rounding; the shapes its
+        tensors are given in, or None; its size; `Storage.held`), fixed once
+        the storage is made: worked out once per variable, not at every step.
+
+        Where the backend compiles one function for every length (`any_length`),
+        the tensors are given in the layout's `given_shapes` (flat, or one
+        8-bit block per row): one compilation per format and dtype, not per
+        shape (a model's first step waits for each). Element-wise, where
+        elements draw random numbers (`rows`), in rows (`_row_length`).
+        """
+        key = (id(storage), index, any_length, rows)
         if key not in self._layouts:
-            self._layouts[key] = (storage.layout_key(index, shapes=not flat),
-                                  keras.backend.standardize_dtype(variable.dtype))
+            size = math.prod(variable.shape)
+            given = storage.given_shapes(index) if any_length else None
+            if given is not None and rows and len(given[0]) == 1:
+                shape = (-1, _row_length(size))
+                given = (shape, tuple(tuple(shape for _ in slot) for slot in given[1]))
+            self._layouts[key] = (
+                (storage.layout_key(index, shapes=given is None),
+                 keras.backend.standardize_dtype(variable.dtype)),
+                storage.rounding(variable) == "stochastic", given, size, storage.held(index))
         return self._layouts[key]
 
     def _scalar_fields(self, scalars):
