@@ -188,9 +188,10 @@ class Whole:
             noise = self._row_keys(storage, batch, noise) if first.given is not None else (
                 self._stream_keys(storage, index, noise),)
         if isinstance(bound, float) and backends.whole_any_length():
-            # Compiled with dynamic shapes, a function traces a Python float
-            # argument as a symbol, then restarts its analysis to fix it (some
-            # seconds of a first step): K is given as a tensor (the same float32).
+            # K_n changes with the step count (`_rule.moment_bound`), and the
+            # compiled function takes Python floats as constants of its graph
+            # (`backends.torch.compiled`): K is given as a tensor (the same
+            # float32), so that a new K is not a new compilation.
             if bound not in self._bounds:
                 self._bounds[bound] = ops.convert_to_tensor(bound, "float32")
             bound = self._bounds[bound]

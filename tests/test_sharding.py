@@ -10,6 +10,7 @@ import ast
 import json
 import math
 import os
+import time
 import warnings
 
 import keras
@@ -18,10 +19,6 @@ import pytest
 from helpers import run_python
 
 import keras_adam
-
-# The module-scoped run below is shared by several tests: under pytest-xdist
-# they stay on one worker (`--dist loadgroup`), so it runs once.
-pytestmark = pytest.mark.xdist_group("sharding")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,14 +66,46 @@ def test_placement_picks_the_largest_divisible_dimension(tmp_path):
         assert ("sharded 8 ways" in chosen[shape]["words"]) == (axis is not None)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def equal_runs(tmp_path_factory):
+    """sharding_run.py's "equal" mode, run once for all the tests that read it.
+
+    pytest-xdist's workers may take those tests apart (its `xdist_group`
+    mark does not hold them together under pytest 9), and each would run
+    it: the two runs then took the JAX suite's two workers for about 150 s
+    each. The workers share the directory above their own temporary ones:
+    the first to claim the run's directory there runs it, and the others
+    wait for its files.
+    """
     _jax_only()
-    out = tmp_path_factory.mktemp("sharding")
-    _run("equal", out)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / "sharding_equal"
+    try:
+        out.mkdir()
+    except FileExistsError:  # another worker runs it
+        _wait_for(out)
+    else:
+        try:
+            _run("equal", out)
+        except BaseException:  # pytest.fail's exception included
+            (out / "failed").touch()
+            raise
+        (out / "done").touch()
     with open(out / "equal.json") as f:
         layouts = json.load(f)
     return np.load(out / "equal.npz"), layouts
+
+
+def _wait_for(out, timeout=900):
+    deadline = time.monotonic() + timeout
+    while not (out / "done").exists():
+        if (out / "failed").exists():
+            pytest.fail("the shared sharding run failed in another pytest-xdist worker")
+        if time.monotonic() > deadline:
+            pytest.fail(f"another pytest-xdist worker's sharding run took over {timeout} s")
+        time.sleep(1)
 
 
 def _weights(arrays, key):
