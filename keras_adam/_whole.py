@@ -171,15 +171,13 @@ class Whole:
         first = batch[0]
         parts = [(c.gradient, c.theta) + tuple(x for slot in c.values for x in slot)
                  for c in batch]
-        if first.given is None:  # in the variables' own shapes (a call alone)
-            tensors = parts[0]
-        else:
-            shape, shapes = first.given
-            given = (shape, shape) + tuple(s for slot in shapes for s in slot)
-            if len(batch) == 1:  # tensors of their own over the variables' memory
-                tensors = [backends.reshape(x, s) for x, s in zip(parts[0], given)]
-            else:  # new tensors, each the variables' tensors one after another
-                tensors = [backends.join(p, s) for p, s in zip(zip(*parts), given)]
+        # The shapes each tensor is given in: the variables' own where there are none.
+        given = [x.shape for x in parts[0]] if first.given is None else (
+            (first.given[0],) * 2 + tuple(s for slot in first.given[1] for s in slot))
+        if len(batch) == 1:  # tensors of their own over the variables' memory
+            tensors = [backends.reshape(x, s) for x, s in zip(parts[0], given)]
+        else:  # new tensors, each the variables' tensors one after another
+            tensors = [backends.join(p, s) for p, s in zip(zip(*parts), given)]
         gradient, theta, rest = tensors[0], tensors[1], iter(tensors[2:])
         values = tuple(tuple(next(rest) for _ in slot) for slot in first.values)
         (scalars, bound, noise), (storage, index) = first.step, first.source
@@ -204,8 +202,11 @@ class Whole:
         new = [theta] + [x for slot in values for x in slot]
         pieces = [x for joined, like in zip(new, kinds) for x in backends.split_like(joined, like)]
         if len(batch) > 1 and first.in_place:
-            # Outside Keras's scopes (`whole_in_place`): the tensors taken in
-            # `apply` are the variables' own, written in one pass for all.
+            # Outside Keras's scopes (`whole_in_place`): the moments' tensors
+            # taken in `apply` are their variables' own, and so is each
+            # variable's `value` (theta was converted, which may copy it to the
+            # default device): written in one pass for all.
+            kinds[0] = [c.targets[0].value for c in batch]
             return backends.copy_into([x for like in kinds for x in like], pieces)
         targets = [(c.targets[0],) + tuple(h for slot in c.targets[1] for h in slot)
                    for c in batch]
@@ -225,17 +226,18 @@ class Whole:
         elements draw random numbers (`rows`), in rows (`_row_length`).
         """
         key = (id(storage), index, any_length, rows)
-        if key not in self._layouts:
+        if key not in self._layouts or self._layouts[key][0] is not storage:
             size = math.prod(variable.shape)
             given = storage.given_shapes(index) if any_length else None
             if given is not None and rows and len(given[0]) == 1:
                 shape = (-1, _row_length(size))
                 given = (shape, tuple(tuple(shape for _ in slot) for slot in given[1]))
-            self._layouts[key] = (
+            # The storage itself is kept: an id alone could be a later storage's.
+            self._layouts[key] = (storage, (
                 (storage.layout_key(index, shapes=given is None),
                  keras.backend.standardize_dtype(variable.dtype)),
-                storage.rounding(variable) == "stochastic", given, size, storage.held(index))
-        return self._layouts[key]
+                storage.rounding(variable) == "stochastic", given, size, storage.held(index)))
+        return self._layouts[key][1]
 
     def _scalar_fields(self, scalars):
         # The step's scalars as the tuple the compiled function takes, built
@@ -346,7 +348,7 @@ class _Call:
     gradient: object
     theta: object
     values: tuple
-    given: tuple
+    given: tuple  # (theta's shape, the held tensors' per slot), or None: their own
     size: int
     targets: tuple
     step: tuple  # (the rule's scalars, moment bound, noise)

@@ -98,7 +98,7 @@ def equal_runs(tmp_path_factory):
     return np.load(out / "equal.npz"), layouts
 
 
-def _wait_for(out, timeout=900):
+def _wait_for(out, timeout=660):  # the run's own limit (`_run`), and a minute
     deadline = time.monotonic() + timeout
     while not (out / "done").exists():
         if (out / "failed").exists():

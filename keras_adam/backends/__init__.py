@@ -231,8 +231,8 @@ def owners(starts, positions):
 
 def reshape(x, shape):
     """`ops.reshape(x, shape)`; on torch the tensor's own method, without Keras's
-    dispatch (tens of microseconds a call, where a step reshapes every small
-    variable's tensors: `keras_adam._whole`), and detached: a compiled
+    dispatch (tens of microseconds a call, for each tensor of a variable's
+    compiled step: `keras_adam._whole`), and detached: a compiled
     function guards on whether its inputs require grad, and a variable's do
     where joined variables' do not."""
     if keras.backend.backend() == "torch":
