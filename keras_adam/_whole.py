@@ -225,19 +225,18 @@ class Whole:
         shape (a model's first step waits for each). Element-wise, where
         elements draw random numbers (`rows`), in rows (`_row_length`).
         """
-        key = (id(storage), index, any_length, rows)
-        if key not in self._layouts or self._layouts[key][0] is not storage:
+        key = (storage, index, any_length, rows)  # a storage compares by identity
+        if key not in self._layouts:
             size = math.prod(variable.shape)
             given = storage.given_shapes(index) if any_length else None
             if given is not None and rows and len(given[0]) == 1:
                 shape = (-1, _row_length(size))
                 given = (shape, tuple(tuple(shape for _ in slot) for slot in given[1]))
-            # The storage itself is kept: an id alone could be a later storage's.
-            self._layouts[key] = (storage, (
+            self._layouts[key] = (
                 (storage.layout_key(index, shapes=given is None),
                  keras.backend.standardize_dtype(variable.dtype)),
-                storage.rounding(variable) == "stochastic", given, size, storage.held(index)))
-        return self._layouts[key][1]
+                storage.rounding(variable) == "stochastic", given, size, storage.held(index))
+        return self._layouts[key]
 
     def _scalar_fields(self, scalars):
         # The step's scalars as the tuple the compiled function takes, built

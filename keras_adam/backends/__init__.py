@@ -34,10 +34,7 @@ dtypes, so which variables they may take is decided here (`variable_reason`).
 The backend modules import nothing from this package.
 """
 
-import math
-
 import keras
-import numpy as np
 from keras import ops
 
 # Both fused kernels (TensorFlow's and torch's) are exact for these dtypes only:
@@ -252,28 +249,23 @@ def view(x, shape):
 
 def join(tensors, shape):
     """`tensors` flattened, one after another, in `shape` (-1 for the rows): a new
-    tensor. On torch one call for all (no dispatch per tensor, where a
-    step joins many small variables' tensors: `keras_adam._whole`), not
-    recorded by autograd, as `reshape`'s tensors are not."""
-    if keras.backend.backend() == "torch":
-        from keras_adam.backends import torch
+    tensor, not recorded by autograd, as `reshape`'s tensors are not. Only
+    torch joins (`whole_any_length`): one call for all, with no dispatch
+    per tensor, where a step joins many small variables' tensors
+    (`keras_adam._whole`)."""
+    from keras_adam.backends import torch
 
-        return torch.join(tensors, shape)
-    return ops.reshape(ops.concatenate([ops.reshape(x, (-1,)) for x in tensors]), shape)
+    return torch.join(tensors, shape)
 
 
 def split_like(x, like):
-    """`x`'s elements cut, in order, into tensors of the shapes of `like`'s (views
-    where the backend has them): `join`'s inverse."""
+    """`x`'s elements cut, in order, into views of the shapes of `like`'s tensors:
+    `join`'s inverse (on torch), or `x` in the shape of the one tensor."""
     if len(like) == 1:
         return [view(x, like[0].shape)]
-    if keras.backend.backend() == "torch":
-        from keras_adam.backends import torch
+    from keras_adam.backends import torch
 
-        return torch.split_like(x, like)
-    sizes = np.cumsum([math.prod(t.shape) for t in like])[:-1].tolist()
-    return [ops.reshape(p, t.shape) for p, t in zip(ops.split(ops.reshape(x, (-1,)), sizes),
-                                                   like)]
+    return torch.split_like(x, like)
 
 
 def copy_into(targets, values):
