@@ -158,3 +158,58 @@ def test_a_later_optimizer_reuses_the_compiled_steps_and_frees_the_first(monkeyp
     for a, b, c in zip(first, second, fresh):
         np.testing.assert_array_equal(b, c)
         np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("kwargs,dtype", [
+    (dict(moment_dtype="8bit", min_8bit_size=1), "float32"),
+    (dict(weight_rounding="stochastic"), "bfloat16")], ids=["8bit", "pure-bfloat16"])
+@pytest.mark.parametrize("joined", [False, True], ids=["alone", "joined"])
+def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, dtype, joined):
+    """The whole-variable step (keras_adam/_whole.py) is given tensors: never a
+    variable, which a compiled function would read inside itself (on
+    TensorFlow a resource passed into the XLA cluster), and on torch never a
+    tensor that requires grad or is a view (the compiled function guards on
+    both, and compiles again where a later call differs). Rows of 257 and
+    263 end in a short 8-bit block: on torch they keep their own shapes."""
+    from keras_adam import _whole
+    from keras_adam import backends
+
+    given = []
+
+    def spying(make_function):
+        def make(*args, **options):
+            compiled = make_function(*args, **options)
+
+            def run(gradient, theta, values, fields, state):
+                given.extend([gradient, theta] + [x for slot in values for x in slot])
+                return compiled(gradient, theta, values, fields, state)
+            return run
+        return make
+
+    # Every function `Whole.apply` takes: compiled for the optimizer, or shared
+    # (torch: those of earlier tests serve, wrapped by the spy as they are
+    # taken; those compiled here leave with the test's copy of the cache).
+    if backends.whole_shared():
+        monkeypatch.setattr(_whole, "_SHARED", dict(_whole._SHARED))
+        monkeypatch.setattr(_whole, "_shared", spying(_whole._shared))
+    else:
+        monkeypatch.setattr(backends, "compile_whole", spying(backends.compile_whole))
+    if not joined:
+        monkeypatch.setattr(_whole, "TOGETHER_BELOW", 0)
+    shapes = [(2, 257), (263,), (16, 8), (12,)]
+    rng = np.random.default_rng(9)
+    variables = [keras.Variable(rng.normal(size=s), dtype=dtype) for s in shapes]
+    optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
+    for _ in range(2):
+        optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=s), dtype)
+                         for s in shapes], variables)
+    assert given
+    for x in given:
+        assert not isinstance(x, keras.Variable) and not hasattr(x, "assign"), type(x)
+        if keras.backend.backend() == "torch":
+            import torch
+
+            assert not x.requires_grad and type(x) is torch.Tensor  # not a Parameter
+            if not joined:  # a joined tensor is a view of the one it was flattened into
+                assert x._base is None
+
