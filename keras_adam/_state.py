@@ -94,6 +94,7 @@ class Storage:
         # Each variable's position among all the optimizer's (`Grouped` sets
         # them where a format holds some variables only): its random stream.
         self.positions = None
+        self._dtypes = {}  # `step_dtypes`'
 
     def create(self, var_list, add_like, add_new, overwritten):
         """Creates the slots for `var_list` (see the module docstring for the order).
@@ -193,7 +194,7 @@ class Storage:
         twin._assign, twin.positions = None, None
         twin._variables = [_Spec.of(self._variables[index])]
         twin._slots = [tuple(None if s is None else _Spec.of(s) for s in self.slots(index))]
-        twin._compensation = [None]
+        twin._compensation, twin._dtypes = [None], {}
         return twin
 
     def given_shapes(self, index):
@@ -224,6 +225,22 @@ class Storage:
         """How `variable` is written: "nearest", "stochastic" or "compensated"."""
         return _rounding.rounding_for(keras.backend.standardize_dtype(variable.dtype),
                                       self.weight_rounding)
+
+    def step_dtypes(self, index):
+        """(model variable `index`'s dtype; how it is written, `rounding`; the dtype
+        of its update's arithmetic, `compute_dtype`; whether a moment of it is
+        stored in 16 bits): fixed once its slots exist, and asked for at every
+        step. Worked out once per variable: a Keras variable's `dtype` consults
+        the autocast scope, some microseconds, for each of a step's variables."""
+        if index not in self._dtypes:
+            variable = self._variables[index]
+            self._dtypes[index] = (
+                keras.backend.standardize_dtype(variable.dtype), self.rounding(variable),
+                self.compute_dtype(variable),
+                any(slot is not None and
+                    keras.backend.standardize_dtype(slot.dtype) in _rounding.SIXTEEN_BIT
+                    for slot in self.slots(index)))
+        return self._dtypes[index]
 
     def _stored_dtype(self, variable):
         return variable.dtype
@@ -326,11 +343,9 @@ class Storage:
         and the position only, so a run repeats and resumes bit for bit. A
         16-bit variable written to nearest keeps nearest moments (None).
         """
-        sixteen = [slot for slot in self.slots(index) if slot is not None and
-                   keras.backend.standardize_dtype(slot.dtype) in _rounding.SIXTEEN_BIT]
+        dtype, _, _, sixteen = self.step_dtypes(index)
         if noise is not None or not sixteen:  # no 16-bit moment: nothing to draw
             return noise
-        dtype = keras.backend.standardize_dtype(self._variables[index].dtype)
         return None if dtype in _rounding.SIXTEEN_BIT else (0, t)
 
     def subtract(self, index, variable, delta, assign_sub, rows=None, decay=None, noise=None):
@@ -742,6 +757,10 @@ class Grouped:
     def moment_noise(self, index, noise, t):
         storage, local = self._local[index]
         return storage.moment_noise(local, noise, t)
+
+    def step_dtypes(self, index):
+        storage, local = self._local[index]
+        return storage.step_dtypes(local)
 
     def layout_key(self, index, shapes=True):
         storage, local = self._local[index]

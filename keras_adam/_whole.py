@@ -124,8 +124,12 @@ class Whole:
             self._functions[key] = (
                 _shared(key + (dtype,), make, flat, in_place) if backends.whole_shared()
                 else backends.compile_whole(make(), any_length=flat, in_place=in_place))
-        theta = ops.convert_to_tensor(variable)  # a Keras or (on TensorFlow) tf.Variable
-        values = tuple(tuple(h.value for h in slot) for slot in held)
+        if in_place:  # outside Keras's scopes: the tensors the function writes into
+            theta = backends.own_tensor(variable)
+            values = tuple(tuple(backends.own_tensor(h) for h in slot) for slot in held)
+        else:  # `variable`: a Keras or (on TensorFlow) tf.Variable
+            theta = ops.convert_to_tensor(variable)
+            values = tuple(tuple(h.value for h in slot) for slot in held)
         call = _Call(key, gradient, theta, values, given, size, (variable, held, assign),
                      (scalars, bound, noise), (storage, index))
         if self._waiting is not None and flat and size < TOGETHER_BELOW:
@@ -202,11 +206,8 @@ class Whole:
         new = [theta] + [x for slot in values for x in slot]
         pieces = [x for joined, like in zip(new, kinds) for x in backends.split_like(joined, like)]
         if len(batch) > 1 and first.in_place:
-            # Outside Keras's scopes (`whole_in_place`): the moments' tensors
-            # taken in `apply` are their variables' own, and so is each
-            # variable's `value` (theta was converted, which may copy it to the
-            # default device): written in one pass for all.
-            kinds[0] = [c.targets[0].value for c in batch]
+            # Outside Keras's scopes (`whole_in_place`): the tensors taken in
+            # `apply` are the variables' own, written in one pass for all.
             return backends.copy_into([x for like in kinds for x in like], pieces)
         targets = [(c.targets[0],) + tuple(h for slot in c.targets[1] for h in slot)
                    for c in batch]

@@ -323,7 +323,8 @@ class Adam(Optimizer):
         fast, hyper, (index,), (method,) = self._methods_now([gradient], [variable])
         hyper, step = self._groups[index].settings(hyper, self._step(learning_rate))
         storage, rows = self._storage, None
-        noise = None if storage.rounding(variable) == "nearest" else (self._rounding_seed, step.t)
+        _, rounding, dtype, _ = storage.step_dtypes(index)  # dtype: the portable path's
+        noise = None if rounding == "nearest" else (self._rounding_seed, step.t)
         if method == _plan.LAZY:  # only the rows present change (`keras_adam._sparse`)
             rows, gradient = _sparse.rows_and_values(gradient)
         else:
@@ -332,7 +333,6 @@ class Adam(Optimizer):
                 self._decay(index, variable, step)
             if fast is not None and method == fast.name and fast.per_variable:
                 return fast.apply([(gradient, variable, storage.slots(index))], hyper, step)
-        dtype = storage.compute_dtype(self._trainable_variables[index])  # the portable path
         scalars, bound = step.scalars(hyper, dtype), (
             step.moment_bound(hyper) if storage.needs_bound else None)
         moment_noise = storage.moment_noise(index, noise, step.t)  # 16-bit m, v

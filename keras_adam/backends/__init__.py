@@ -306,6 +306,16 @@ def compile_whole(fn, any_length=False, in_place=False):
     return fn
 
 
+def own_tensor(variable):
+    """`variable`'s own tensor, where `whole_in_place()` (on torch, outside Keras's
+    scopes): its Parameter, read without Keras's checks of the scopes and
+    the device (some microseconds each, for each tensor of each of a step's
+    variables)."""
+    from keras_adam.backends import torch
+
+    return torch.own_tensor(variable)
+
+
 def whole_in_place():
     """Whether `compile_whole(fn, in_place=True)` may be called now: on torch, outside
     an outer torch.compile and Keras's scopes (`torch.writes_in_place`).

@@ -306,6 +306,15 @@ def writes_in_place():
     return not torch.compiler.is_compiling() and not _keras_scope_active()
 
 
+def own_tensor(variable):
+    """`keras_adam.backends.own_tensor`: the tensor a Keras variable holds, which its
+    `value` returns outside Keras's scopes (Keras 3.15's torch `Variable`
+    keeps it as `_value`; this module alone reads it, and
+    tests/test_backend_torch.py's in-place test fails if it moves: the
+    results would not reach the variables)."""
+    return variable._value
+
+
 def in_place(fn):
     """`fn`, a whole variable's step `(gradient, theta, values, fields, state) ->
     (theta', values')` (`keras_adam._whole`), writing theta' and values'
