@@ -127,6 +127,8 @@ class Storage:
             else None for variable in var_list]
         self._variables = list(var_list)
         self._slots = list(zip(m, v, v_max))
+        for index in range(len(var_list)):  # at build, outside any autocast scope
+            self.step_dtypes(index)
 
     def _new_slot(self, variable, name, add_like, add_new):
         """The slot `name` of `variable`: the name `keras.optimizers.Adam` gives
@@ -194,7 +196,7 @@ class Storage:
         twin._assign, twin.positions = None, None
         twin._variables = [_Spec.of(self._variables[index])]
         twin._slots = [tuple(None if s is None else _Spec.of(s) for s in self.slots(index))]
-        twin._compensation, twin._dtypes = [None], {}
+        twin._compensation, twin._dtypes = [None], {0: self.step_dtypes(index)}
         return twin
 
     def given_shapes(self, index):
@@ -230,8 +232,9 @@ class Storage:
         """(model variable `index`'s dtype; how it is written, `rounding`; the dtype
         of its update's arithmetic, `compute_dtype`; whether a moment of it is
         stored in 16 bits): fixed once its slots exist, and asked for at every
-        step. Worked out once per variable: a Keras variable's `dtype` consults
-        the autocast scope, some microseconds, for each of a step's variables."""
+        step. Worked out once per variable, when its slots are made: a Keras
+        variable's `dtype` consults the autocast scope (some microseconds, for
+        each of a step's variables), and reads the scope's dtype within one."""
         if index not in self._dtypes:
             variable = self._variables[index]
             self._dtypes[index] = (

@@ -113,6 +113,17 @@ class Whole:
             storage, index, variable, backends.whole_any_length(), noise is not None)
         flat = given is not None
         in_place = backends.whole_in_place() if self._in_place is None else self._in_place
+        if in_place:  # outside Keras's scopes: the tensors the function writes into
+            theta = backends.own_tensor(variable)
+            # Written where it lives, on its gradient's device; a variable off
+            # that device is converted (to Keras's default device, as in a
+            # scope) and its results assigned.
+            in_place = theta.device == gradient.device
+        if in_place:
+            values = tuple(tuple(backends.own_tensor(h) for h in slot) for slot in held)
+        else:  # `variable`: a Keras or (on TensorFlow) tf.Variable
+            theta = ops.convert_to_tensor(variable)
+            values = tuple(tuple(h.value for h in slot) for slot in held)
         key = (layout, hyper, bound is None, noise is None, rounds, rate, in_place)
         if key not in self._functions:
             # The scalars are in the compute dtype (`variable` may be a tf.Variable).
@@ -124,12 +135,6 @@ class Whole:
             self._functions[key] = (
                 _shared(key + (dtype,), make, flat, in_place) if backends.whole_shared()
                 else backends.compile_whole(make(), any_length=flat, in_place=in_place))
-        if in_place:  # outside Keras's scopes: the tensors the function writes into
-            theta = backends.own_tensor(variable)
-            values = tuple(tuple(backends.own_tensor(h) for h in slot) for slot in held)
-        else:  # `variable`: a Keras or (on TensorFlow) tf.Variable
-            theta = ops.convert_to_tensor(variable)
-            values = tuple(tuple(h.value for h in slot) for slot in held)
         call = _Call(key, gradient, theta, values, given, size, (variable, held, assign),
                      (scalars, bound, noise), (storage, index))
         if self._waiting is not None and flat and size < TOGETHER_BELOW:

@@ -194,9 +194,19 @@ def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, d
         monkeypatch.setattr(_whole, "_shared", spying(_whole._shared))
     else:
         monkeypatch.setattr(backends, "compile_whole", spying(backends.compile_whole))
+    joins = []
+    real_join = backends.join
+
+    def counting_join(tensors, shape):
+        joins.append(len(tensors))
+        return real_join(tensors, shape)
+
+    monkeypatch.setattr(backends, "join", counting_join)
     if not joined:
         monkeypatch.setattr(_whole, "TOGETHER_BELOW", 0)
-    shapes = [(2, 257), (263,), (16, 8), (12,)]
+    # (16, 8), (4, 8) and (8, 16) share a row length (8-bit: blocks of 8, or of
+    # 16; bfloat16 rows of 16), and are joined where the backend joins.
+    shapes = [(2, 257), (263,), (16, 8), (4, 8), (8, 16), (12,)]
     rng = np.random.default_rng(9)
     variables = [keras.Variable(rng.normal(size=s), dtype=dtype) for s in shapes]
     optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
@@ -204,6 +214,7 @@ def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, d
         optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=s), dtype)
                          for s in shapes], variables)
     assert given
+    assert bool(joins) == (joined and backends.whole_any_length()), joins
     for x in given:
         assert not isinstance(x, keras.Variable) and not hasattr(x, "assign"), type(x)
         if keras.backend.backend() == "torch":
