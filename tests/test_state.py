@@ -101,6 +101,17 @@ def test_lazy_rows_go_through_the_seam(monkeypatch):
     _assert_same_to_rounding([theta_n], [theta_s], [slots_n], [slots_s], g_max=5.0)
 
 
+def _trained(shapes, dtype, kwargs, steps, rng):
+    """(variables of `shapes`, an Adam(learning_rate=1e-2, **kwargs)) after `steps`
+    steps on gradients drawn from `rng`."""
+    variables = [keras.Variable(rng.normal(size=s), dtype=dtype) for s in shapes]
+    optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
+    for _ in range(steps):
+        optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=s), dtype)
+                         for s in shapes], variables)
+    return variables, optimizer
+
+
 @pytest.mark.parametrize("kwargs,dtype", [
     (dict(moment_dtype="8bit", min_8bit_size=1), "float32"),
     (dict(moment_dtype="bfloat16"), "float32"),
@@ -132,12 +143,7 @@ def test_a_later_optimizer_reuses_the_compiled_steps_and_frees_the_first(monkeyp
 
     def train():
         keras.utils.set_random_seed(3)
-        rng = np.random.default_rng(4)
-        variables = [keras.Variable(rng.normal(size=s), dtype=dtype) for s in shapes]
-        optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
-        for _ in range(3):
-            optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=s), dtype)
-                             for s in shapes], variables)
+        variables, optimizer = _trained(shapes, dtype, kwargs, 3, np.random.default_rng(4))
         values = [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32"))
                   for x in list(variables) + list(optimizer.variables)]
         return values, optimizer
@@ -207,12 +213,7 @@ def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, d
     # (16, 8), (4, 8) and (8, 16) share a row length (8-bit: blocks of 8, or of
     # 16; bfloat16 rows of 16), and are joined where the backend joins.
     shapes = [(2, 257), (263,), (16, 8), (4, 8), (8, 16), (12,)]
-    rng = np.random.default_rng(9)
-    variables = [keras.Variable(rng.normal(size=s), dtype=dtype) for s in shapes]
-    optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
-    for _ in range(2):
-        optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=s), dtype)
-                         for s in shapes], variables)
+    _trained(shapes, dtype, kwargs, 2, np.random.default_rng(9))
     assert given
     assert bool(joins) == (joined and backends.whole_any_length()), joins
     for x in given:
