@@ -238,10 +238,10 @@ class Whole:
             if given is not None and rows and len(given[0]) == 1:
                 shape = (-1, _row_length(size))
                 given = (shape, tuple(tuple(shape for _ in slot) for slot in given[1]))
+            dtype, rounding, _, _ = storage.step_dtypes(index)
             self._layouts[key] = (
-                (storage.layout_key(index, shapes=given is None),
-                 keras.backend.standardize_dtype(variable.dtype)),
-                storage.rounding(variable) == "stochastic", given, size, storage.held(index))
+                (storage.layout_key(index, shapes=given is None), dtype),
+                rounding == "stochastic", given, size, storage.held(index))
         return self._layouts[key]
 
     def _scalar_fields(self, scalars):
