@@ -109,7 +109,7 @@ class Whole:
             assign: the optimizer's `assign` (tf.distribute-aware).
         """
         (hyper, scalars), (bound, noise, rate) = rule, state
-        layout, rounds, given, size, held = self._layout(
+        layout, rounds, given, size, held, rows = self._layout(
             storage, index, variable, backends.whole_any_length(), noise is not None)
         flat = given is not None
         in_place = backends.whole_in_place() if self._in_place is None else self._in_place
@@ -133,8 +133,8 @@ class Whole:
                                       rate, flat)
 
             self._functions[key] = (
-                _shared(key + (dtype,), make, flat, in_place) if backends.whole_shared()
-                else backends.compile_whole(make(), any_length=flat, in_place=in_place))
+                _shared(key + (dtype,), make, flat, in_place, rows) if backends.whole_shared()
+                else backends.compile_whole(make(), any_length=flat, in_place=in_place, rows=rows))
         call = _Call(key, gradient, theta, values, given, size, (variable, held, assign),
                      (scalars, bound, noise), (storage, index))
         if self._waiting is not None and flat and size < TOGETHER_BELOW:
@@ -222,8 +222,9 @@ class Whole:
     def _layout(self, storage, index, variable, any_length, rows):
         """(the layout's key: `Storage.layout_key` and the variable's dtype; whether
         the variable is written with stochastic rounding; the shapes its
-        tensors are given in, or None; its size; `Storage.held`), fixed once
-        the storage is made: worked out once per variable, not at every step.
+        tensors are given in, or None; its size; `Storage.held`; whether they
+        are given in rows), fixed once the storage is made: worked out once
+        per variable, not at every step.
 
         Where the backend compiles one function for every length (`any_length`),
         the tensors are given in the layout's `given_shapes` (flat, or one
@@ -235,13 +236,14 @@ class Whole:
         if key not in self._layouts:
             size = math.prod(variable.shape)
             given = storage.given_shapes(index) if any_length else None
-            if given is not None and rows and len(given[0]) == 1:
+            rows = given is not None and rows and len(given[0]) == 1
+            if rows:
                 shape = (-1, _row_length(size))
                 given = (shape, tuple(tuple(shape for _ in slot) for slot in given[1]))
             dtype, rounding, _, _ = storage.step_dtypes(index)
             self._layouts[key] = (
                 (storage.layout_key(index, shapes=given is None), dtype),
-                rounding == "stochastic", given, size, storage.held(index))
+                rounding == "stochastic", given, size, storage.held(index), rows)
         return self._layouts[key]
 
     def _scalar_fields(self, scalars):
@@ -304,7 +306,7 @@ _SHARED = {}
 _SHARED_MOST = 256
 
 
-def _shared(key, make, any_length, in_place):
+def _shared(key, make, any_length, in_place, rows=False):
     """The compiled step of `key` (`backends.compile_whole` of `make()`), made once
     per process and backend.
 
@@ -317,7 +319,7 @@ def _shared(key, make, any_length, in_place):
         if len(_SHARED) >= _SHARED_MOST:
             del _SHARED[next(iter(_SHARED))]
         _SHARED[key] = backends.compile_whole(make(), any_length=any_length,
-                                              in_place=in_place)
+                                              in_place=in_place, rows=rows)
     return _SHARED[key]
 
 
@@ -334,9 +336,9 @@ def _row_length(size):
     two under that dividing `size`,
     so that a compiled function finds each row's variable once per row, not
     per element (`_rounding.Keys`), with vectorised loops along it. Two rows
-    at least where the size allows (torch compiles a dimension of 1 apart):
-    a variable of 16 is 2 rows of 8; an odd size (or 2) is rows of 1 (one
-    more compilation, for all such).
+    at least where the size allows: a variable of 16 is 2 rows of 8. An odd
+    size (or 2) is rows of 1, which the function compiled for rows serves too
+    (`compile_whole`'s `rows`).
     """
     lengths = (256, 128, 64, 32, 16, 8, 4, 2) if size >= TOGETHER_BELOW else (16, 8, 4, 2)
     return next((n for n in lengths if size % n == 0 and size // n >= 2), 1)

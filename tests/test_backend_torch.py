@@ -219,18 +219,18 @@ def test_without_a_compiler_the_whole_step_falls_back_with_one_warning(monkeypat
 # block of a row is padded, so that variable keeps its shape and its own
 # function).
 GIVEN_SHAPES = [
-    ("pure-bfloat16", {}, "bfloat16", [(6, 5), (2, 3, 4), (9,)], 1, 3),
+    ("pure-bfloat16", {}, "bfloat16", [(6, 5), (2, 3, 4), (9,)], 1, 3, 1),
     ("8bit", dict(moment_dtype="8bit", min_8bit_size=1), "float32",
-     [(6, 5), (2, 3, 4), (9,), (2, 257)], 1, 4),
+     [(6, 5), (2, 3, 4), (9,), (2, 257)], 1, 4, 3),
     ("pure-bfloat16-8bit", dict(moment_dtype="8bit", min_8bit_size=1), "bfloat16",
-     [(6, 5), (2, 3, 4), (9,)], 1, 3),
+     [(6, 5), (2, 3, 4), (9,)], 1, 3, 2),
 ]
 
 
-@pytest.mark.parametrize("kwargs,dtype,shapes,flat_compiles,shaped_compiles",
+@pytest.mark.parametrize("kwargs,dtype,shapes,flat_compiles,shaped_compiles,graphs",
                          [g[1:] for g in GIVEN_SHAPES], ids=[g[0] for g in GIVEN_SHAPES])
 def test_one_compiled_function_serves_every_shape_of_a_layout(
-        monkeypatch, kwargs, dtype, shapes, flat_compiles, shaped_compiles):
+        monkeypatch, kwargs, dtype, shapes, flat_compiles, shaped_compiles, graphs):
     """The whole-variable step takes the tensors in the storage's `given_shapes`
     (flat, or one 8-bit block per row), one torch.compile with dynamic shapes
     for every shape of a layout. Each element's random stream follows its
@@ -279,6 +279,12 @@ def test_one_compiled_function_serves_every_shape_of_a_layout(
     # codec's constants, epsilon) makes it do under dynamic shapes, its
     # tracing done twice (`backends.torch.compiled`).
     assert counters["aot_autograd"]["total"] == counters["stats"]["unique_graphs"] > 0
+    # One graph per function on the element-wise layout, though its variables
+    # come in rows of 2, 8 and (the odd-sized one) 1, and a row length of 2
+    # equals the keys' two rows. 8-bit codes are one block per row: a
+    # variable of one block alone is one row, which torch compiles apart
+    # (a second graph of its function).
+    assert counters["stats"]["unique_graphs"] == graphs
     shaped, shaped_calls = run(False)
     assert flat_calls.count(True) == flat_compiles and len(flat_calls) == flat_compiles + (
         1 if (2, 257) in shapes else 0)

@@ -289,11 +289,12 @@ def assign_all(assign, pairs):
         assign(variable, value)
 
 
-def compile_whole(fn, any_length=False, in_place=False):
+def compile_whole(fn, any_length=False, in_place=False, rows=False):
     """`fn` (a whole variable's step, `keras_adam._whole`) compiled for eager callers:
     one XLA cluster on TensorFlow, torch.compile on torch; as is on JAX, whose
     jit compiles it with the training step. With `any_length`, one compiled
-    function serves tensors of every length. With `in_place` (where
+    function serves tensors of every length (with `rows`, given in rows, also
+    rows of length 1: `torch._settings`). With `in_place` (where
     `whole_in_place()`), the function writes its results into its inputs
     theta and values and returns nothing."""
     backend = keras.backend.backend()
@@ -302,7 +303,7 @@ def compile_whole(fn, any_length=False, in_place=False):
     if backend == "torch":
         from keras_adam.backends import torch
 
-        return torch.compiled(torch.in_place(fn) if in_place else fn, any_length)
+        return torch.compiled(torch.in_place(fn) if in_place else fn, any_length, rows)
     return fn
 
 

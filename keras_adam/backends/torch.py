@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import torch
 from torch._dynamo import config as dynamo_config
+from torch.fx.experimental import _config as shape_config
 
 from keras_adam import _rule
 
@@ -383,12 +384,13 @@ def _device_of(tensors):
     return devices[0] if devices else tensors[0].device
 
 
-def compiled(fn, any_length=False):
+def compiled(fn, any_length=False, rows=False):
     """`fn` compiled by torch.compile (Inductor: its element-wise ops fuse into a
     few loops), or `fn` itself, with one warning, where compiling fails (no C
     compiler, an unsupported platform). With `any_length`, `fn` is compiled
     with dynamic shapes: one compilation serves every length (torch still
-    specializes lengths 0 and 1, and compiles again per rank).
+    specializes lengths 0 and 1, save the length of rows with `rows`, and
+    compiles again per rank).
 
     Each call gets a fresh copy of `fn`'s code: Dynamo keeps its compiled
     graphs per code object, up to a small limit (8), and the functions made
@@ -413,7 +415,7 @@ def compiled(fn, any_length=False):
             if state["failed"]:
                 return fn(*args)
             try:
-                with _floats_as_constants():
+                with _settings(any_length, rows):
                     return compiled_fn(*args)
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back
                 if not _backend_failure(error):
@@ -425,31 +427,31 @@ def compiled(fn, any_length=False):
     return run
 
 
-_FLOATS = {"lock": threading.Lock(), "depth": 0, "saved": None}
+# The compiler's settings are process-wide: the compiled calls that set them
+# run one at a time (a thread's step waits for another's compiling).
+_SETTINGS = threading.RLock()
 
 
 @contextlib.contextmanager
-def _floats_as_constants():
-    """Within it, Dynamo compiles the Python floats a function reads as constants.
+def _settings(any_length, rows):
+    """Within it, the compiler's settings that the whole-variable step needs:
 
-    The whole-variable step reads some (the codec's constants, the rule's
-    epsilon). Compiled with dynamic shapes, Dynamo would trace them as
-    symbols, then restart its analysis to fix them: the tracing done twice,
-    seconds of a first step. The setting is Dynamo's and process-wide: it is
-    set on the first entry of any thread and restored on the last exit.
+    - Dynamo compiles the Python floats a function reads (the codec's
+      constants, the rule's epsilon) as constants. Compiled with dynamic
+      shapes, it would trace them as symbols, then restart its analysis to
+      fix them: the tracing done twice, seconds of a first step.
+    - With dynamic shapes (`any_length`), two lengths equal at the first call
+      are not taken to be equal for good ("duck" shapes): a row length of 2
+      and two rows of keys (`_whole._row_length`) would make a second graph.
+    - Given in rows (`rows`), a length of 1 is compiled with the others, not
+      apart: the rows of 1 of odd-sized variables take the same graph, one
+      compilation (some seconds of a cold start) fewer. Only there: on the
+      8-bit layouts (given one block per row, never in rows of 1) this
+      mode makes Inductor 2.13 fail (a KeyError in its scheduler).
     """
-    with _FLOATS["lock"]:
-        if _FLOATS["depth"] == 0:
-            _FLOATS["saved"] = dynamo_config.specialize_float
-            dynamo_config.specialize_float = True
-        _FLOATS["depth"] += 1
-    try:
+    with _SETTINGS, dynamo_config.patch(specialize_float=True), shape_config.patch(
+            use_duck_shape=not any_length, backed_size_oblivious=rows):
         yield
-    finally:
-        with _FLOATS["lock"]:
-            _FLOATS["depth"] -= 1
-            if _FLOATS["depth"] == 0:
-                dynamo_config.specialize_float = _FLOATS["saved"]
 
 
 def _backend_failure(error):
