@@ -53,6 +53,7 @@ row, so the results are those of one call per variable, bit for bit.
 import contextlib
 import dataclasses
 import math
+import threading
 
 import keras
 import numpy as np
@@ -250,8 +251,11 @@ class Whole:
         # The step's scalars as the tuple the compiled function takes, built
         # once per step, not once per variable.
         if self._fields is None or self._fields[0] is not scalars:
-            self._fields = (scalars, tuple(getattr(scalars, f.name)
-                                           for f in dataclasses.fields(scalars)))
+            # Tensors, not the learning rate's variable: a compiled function
+            # shared by optimizers (`_shared`) must not hold one's variable.
+            self._fields = (scalars, tuple(
+                None if x is None else ops.convert_to_tensor(x)
+                for x in (getattr(scalars, f.name) for f in dataclasses.fields(scalars))))
         return self._fields[1]
 
     def _all_keys(self, storage, noise):
@@ -304,6 +308,7 @@ class Whole:
 # those before it instead of waiting for its own. Bounded: the oldest go.
 _SHARED = {}
 _SHARED_MOST = 256
+_SHARED_LOCK = threading.Lock()
 
 
 def _shared(key, make, any_length, in_place, rows=False):
@@ -315,12 +320,13 @@ def _shared(key, make, any_length, in_place, rows=False):
     for the random streams, is an argument).
     """
     key = (keras.backend.backend(),) + key
-    if key not in _SHARED:
-        if len(_SHARED) >= _SHARED_MOST:
-            del _SHARED[next(iter(_SHARED))]
-        _SHARED[key] = backends.compile_whole(make(), any_length=any_length,
-                                              in_place=in_place, rows=rows)
-    return _SHARED[key]
+    with _SHARED_LOCK:  # tf.distribute's replicas take it from their threads at once
+        if key not in _SHARED:
+            if len(_SHARED) >= _SHARED_MOST:
+                del _SHARED[next(iter(_SHARED))]
+            _SHARED[key] = backends.compile_whole(make(), any_length=any_length,
+                                                  in_place=in_place, rows=rows)
+        return _SHARED[key]
 
 
 # Variables of fewer elements run together (`Whole.together`); a larger one has

@@ -175,12 +175,13 @@ def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, d
     variable, which a compiled function would read inside itself (on
     TensorFlow a resource passed into the XLA cluster), and on torch never a
     tensor that requires grad or is a view (the compiled function guards on
-    both, and compiles again where a later call differs). Rows of 257 and
+    both, and compiles again where a later call differs), nor the step's
+    scalars as variables. Rows of 257 and
     263 end in a short 8-bit block: on torch they keep their own shapes."""
     from keras_adam import _whole
     from keras_adam import backends
 
-    given = []
+    given, scalars = [], []
 
     def spying(make_function):
         def make(*args, **options):
@@ -188,6 +189,7 @@ def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, d
 
             def run(gradient, theta, values, fields, state):
                 given.extend([gradient, theta] + [x for slot in values for x in slot])
+                scalars.extend(x for x in fields if x is not None)
                 return compiled(gradient, theta, values, fields, state)
             return run
         return make
@@ -216,8 +218,11 @@ def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, d
     _trained(shapes, dtype, kwargs, 2, np.random.default_rng(9))
     assert given
     assert bool(joins) == (joined and backends.whole_any_length()), joins
-    for x in given:
+    # The step's scalars too: the learning rate's variable, given to a function
+    # that optimizers share, would be kept (on TensorFlow, by its traces).
+    for x in given + scalars:
         assert not isinstance(x, keras.Variable) and not hasattr(x, "assign"), type(x)
+    for x in given:
         if keras.backend.backend() == "torch":
             import torch
 

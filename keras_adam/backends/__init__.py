@@ -208,11 +208,11 @@ def whole_any_length():
 def whole_shared():
     """Whether one `compile_whole` function may serve the optimizers of a process:
     on torch, where compiling takes seconds (Dynamo traces it anew for each
-    new function). Not on TensorFlow, where a tf.function's traces keep
-    references to the variables it was called with (the learning rate's) and
-    fail once the optimizer that made them is gone; nor on JAX, which traces
-    `fn` into each training step anyway."""
-    return keras.backend.backend() == "torch"
+    new function), and on TensorFlow, where each new tf.function is traced
+    and compiled by XLA again, per shape. It is given tensors only (not the
+    optimizer's variables, which its traces would keep). Not on JAX, which
+    traces `fn` into each training step anyway."""
+    return keras.backend.backend() in ("torch", "tensorflow")
 
 
 def owners(starts, positions):
