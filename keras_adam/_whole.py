@@ -30,8 +30,8 @@ the op-by-op portable path to float32 rounding; the codes agree except
 where a value lies within that rounding of a code boundary.
 
 One function is compiled per `Storage.layout_key` and `Hyper`: the
-variables of a model share a few, and on torch so do the optimizers of a
-process (the function is made from a `Storage.stand_in`, which holds no
+variables of a model share a few, and on torch and TensorFlow so do the
+optimizers of a process (the function is made from a `Storage.stand_in`, which holds no
 variable). Where the backend compiles one function for tensors of every
 length (torch.compile with dynamic shapes), the tensors are given in the
 storage's `given_shapes`, and one function serves every shape of a
@@ -91,6 +91,7 @@ class Whole:
         self._layouts = {}  # `_layout`'s
         self._batches = {}  # `_row_keys`' constants per set of variables
         self._bounds = {}  # a Python float bound K as a tensor
+        self._joins = {}  # `_joined`'s buffers and their views, per set of variables
 
     def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
@@ -184,9 +185,12 @@ class Whole:
         # The shapes each tensor is given in: the variables' own where there are none.
         given = [x.shape for x in parts[0]] if first.given is None else (
             (first.given[0],) * 2 + tuple(s for slot in first.given[1] for s in slot))
+        cut = None  # the joined tensors' views, one per call and kind, where kept
         if len(batch) == 1:  # tensors of their own over the variables' memory
             tensors = [backends.reshape(x, s) for x, s in zip(parts[0], given)]
-        else:  # new tensors, each the variables' tensors one after another
+        elif first.in_place:  # kept buffers, each the variables' tensors one after another
+            tensors, cut = self._joined(batch, parts, given)
+        else:  # new tensors (the results assigned may be views of them)
             tensors = [backends.join(p, s) for p, s in zip(zip(*parts), given)]
         gradient, theta, rest = tensors[0], tensors[1], iter(tensors[2:])
         values = tuple(tuple(next(rest) for _ in slot) for slot in first.values)
@@ -209,16 +213,44 @@ class Whole:
         # Per tensor kind (theta, then each held one), each call's tensor, and
         # the results cut to match (views).
         kinds = [[p[i] for p in parts] for i in range(1, len(parts[0]))]
-        new = [theta] + [x for slot in values for x in slot]
-        pieces = [x for joined, like in zip(new, kinds) for x in backends.split_like(joined, like)]
-        if len(batch) > 1 and first.in_place:
+        if cut is not None:
             # Outside Keras's scopes (`whole_in_place`): the tensors taken in
             # `apply` are the variables' own, written in one pass for all.
-            return backends.copy_into([x for like in kinds for x in like], pieces)
+            return backends.copy_into([x for like in kinds for x in like],
+                                      [x for kind in cut[1:] for x in kind])
+        new = [theta] + [x for slot in values for x in slot]
+        pieces = [x for joined, like in zip(new, kinds) for x in backends.split_like(joined, like)]
         targets = [(c.targets[0],) + tuple(h for slot in c.targets[1] for h in slot)
                    for c in batch]
         variables = [t[i] for i in range(len(targets[0])) for t in targets]
         backends.assign_all(first.targets[2], list(zip(variables, pieces)))
+
+    def _joined(self, batch, parts, given):
+        """`batch`'s tensors of each kind (gradients, theta, each held one: `parts`,
+        per call) copied one after another into one buffer, in the `given`
+        shapes, and the buffers' views, per kind and call.
+
+        The buffers and views are kept per set of variables and written in
+        one copy per step: a step of many small variables allocates no
+        joined tensor (a new one of some megabytes can cost a page fault per
+        4 KB, several times the copy) and cuts none into views. Only where the
+        function writes in place: assigned elsewhere, results that are views
+        of a kept buffer would change at the next step.
+        """
+        kinds = list(zip(*parts))
+        key = (tuple(c.source[1] for c in batch),
+               tuple((k[0].dtype, k[0].device) for k in kinds))
+        if key not in self._joins:
+            if len(self._joins) >= 16:  # a step has a few; a new set of variables
+                self._joins.clear()     # (another model's) starts afresh
+            buffers = [backends.join(k, s) for k, s in zip(kinds, given)]
+            self._joins[key] = (buffers, [backends.split_like(b, k)
+                                          for b, k in zip(buffers, kinds)])
+        else:
+            buffers, cut = self._joins[key]
+            backends.copy_into([x for kind in cut for x in kind],
+                               [x for kind in kinds for x in kind])
+        return self._joins[key]
 
     def _layout(self, storage, index, variable, any_length, rows):
         """(the layout's key: `Storage.layout_key` and the variable's dtype; whether
@@ -251,11 +283,8 @@ class Whole:
         # The step's scalars as the tuple the compiled function takes, built
         # once per step, not once per variable.
         if self._fields is None or self._fields[0] is not scalars:
-            # Tensors, not the learning rate's variable: a compiled function
-            # shared by optimizers (`_shared`) must not hold one's variable.
-            self._fields = (scalars, tuple(
-                None if x is None else ops.convert_to_tensor(x)
-                for x in (getattr(scalars, f.name) for f in dataclasses.fields(scalars))))
+            self._fields = (scalars, tuple(getattr(scalars, f.name)
+                                           for f in dataclasses.fields(scalars)))
         return self._fields[1]
 
     def _all_keys(self, storage, noise):

@@ -119,7 +119,7 @@ def _trained(shapes, dtype, kwargs, steps, rng):
     ids=["8bit", "bfloat16-moments", "pure-bfloat16"])
 def test_a_later_optimizer_reuses_the_compiled_steps_and_frees_the_first(monkeypatch, kwargs,
                                                                            dtype):
-    """Where the backend shares them (torch), the whole-variable steps
+    """Where the backend shares them (torch, TensorFlow), the whole-variable steps
     (keras_adam/_whole.py) are compiled once per process: a second optimizer of
     the same layouts compiles none and ends bit for bit where an optimizer
     compiling its own ends (the oracle: the cache emptied). On every backend
@@ -195,7 +195,7 @@ def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, d
         return make
 
     # Every function `Whole.apply` takes: compiled for the optimizer, or shared
-    # (torch: those of earlier tests serve, wrapped by the spy as they are
+    # (torch, TensorFlow: those of earlier tests serve, wrapped by the spy as they are
     # taken; those compiled here leave with the test's copy of the cache).
     if backends.whole_shared():
         monkeypatch.setattr(_whole, "_SHARED", dict(_whole._SHARED))
@@ -218,8 +218,8 @@ def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, d
     _trained(shapes, dtype, kwargs, 2, np.random.default_rng(9))
     assert given
     assert bool(joins) == (joined and backends.whole_any_length()), joins
-    # The step's scalars too: the learning rate's variable, given to a function
-    # that optimizers share, would be kept (on TensorFlow, by its traces).
+    # The step's scalars too: a variable given to a function that optimizers
+    # share would be kept by its traces (TensorFlow).
     for x in given + scalars:
         assert not isinstance(x, keras.Variable) and not hasattr(x, "assign"), type(x)
     for x in given:

@@ -389,8 +389,8 @@ def compiled(fn, any_length=False, rows=False):
     few loops), or `fn` itself, with one warning, where compiling fails (no C
     compiler, an unsupported platform). With `any_length`, `fn` is compiled
     with dynamic shapes: one compilation serves every length (torch still
-    specializes lengths 0 and 1, save the length of rows with `rows`, and
-    compiles again per rank).
+    specializes lengths 0 and 1, except with `rows`, and compiles again per
+    rank).
 
     Each call gets a fresh copy of `fn`'s code: Dynamo keeps its compiled
     graphs per code object, up to a small limit (8), and the functions made
@@ -444,10 +444,10 @@ def _settings(any_length, rows):
       are not taken to be equal for good ("duck" shapes): a row length of 2
       and two rows of keys (`_whole._row_length`) would make a second graph.
     - Given in rows (`rows`), a length of 1 is compiled with the others, not
-      apart: the rows of 1 of odd-sized variables take the same graph, one
-      compilation (some seconds of a cold start) fewer. Only there: on the
-      8-bit layouts (given one block per row, never in rows of 1) this
-      mode makes Inductor 2.13 fail (a KeyError in its scheduler).
+      apart (nor a single row): the rows of 1 of odd-sized variables take
+      the same graph, one compilation (some seconds of a cold start) fewer.
+      Only there: on the 8-bit layouts (given one block per row) this mode
+      makes Inductor 2.13 fail (a KeyError in its scheduler).
     """
     # Set and restored by hand: the configs' own `patch` takes some 60 us a
     # call, more than a small variable's arithmetic.
