@@ -92,6 +92,7 @@ class Whole:
         self._batches = {}  # `_row_keys`' constants per set of variables
         self._bounds = {}  # a Python float bound K as a tensor
         self._joins = {}  # `_joined`'s buffers and their views, per set of variables
+        self._joins_used = set()  # the sets of this step's `together`
 
     def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
@@ -172,8 +173,12 @@ class Whole:
         batches = {}
         for call in waiting:
             batches.setdefault(call.batch_key, []).append(call)
+        self._joins_used = set()
         for batch in batches.values():
             self._run(batch)
+        # Buffers are kept for the sets of variables of the last step only: a
+        # set that did not recur (other gradients, another model) is freed.
+        self._joins = {k: v for k, v in self._joins.items() if k in self._joins_used}
 
     def _run(self, batch):
         """One call of the function of `batch`'s variables (of one function and
@@ -215,9 +220,11 @@ class Whole:
         kinds = [[p[i] for p in parts] for i in range(1, len(parts[0]))]
         if cut is not None:
             # Outside Keras's scopes (`whole_in_place`): the tensors taken in
-            # `apply` are the variables' own, written in one pass for all.
-            return backends.copy_into([x for like in kinds for x in like],
-                                      [x for kind in cut[1:] for x in kind])
+            # `apply` are the variables' own, written in one call per kind
+            # (one dtype each, which a GPU's foreach copy needs to fuse).
+            for like, views in zip(kinds, cut[1:]):
+                backends.copy_into(like, views)
+            return None
         new = [theta] + [x for slot in values for x in slot]
         pieces = [x for joined, like in zip(new, kinds) for x in backends.split_like(joined, like)]
         targets = [(c.targets[0],) + tuple(h for slot in c.targets[1] for h in slot)
@@ -230,26 +237,27 @@ class Whole:
         per call) copied one after another into one buffer, in the `given`
         shapes, and the buffers' views, per kind and call.
 
-        The buffers and views are kept per set of variables and written in
-        one copy per step: a step of many small variables allocates no
-        joined tensor (a new one of some megabytes can cost a page fault per
-        4 KB, several times the copy) and cuts none into views. Only where the
-        function writes in place: assigned elsewhere, results that are views
-        of a kept buffer would change at the next step.
+        The buffers and views are kept per set of variables, for the sets of
+        the last step (`together`), and written in one copy per kind: a step
+        of many small variables allocates no joined tensor (a new one of
+        some megabytes can cost a page fault per 4 KB, several times the
+        copy) and cuts none into views. They hold one more copy of the
+        variables' gradients, weights and moments between steps. Only where
+        the function writes in place: assigned elsewhere, results that are
+        views of a kept buffer would change at the next step.
         """
         kinds = list(zip(*parts))
-        key = (tuple(c.source[1] for c in batch),
+        # Each gradient's dtype (a batch's may differ, and a buffer has one).
+        key = (tuple(c.source[1] for c in batch), tuple(g.dtype for g in kinds[0]),
                tuple((k[0].dtype, k[0].device) for k in kinds))
+        self._joins_used.add(key)
         if key not in self._joins:
-            if len(self._joins) >= 16:  # a step has a few; a new set of variables
-                self._joins.clear()     # (another model's) starts afresh
             buffers = [backends.join(k, s) for k, s in zip(kinds, given)]
             self._joins[key] = (buffers, [backends.split_like(b, k)
                                           for b, k in zip(buffers, kinds)])
         else:
-            buffers, cut = self._joins[key]
-            backends.copy_into([x for kind in cut for x in kind],
-                               [x for kind in kinds for x in kind])
+            for views, kind in zip(self._joins[key][1], kinds):
+                backends.copy_into(views, kind)
         return self._joins[key]
 
     def _layout(self, storage, index, variable, any_length, rows):
