@@ -31,8 +31,8 @@ where a value lies within that rounding of a code boundary.
 
 One function is compiled per `Storage.layout_key` and `Hyper`: the
 variables of a model share a few, and on torch and TensorFlow so do the
-optimizers of a process (the function is made from a `Storage.stand_in`, which holds no
-variable). Where the backend compiles one function for tensors of every
+optimizers of a process (the function is made from a `Storage.stand_in`,
+which holds no variable). Where the backend compiles one function for tensors of every
 length (torch.compile with dynamic shapes), the tensors are given in the
 storage's `given_shapes`, and one function serves every shape of a
 format: flat for element-wise layouts (16-bit moments and weights), one

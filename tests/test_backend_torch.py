@@ -268,13 +268,13 @@ def test_one_compiled_function_serves_every_shape_of_a_layout(
 
     from torch._dynamo.utils import counters
     from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
 
     from keras_adam.backends import torch as torch_backend
 
     # A compiler failure would fall back to the eager function (the same bits)
     # with one warning: none here, each graph compiled and run.
     monkeypatch.setattr(torch_backend, "_WARNED", [])
-    from torch._inductor import config as inductor_config
 
     # Compiled afresh, not read from the on-disk caches of earlier runs (which
     # skip the pass that would restart).

@@ -195,8 +195,9 @@ def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, d
         return make
 
     # Every function `Whole.apply` takes: compiled for the optimizer, or shared
-    # (torch, TensorFlow: those of earlier tests serve, wrapped by the spy as they are
-    # taken; those compiled here leave with the test's copy of the cache).
+    # (torch, TensorFlow: those of earlier tests serve, wrapped by the spy as
+    # they are taken; those compiled here leave with the test's copy of the
+    # cache).
     if backends.whole_shared():
         monkeypatch.setattr(_whole, "_SHARED", dict(_whole._SHARED))
         monkeypatch.setattr(_whole, "_shared", spying(_whole._shared))

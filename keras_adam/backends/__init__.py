@@ -209,9 +209,9 @@ def whole_shared():
     """Whether one `compile_whole` function may serve the optimizers of a process:
     on torch, where compiling takes seconds (Dynamo traces it anew for each
     new function), and on TensorFlow, where each new tf.function is traced
-    and compiled by XLA again, per shape. It is given tensors (the step's
-    scalars are computed ones, the learning rate read), not the optimizer's
-    variables, which its traces would keep. Not on JAX, which traces `fn`
+    and compiled by XLA again, per shape. There it is given tensors (the
+    step's scalars are computed ones, the learning rate read), not the
+    optimizer's variables, which its traces would keep. Not on JAX, which traces `fn`
     into each training step anyway."""
     return keras.backend.backend() in ("torch", "tensorflow")
 
