@@ -289,9 +289,12 @@ class Whole:
 
     def _scalar_fields(self, scalars):
         # The step's scalars as the tuple the compiled function takes, built
-        # once per step, not once per variable.
+        # once per step, not once per variable. Plain tensors: on torch the
+        # learning rate arrives as its variable's Parameter, and a function
+        # that optimizers share would compile again for the next optimizer's
+        # schedule (a plain tensor).
         if self._fields is None or self._fields[0] is not scalars:
-            self._fields = (scalars, tuple(getattr(scalars, f.name)
+            self._fields = (scalars, tuple(backends.plain(getattr(scalars, f.name))
                                            for f in dataclasses.fields(scalars)))
         return self._fields[1]
 

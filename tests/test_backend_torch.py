@@ -303,6 +303,45 @@ def test_one_compiled_function_serves_every_shape_of_a_layout(
         np.testing.assert_array_equal(a, b)
 
 
+
+def test_a_schedule_after_a_constant_learning_rate_takes_the_same_graph(monkeypatch):
+    """The compiled whole-variable step that optimizers share (keras_adam/_whole.py)
+    is given the learning rate as a plain tensor: Keras gives a constant one
+    as its variable's Parameter and a schedule's as a tensor, and a compiled
+    function guards on its inputs' types. An optimizer with a schedule after
+    one with a constant rate must take the first one's graph, and end bit for
+    bit where it would with the cache emptied (the oracle)."""
+    from torch._dynamo.utils import counters
+
+    from keras_adam import _whole
+
+    monkeypatch.setattr(_whole, "_SHARED", {})
+    shapes = [(64, 32), (300,)]
+
+    def train(learning_rate):
+        rng = np.random.default_rng(4)
+        variables = [keras.Variable(rng.normal(size=s), dtype="float32") for s in shapes]
+        # Decoupled decay reads lr inside the compiled step itself.
+        optimizer = keras_adam.Adam(learning_rate=learning_rate, weight_decay=0.1,
+                                    moment_dtype="bfloat16")
+        for _ in range(3):
+            optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=s), "float32")
+                             for s in shapes], variables)
+        return [keras.ops.convert_to_numpy(x) for x in variables]
+
+    def schedule():
+        return keras.optimizers.schedules.ExponentialDecay(1e-2, 2, 0.5)
+
+    counters.clear()
+    train(1e-3)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    shared = train(schedule())
+    assert counters["stats"]["unique_graphs"] == graphs
+    monkeypatch.setattr(_whole, "_SHARED", {})
+    for a, b in zip(shared, train(schedule())):
+        np.testing.assert_array_equal(a, b)
+
 # Small variables of one layout and step run as one compiled call on their
 # tensors joined along rows (keras_adam._whole `Whole.together`); w2's group
 # (lr x 0.5) runs apart, and sits between the others, whose batch it must not

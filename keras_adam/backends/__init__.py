@@ -209,10 +209,11 @@ def whole_shared():
     """Whether one `compile_whole` function may serve the optimizers of a process:
     on torch, where compiling takes seconds (Dynamo traces it anew for each
     new function), and on TensorFlow, where each new tf.function is traced
-    and compiled by XLA again, per shape. There it is given tensors (the
-    step's scalars are computed ones, the learning rate read), not the
-    optimizer's variables, which its traces would keep. Not on JAX, which traces `fn`
-    into each training step anyway."""
+    and compiled by XLA again, per shape. It is given tensors, not the
+    optimizer's variables, which its traces would keep: the step's scalars
+    are computed ones, the learning rate read (on torch a Parameter, given
+    detached by `plain`). Not on JAX, which traces `fn` into each training
+    step anyway."""
     return keras.backend.backend() in ("torch", "tensorflow")
 
 
@@ -316,6 +317,17 @@ def own_tensor(variable):
     from keras_adam.backends import torch
 
     return torch.own_tensor(variable)
+
+
+def plain(x):
+    """`x` (a tensor or None) as a plain tensor: on torch a Parameter is detached
+    (the same memory, so it reads the variable's value at each call), since
+    a compiled function guards on its inputs' types."""
+    if keras.backend.backend() != "torch" or x is None:
+        return x
+    from keras_adam.backends import torch
+
+    return torch.plain(x)
 
 
 def whole_in_place():

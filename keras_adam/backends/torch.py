@@ -316,6 +316,11 @@ def own_tensor(variable):
     return variable._value
 
 
+def plain(x):
+    """`keras_adam.backends.plain`."""
+    return x.detach() if isinstance(x, torch.nn.Parameter) else x
+
+
 def in_place(fn):
     """`fn`, a whole variable's step `(gradient, theta, values, fields, state) ->
     (theta', values')` (`keras_adam._whole`), writing theta' and values'
