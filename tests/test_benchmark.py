@@ -117,15 +117,19 @@ def test_mlp_case_report(capsys):
 @pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow backend only")
-def test_intra_op_threads_reach_tensorflow():
+def test_intra_op_threads_and_xla_flags_reach_the_report():
     # A fresh process: the setting is only possible before TF's runtime starts.
     # The report's value is read back from tf.config, not echoed from argv.
+    # XLA_FLAGS change XLA's programs (docs/speed.md): the header names them.
+    flag = "--xla_cpu_copy_insertion_use_region_analysis=true"
     out = run_python("-m", "keras_adam.benchmark", "--cases", "mlp", "--xla", "off",
                      "--intra-op-threads", "1", "--json", *TINY, backend="tensorflow",
-                     timeout=300).stdout
+                     env={"XLA_FLAGS": flag}, timeout=300).stdout
     report = json.loads(out)
     assert report["intra_op_threads"] == 1
-    assert "intra-op threads 1" in benchmark.format_table(report)
+    assert report["xla_flags"] == flag
+    table = benchmark.format_table(report)
+    assert "intra-op threads 1" in table and f"XLA_FLAGS={flag}" in table
 
 
 @pytest.mark.backend_independent

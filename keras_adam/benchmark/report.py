@@ -89,6 +89,8 @@ def run(args):
     return {
         "backend": args.backend, "bandwidth_gb_per_s": bandwidth, "repeats": args.repeats,
         "cpus": os.cpu_count(), "intra_op_threads": getattr(harness, "intra_op_threads", None),
+        # XLA's own flags change its programs (docs/speed.md: region analysis).
+        "xla_flags": os.environ.get("XLA_FLAGS") or None,
         "keras": keras.__version__,
         "framework": _framework_version(args.backend),
         "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor_result,
@@ -136,7 +138,8 @@ def format_table(report):
         f"{report['framework']}; measured bandwidth "
         f"{report['bandwidth_gb_per_s']:.1f} GB/s; {report['repeats']} repeats"
         + (f"; intra-op threads {report['intra_op_threads']}"
-           if report.get("intra_op_threads") else ""),
+           if report.get("intra_op_threads") else "")
+        + (f"; XLA_FLAGS={report['xla_flags']}" if report.get("xla_flags") else ""),
         "",
         "| case | variant | XLA | params | keras_adam ms (min-max) | built-in ms (min-max) "
         "| speed-up | keras_adam GB/s | % of bandwidth | roofline ms |",

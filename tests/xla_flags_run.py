@@ -1,0 +1,79 @@
+"""Helper process: XLA-compiled steps of each memory format, as XLA_FLAGS compiles them.
+
+Not a test file: tests/test_xla_flags.py runs it in subprocesses, because XLA
+reads XLA_FLAGS once per process.
+
+    KERAS_BACKEND=jax|tensorflow [XLA_FLAGS=...] python xla_flags_run.py OUT.npz
+
+Trains two variables for four steps with bfloat16 moments, 8-bit moments and
+in pure bfloat16: on JAX `jax.jit` of `stateless_apply` with the state donated
+(as Keras's JAX trainer runs it), on TensorFlow `optimizer.apply` in a
+tf.function with jit_compile=True. Writes every variable and optimizer
+variable after the last step (as float32), and on JAX the number of copy
+instructions in the compiled bfloat16-moments step (`copies`).
+"""
+
+import sys
+
+import keras
+import numpy as np
+
+import keras_adam
+
+# name: (keras_adam.Adam kwargs, the variables' dtype). 300 x 200 is over
+# min_8bit_size; the bias keeps float32 moments under "8bit".
+FORMATS = {"bfloat16": (dict(moment_dtype="bfloat16"), "float32"),
+           "8bit": (dict(moment_dtype="8bit"), "float32"),
+           "pure-bfloat16": ({}, "bfloat16")}
+SHAPES = [(300, 200), (200,)]
+STEPS = 4
+
+
+def train(kwargs, dtype):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    variables = [keras.Variable(rng.normal(size=s), dtype=dtype) for s in SHAPES]
+    optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
+    optimizer.build(variables)
+    grads = [[keras.ops.convert_to_tensor(rng.normal(size=s), dtype) for s in SHAPES]
+             for _ in range(STEPS)]
+    copies = None
+    if keras.backend.backend() == "jax":
+        import jax
+
+        apply = jax.jit(lambda t, o, g: optimizer.stateless_apply(o, g, t),
+                        donate_argnums=(0, 1))
+        # Copies: the compiled program's own, in the entry computation.
+        text = apply.lower([v.value for v in variables], [v.value for v in optimizer.variables],
+                           grads[0]).compile().as_text()
+        entry = text[text.index("ENTRY"):]
+        copies = entry.count(" copy(")
+        state = ([jax.numpy.copy(v.value) for v in variables],
+                 [jax.numpy.copy(v.value) for v in optimizer.variables])
+        for g in grads:
+            state = apply(*state, g)
+        values = list(state[0]) + list(state[1])
+    else:
+        import tensorflow as tf
+
+        step = tf.function(lambda g: optimizer.apply(g, variables), jit_compile=True)
+        for g in grads:
+            step(g)
+        values = [v.value for v in variables + list(optimizer.variables)]
+    arrays = [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")) for x in values]
+    return arrays, copies
+
+
+def main(out):
+    results = {}
+    for name, (kwargs, dtype) in FORMATS.items():
+        arrays, copies = train(kwargs, dtype)
+        for i, x in enumerate(arrays):
+            results[f"{name}/{i}"] = x
+        if copies is not None:
+            results[f"{name}/copies"] = np.asarray(copies)
+    np.savez(out, **results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
