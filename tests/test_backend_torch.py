@@ -361,7 +361,12 @@ def test_small_variables_run_together_with_the_bits_of_one_call_each(
     """Joining the small variables of one layout into one call must give every
     variable, slot and scale the bits of one call per variable (the oracle:
     the same optimizer with no variable counted small), in `apply` and in
-    `stateless_apply` (a Keras scope: the results assigned one by one)."""
+    `stateless_apply` (a Keras scope: the results assigned one by one).
+    The buffers kept for a set of variables are freed once a step runs
+    without that set."""
+    import gc
+    import weakref
+
     from keras_adam import _whole
     from keras_adam import backends
 
@@ -398,6 +403,13 @@ def test_small_variables_run_together_with_the_bits_of_one_call_each(
             picked = [0, 1, 4] if i == 3 else range(len(TOGETHER_SHAPES))
             calls.clear()
             optimizer.apply([grads[j] for j in picked], [variables[j] for j in picked])
+            if below and i == 3:  # only the subset's sets hold buffers now
+                kept = [weakref.ref(b) for buffers, _ in optimizer._whole._joins.values()
+                        for b in buffers]
+        if below:
+            # The last step's sets replaced the subset's: their buffers are freed.
+            gc.collect()
+            assert kept and not any(r() is not None for r in kept)
         per_step = len(calls)
         state = [keras.ops.convert_to_tensor(v) for v in optimizer.variables]
         new_variables, new_state = optimizer.stateless_apply(
