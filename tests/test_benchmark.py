@@ -120,7 +120,8 @@ def test_mlp_case_report(capsys):
 def test_intra_op_threads_and_xla_flags_reach_the_report():
     # A fresh process: the setting is only possible before TF's runtime starts.
     # The report's value is read back from tf.config, not echoed from argv.
-    # XLA_FLAGS change XLA's programs (docs/speed.md): the header names them.
+    # XLA_FLAGS change XLA's programs (docs/speed.md): the header names them,
+    # as the process's environment gave them.
     flag = "--xla_cpu_copy_insertion_use_region_analysis=true"
     out = run_python("-m", "keras_adam.benchmark", "--cases", "mlp", "--xla", "off",
                      "--intra-op-threads", "1", "--json", *TINY, backend="tensorflow",

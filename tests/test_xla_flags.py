@@ -1,10 +1,14 @@
 """XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true (docs/speed.md).
 
-Under XLA with the state donated, XLA's default analysis copies each
-moment before the step (three fused loops read it, one of which overwrites
-it); the flag's analysis finds the order that needs no copy. The docs
-recommend the flag on CPUs: it must change no bit of any format's steps,
-and (the docs' claim) remove the copies.
+Under XLA with the state updated in place, XLA's default analysis copies
+each moment before the step (fused loops read it, and one of them
+overwrites it); the flag's analysis finds the order that needs no copy.
+The docs recommend the flag on CPUs: it must change no bit of the steps of
+bfloat16 moments, 8-bit moments and pure bfloat16, and (the docs' claim,
+checked on JAX, whose compiled program is at hand) remove the moments'
+copies. On TensorFlow the check is the bits alone: the flag changes its
+XLA programs too (the benchmark's step time), so a copy wrongly left out
+would show.
 """
 
 from pathlib import Path
@@ -34,7 +38,7 @@ def test_region_analysis_changes_no_bit_and_removes_the_copies(tmp_path):
             if not name.endswith("/copies"):
                 np.testing.assert_array_equal(d[name], f[name], err_msg=name)
         if keras.backend.backend() == "jax":
-            # The bfloat16 moments' step: two moments of each variable copied
-            # by default (the step counter too), none with the flag.
-            assert int(d["bfloat16/copies"]) >= 4
+            # The bfloat16 moments' step: the moments copied by default (at
+            # least the large variable's m and v), none with the flag.
+            assert int(d["bfloat16/copies"]) >= 2
             assert int(f["bfloat16/copies"]) == 0

@@ -89,8 +89,9 @@ def run(args):
     return {
         "backend": args.backend, "bandwidth_gb_per_s": bandwidth, "repeats": args.repeats,
         "cpus": os.cpu_count(), "intra_op_threads": getattr(harness, "intra_op_threads", None),
-        # XLA's own flags change its programs (docs/speed.md: region analysis).
-        "xla_flags": os.environ.get("XLA_FLAGS") or None,
+        # XLA's own flags change its programs (docs/speed.md: region analysis);
+        # torch compiles without XLA.
+        "xla_flags": None if args.backend == "torch" else os.environ.get("XLA_FLAGS") or None,
         "keras": keras.__version__,
         "framework": _framework_version(args.backend),
         "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor_result,
