@@ -223,17 +223,15 @@ def test_the_compiled_step_is_given_tensors_not_variables(monkeypatch, kwargs, d
     # share would be kept by its traces (TensorFlow).
     for x in given + scalars:
         assert not isinstance(x, keras.Variable) and not hasattr(x, "assign"), type(x)
-        if keras.backend.backend() == "torch":
-            import torch
+    if keras.backend.backend() == "torch":
+        import torch
 
-            # Not the learning rate's Parameter: a later optimizer with a
-            # schedule (a plain tensor) would compile the shared step again.
+        for x in given + scalars:
+            # Not a Parameter (the learning rate's, for one): a later optimizer
+            # with a schedule (a plain tensor) would compile the shared step again.
             assert type(x) is torch.Tensor, type(x)
-    for x in given:
-        if keras.backend.backend() == "torch":
-            import torch
-
-            assert not x.requires_grad and type(x) is torch.Tensor  # not a Parameter
+        for x in given:
+            assert not x.requires_grad
             if not joined:  # a joined tensor is a view of the one it was flattened into
                 assert x._base is None
 
