@@ -9,8 +9,8 @@ Trains two variables for four steps with bfloat16 moments, 8-bit moments and
 in pure bfloat16: on JAX `jax.jit` of `stateless_apply` with the state donated
 (as Keras's JAX trainer runs it), on TensorFlow `optimizer.apply` in a
 tf.function with jit_compile=True. Writes every variable and optimizer
-variable after the last step (as float32), and on JAX the number of copies
-of bfloat16 tensors in the compiled bfloat16-moments step (`copies`).
+variable after the last step (as float32), and the number of copies of
+bfloat16 tensors in each format's compiled step (`copies`).
 """
 
 import sys
@@ -37,19 +37,14 @@ def train(kwargs, dtype):
     optimizer.build(variables)
     grads = [[keras.ops.convert_to_tensor(rng.normal(size=s), dtype) for s in SHAPES]
              for _ in range(STEPS)]
-    copies = None
     if keras.backend.backend() == "jax":
         import jax
 
         apply = jax.jit(lambda t, o, g: optimizer.stateless_apply(o, g, t),
                         donate_argnums=(0, 1))
-        # Copies of bfloat16 tensors (the moments, with bfloat16 moments) in the
-        # compiled program's entry computation: not a copy XLA may add for
-        # anything else.
         text = apply.lower([v.value for v in variables], [v.value for v in optimizer.variables],
                            grads[0]).compile().as_text()
-        entry = text[text.index("ENTRY"):].splitlines()
-        copies = sum(" copy(" in line and "= bf16[" in line for line in entry)
+        copies = _bfloat16_copies(text)
         state = ([jax.numpy.copy(v.value) for v in variables],
                  [jax.numpy.copy(v.value) for v in optimizer.variables])
         for g in grads:
@@ -59,11 +54,21 @@ def train(kwargs, dtype):
         import tensorflow as tf
 
         step = tf.function(lambda g: optimizer.apply(g, variables), jit_compile=True)
+        # The cluster's optimized HLO, as XLA compiles it for these gradients.
+        copies = _bfloat16_copies(
+            step.experimental_get_compiler_ir(grads[0])(stage="optimized_hlo"))
         for g in grads:
             step(g)
         values = [v.value for v in variables + list(optimizer.variables)]
     arrays = [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")) for x in values]
     return arrays, copies
+
+
+def _bfloat16_copies(text):
+    """Copies of bfloat16 tensors in an HLO module's entry computation: with
+    bfloat16 moments, the moments' (no other tensor of the step is bfloat16)."""
+    entry = text[text.index("ENTRY"):].splitlines()
+    return sum(" copy(" in line and "= bf16[" in line for line in entry)
 
 
 def main(out):
@@ -72,8 +77,7 @@ def main(out):
         arrays, copies = train(kwargs, dtype)
         for i, x in enumerate(arrays):
             results[f"{name}/{i}"] = x
-        if copies is not None:
-            results[f"{name}/copies"] = np.asarray(copies)
+        results[f"{name}/copies"] = np.asarray(copies)
     np.savez(out, **results)
 
 
