@@ -118,41 +118,27 @@ class Keys:
 
     Either one variable's four keys, an int32 vector indexed by kind (0: the
     variable, 1-3: m, v, v_max); or the row form, for tensors given in rows
-    of one or several variables joined (`keras_adam._whole`): a row of four
-    keys per variable, and `starts`, each variable's first element among
-    the joined ones (ascending; a row lies in one variable). Each row's
-    variable is found once per row; an element's index is its position in
-    its own variable.
+    of one or several variables joined (`keras_adam._whole`): each row's
+    four keys, (rows, 4), and `firsts`, each row's first element's position
+    in its own variable (a row lies in one variable). An element's index is
+    its position in its own variable.
     """
 
-    def __init__(self, keys, starts=None):
-        self.keys, self.starts = keys, starts
-        self._rows = None
+    def __init__(self, keys, firsts=None):
+        self.keys, self.firsts = keys, firsts
 
     def key(self, kind, shape):
         """The key of stream `kind` for the elements of a tensor of `shape`."""
-        if self.starts is None:
+        if self.firsts is None:
             return self.keys[kind]
-        variable, _ = self._variable_of_rows(shape)
-        return ops.expand_dims(ops.take(self.keys[:, kind], variable, axis=0), 1)
+        return ops.expand_dims(self.keys[:, kind], 1)
 
     def index(self, shape):
         """`element_index` of the elements of a tensor of `shape`."""
-        if self.starts is None:
+        if self.firsts is None:
             return element_index(shape)
-        _, first = self._variable_of_rows(shape)
-        return ops.expand_dims(first, 1) + ops.expand_dims(
+        return ops.expand_dims(self.firsts, 1) + ops.expand_dims(
             ops.arange(shape[1], dtype="int32"), 0)
-
-    def _variable_of_rows(self, shape):
-        # (each row's variable, its first element's position in that variable),
-        # worked out once for a tensor's rows.
-        if self._rows is None:
-            rows, length = shape
-            first = ops.arange(rows, dtype="int32") * length
-            variable = backends.owners(self.starts, first)
-            self._rows = variable, first - ops.take(self.starts, variable, axis=0)
-        return self._rows
 
 
 def uniform(seed, t, stream, index):

@@ -202,8 +202,8 @@ class Whole:
         (scalars, bound, noise), (storage, index) = first.step, first.source
         fields = self._scalar_fields(scalars)
         if noise is not None:  # the streams' keys, computed here
-            noise = self._row_keys(storage, batch, noise) if first.given is not None else (
-                self._stream_keys(storage, index, noise),)
+            noise = (self._row_keys(storage, batch, noise, first.given[0][1])
+                     if first.given is not None else (self._stream_keys(storage, index, noise),))
         if isinstance(bound, float) and backends.whole_any_length():
             # K_n changes with the step count (`_rule.moment_bound`), and the
             # compiled function takes Python floats as constants of its graph
@@ -319,26 +319,31 @@ class Whole:
         # A copy, not a view: torch.compile would guard on a view's offset.
         return ops.copy(self._all_keys(storage, noise)[4 * position:4 * position + 4])
 
-    def _row_keys(self, storage, batch, noise):
-        """The keys of `batch`'s variables, their tensors given in rows and joined
-        (`_rounding.Keys`'s row form): a row of four stream keys per variable,
-        and each variable's first element among the joined ones.
+    def _row_keys(self, storage, batch, noise, length):
+        """The keys of `batch`'s variables, their tensors given in rows of `length`
+        and joined (`_rounding.Keys`'s row form): each row's four stream keys,
+        and its first element's position in its own variable.
 
-        One row more than variables, never chosen (its first element is past
-        the last), so that torch compiles one function for one variable and
-        for many (it compiles a length of 1 apart).
+        Given per row, not per variable: a compiled function that found each
+        row's variable from the variables' first elements (a search, then
+        lookups with bounds checks) did so again for every vector of a row's
+        elements (Inductor, torch 2.13), a fifth of a large variable's step
+        with bfloat16 moments. Each row's variable and first element are
+        constants of the set of variables (8 bytes a row, 1/32 of a byte per
+        element in rows of 256); the keys are gathered at each step, in one op.
         """
         indices = tuple(c.source[1] for c in batch)
-        if indices not in self._batches:  # constants of a set of variables
+        if (indices, length) not in self._batches:  # constants of a set of variables
             if len(self._batches) >= 4096:  # a step has at most one per variable
                 self._batches.clear()
-            positions = [storage.position(i) for i in indices] + [0]
-            starts = np.cumsum([0] + [c.size for c in batch])
-            self._batches[indices] = tuple(ops.convert_to_tensor(np.asarray(x, "int32"))
-                                           for x in (positions, starts))
-        positions, starts = self._batches[indices]
+            rows = [c.size // length for c in batch]
+            positions = np.repeat([storage.position(i) for i in indices], rows)
+            firsts = np.concatenate([np.arange(n) * length for n in rows])
+            self._batches[indices, length] = tuple(
+                ops.convert_to_tensor(x.astype("int32")) for x in (positions, firsts))
+        positions, firsts = self._batches[indices, length]
         keys = ops.reshape(self._all_keys(storage, noise), (-1, 4))
-        return ops.take(keys, positions, axis=0), starts
+        return ops.take(keys, positions, axis=0), firsts
 
 
 # The compiled functions of every optimizer, by key, where the backend allows

@@ -217,17 +217,6 @@ def whole_shared():
     return keras.backend.backend() in ("torch", "tensorflow")
 
 
-def owners(starts, positions):
-    """For each of `positions` (int32), the i with starts[i] <= position < starts[i + 1]
-    (`starts` ascending int32), as int32."""
-    if keras.backend.backend() == "torch":
-        from keras_adam.backends import torch
-
-        # Keras's searchsorted breaks a torch.compile graph (Keras 3.15).
-        return torch.owners(starts, positions)
-    return ops.cast(ops.searchsorted(starts, positions, side="right"), "int32") - 1
-
-
 def reshape(x, shape):
     """`ops.reshape(x, shape)`; on torch the tensor's own method, without Keras's
     dispatch (tens of microseconds a call, for each tensor of a variable's

@@ -222,11 +222,6 @@ def _number(value):
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
-def owners(starts, positions):
-    """`keras_adam.backends.owners` on torch."""
-    return torch.searchsorted(starts, positions, right=True, out_int32=True) - 1
-
-
 def join(tensors, shape):
     """`keras_adam.backends.join` on torch: each tensor flattened and concatenated
     in one call (`flatten_dense_tensors`, as DDP joins gradients into buckets)."""
