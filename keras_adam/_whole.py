@@ -343,7 +343,7 @@ class Whole:
                 ops.convert_to_tensor(x.astype("int32")) for x in (positions, firsts))
         positions, firsts = self._batches[indices, length]
         keys = ops.reshape(self._all_keys(storage, noise), (-1, 4))
-        return ops.take(keys, positions, axis=0), firsts
+        return backends.take_rows(keys, positions), firsts
 
 
 # The compiled functions of every optimizer, by key, where the backend allows

@@ -230,6 +230,17 @@ def reshape(x, shape):
     return ops.reshape(x, shape)
 
 
+def take_rows(x, indices):
+    """`ops.take(x, indices, axis=0)` for int32 `indices`; on torch `index_select`,
+    without Keras's conversions of the indices (a step's rows of stream keys,
+    `keras_adam._whole`: 4.3 ms through Keras against 0.7 for 250,000 rows)."""
+    if keras.backend.backend() == "torch":
+        from keras_adam.backends import torch
+
+        return torch.take_rows(x, indices)
+    return ops.take(x, indices, axis=0)
+
+
 def view(x, shape):
     """`ops.reshape(x, shape)`; on torch the tensor's own method, detached, a view
     where it can be (without Keras's dispatch)."""

@@ -222,6 +222,11 @@ def _number(value):
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
+def take_rows(x, indices):
+    """`keras_adam.backends.take_rows` on torch."""
+    return torch.index_select(x, 0, indices)
+
+
 def join(tensors, shape):
     """`keras_adam.backends.join` on torch: each tensor flattened and concatenated
     in one call (`flatten_dense_tensors`, as DDP joins gradients into buckets)."""
