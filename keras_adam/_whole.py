@@ -383,10 +383,10 @@ TOGETHER_BELOW = 1 << 16
 def _row_length(size):
     """The rows in which an element-wise layout whose elements draw random numbers
     is given: 16 elements (256 for a variable of at least `TOGETHER_BELOW`,
-    which has its own call: fewer rows, each found once), or the largest power of
-    two under that dividing `size`,
-    so that a compiled function finds each row's variable once per row, not
-    per element (`_rounding.Keys`), with vectorised loops along it. Two rows
+    which has its own call: fewer rows, fewer keys to gather), or the largest
+    power of two under that dividing `size`, so that a compiled function takes
+    its random streams' keys per row, not per element (`_rounding.Keys`),
+    with vectorised loops along it. Two rows
     at least where the size allows: a variable of 16 is 2 rows of 8. An odd
     size (or 2) is rows of 1, which the function compiled for rows serves too
     (`compile_whole`'s `rows`).
