@@ -128,7 +128,8 @@ class Keys:
         self.keys, self.firsts = keys, firsts
 
     def key(self, kind, shape):
-        """The key of stream `kind` for the elements of a tensor of `shape`."""
+        """The key of stream `kind` for the elements of a tensor of `shape` (in
+        the row form, of as many rows as the keys: `shape` is not needed)."""
         if self.firsts is None:
             return self.keys[kind]
         return ops.expand_dims(self.keys[:, kind], 1)

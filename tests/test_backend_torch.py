@@ -288,8 +288,8 @@ def test_one_compiled_function_serves_every_shape_of_a_layout(
     # tracing done twice (`backends.torch.compiled`).
     assert counters["aot_autograd"]["total"] == counters["stats"]["unique_graphs"] > 0
     # One graph per function on the element-wise layout, though its variables
-    # come in rows of 2, 8 and (the odd-sized one) 1, and a row length of 2
-    # equals the keys' two rows. 8-bit codes are one block per row: a
+    # come in rows of 2, 8 and (the odd-sized one) 1, and each row's keys are
+    # a row of 4. 8-bit codes are one block per row: a
     # variable of one block alone is one row, which torch compiles apart
     # (a second graph of its function).
     assert counters["stats"]["unique_graphs"] == graphs
@@ -353,17 +353,19 @@ def test_a_schedule_after_a_constant_learning_rate_takes_the_same_graph(monkeypa
 # Small variables of one layout and step run as one compiled call on their
 # tensors joined along rows (keras_adam._whole `Whole.together`); w2's group
 # (lr x 0.5) runs apart, and sits between the others, whose batch it must not
-# split. 8-bit codes: rows are blocks, rows of 8 {w0, w1, w3, w5} and of 16
-# {w4}: 3 calls, also with bfloat16 weights (each row's random numbers for the
-# weights from its own variable's stream). bfloat16 moments: rows of 16, or
-# the largest power of two under 16 that divides the size and leaves two rows:
-# {w0} (32 elements: rows of 16), {w1, w3, w4, w5} (24, 40, 16, 16: rows of 8),
-# {w2}: 3 calls.
-TOGETHER_SHAPES = [(4, 8), (3, 8), (8,), (5, 8), (16,), (2, 8)]
+# split. 8-bit codes: rows are blocks, rows of 8 {w0, w1, w3, w5}, of 16 {w4}
+# and of 5 {w6}: 4 calls, also with bfloat16 weights (each row's random
+# numbers for the weights from its own variable's stream). bfloat16 moments:
+# rows of 16, or the largest power of two under 16 that divides the size and
+# leaves two rows: {w0} (32 elements: rows of 16), {w1, w3, w4, w5} (24, 40,
+# 16, 16: rows of 8), {w6} (15: rows of 1), {w2}: 4 calls. Alone (each
+# counted large), w6 is rows of 5 (`_whole._row_length`: the largest odd
+# divisor of an odd size): its elements' streams must not depend on the rows.
+TOGETHER_SHAPES = [(4, 8), (3, 8), (8,), (5, 8), (16,), (2, 8), (3, 5)]
 
 
 @pytest.mark.parametrize("moment_dtype,dtype,calls_per_step", [
-    ("8bit", "float32", 3), ("8bit", "bfloat16", 3), ("bfloat16", "float32", 3)])
+    ("8bit", "float32", 4), ("8bit", "bfloat16", 4), ("bfloat16", "float32", 4)])
 def test_small_variables_run_together_with_the_bits_of_one_call_each(
         monkeypatch, moment_dtype, dtype, calls_per_step):
     """Joining the small variables of one layout into one call must give every

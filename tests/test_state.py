@@ -166,6 +166,19 @@ def test_a_later_optimizer_reuses_the_compiled_steps_and_frees_the_first(monkeyp
         np.testing.assert_array_equal(a, c)
 
 
+def test_rows_of_a_large_odd_variable_keep_their_keys_small():
+    """A variable whose writes draw random numbers is given in rows, each with its
+    four stream keys and first position (24 bytes a row): a large odd-sized
+    one takes its largest odd divisor under 256, not rows of one element."""
+    from keras_adam import _whole
+
+    assert _whole._row_length(4 * 2000 * 2000) == 256
+    assert _whole._row_length(255 * 1001) == 255  # 255255 = 255 x 1001
+    assert _whole._row_length(3 * 65537) == 3  # 65537 is prime
+    assert _whole._row_length(65537) == 1  # prime: no divisor
+    assert _whole._row_length(15) == 1  # small ones are joined in rows of one
+
+
 @pytest.mark.parametrize("kwargs,dtype", [
     (dict(moment_dtype="8bit", min_8bit_size=1), "float32"),
     (dict(weight_rounding="stochastic"), "bfloat16")], ids=["8bit", "pure-bfloat16"])

@@ -4,10 +4,12 @@ Under XLA with the state updated in place, XLA's default analysis copies
 each moment before the step (fused loops read it, and one of them
 overwrites it); the flag's analysis finds the order that needs no copy.
 The docs recommend the flag on CPUs: it must change no bit of the steps of
-bfloat16 moments, 8-bit moments and pure bfloat16, and (the docs' claim,
-checked on JAX, whose compiled program is at hand) remove the moments'
-copies, counted in the compiled program (JAX's compiled step, TensorFlow's
-cluster's optimized HLO).
+bfloat16 moments, 8-bit moments and pure bfloat16, and (the docs' claim)
+remove the moments' copies, counted in the compiled program: JAX's compiled
+step, and on TensorFlow the cluster's optimized HLO as
+`experimental_get_compiler_ir` compiles it (a compilation of its own, with
+the same flags; the steps whose bits are compared run the cluster XLA
+compiles for them).
 """
 
 from pathlib import Path

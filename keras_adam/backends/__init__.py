@@ -233,7 +233,8 @@ def reshape(x, shape):
 def take_rows(x, indices):
     """`ops.take(x, indices, axis=0)` for int32 `indices`; on torch `index_select`,
     without Keras's conversions of the indices (a step's rows of stream keys,
-    `keras_adam._whole`: 4.3 ms through Keras against 0.7 for 250,000 rows)."""
+    `keras_adam._whole`; timed alone on 250,000 rows: 4.3 ms through Keras,
+    0.7 ms here)."""
     if keras.backend.backend() == "torch":
         from keras_adam.backends import torch
 

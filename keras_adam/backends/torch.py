@@ -446,8 +446,9 @@ def _settings(any_length, rows):
       shapes, it would trace them as symbols, then restart its analysis to
       fix them: the tracing done twice, seconds of a first step.
     - With dynamic shapes (`any_length`), two lengths equal at the first call
-      are not taken to be equal for good ("duck" shapes): a row length of 2
-      and two rows of keys (`_whole._row_length`) would make a second graph.
+      are not taken to be equal for good ("duck" shapes): a row length of 4
+      and the four keys of each row (`_whole._row_keys`) would make a second
+      graph.
     - Given in rows (`rows`), a length of 1 is compiled with the others, not
       apart (nor a single row): the rows of 1 of odd-sized variables take
       the same graph, one compilation (some seconds of a cold start) fewer.
