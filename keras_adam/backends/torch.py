@@ -21,6 +21,7 @@ Keras before this step, so the kernel's own is 0.
 """
 
 import contextlib
+import functools
 import math
 import threading
 import types
@@ -406,8 +407,16 @@ def compiled(fn, any_length=False, rows=False):
     code = fn.__code__.replace()
     fresh = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__,
                                fn.__closure__)
-    compiled_fn = torch.compile(fresh, dynamic=any_length)
-    state = {"failed": False}
+    state = {"failed": False, "compiled": None}
+
+    def compiled_fn(*args):
+        # Made at the first call, when the tensors' device is known (Inductor's
+        # CPU code alone takes `_vector_options`).
+        if state["compiled"] is None:
+            cpu = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+            state["compiled"] = torch.compile(fresh, dynamic=any_length,
+                                              options=_vector_options(rows and cpu))
+        return state["compiled"](*args)
 
     def run(*args):
         if torch.compiler.is_compiling():
@@ -430,6 +439,42 @@ def compiled(fn, any_length=False, rows=False):
                 return fn(*args)
 
     return run
+
+
+def _vector_options(rows):
+    """Inductor's options for a function given in rows (`keras_adam._whole`: the
+    element-wise layouts that round stochastically): vectors of 256 bits
+    where the CPU has wider ones (AVX-512), else Inductor's own choice (None).
+
+    Stochastic rounding reads a float32's bits (`_rounding.stochastic_bfloat16`:
+    a bitcast to int32 and back, twice per rounded tensor), and Inductor
+    (torch 2.13, CPU) writes a vectorised bitcast as a store of the vector, a
+    scalar loop and a load. With 512-bit vectors that round trip is several
+    times slower than with 256-bit ones (on this project's CPU: 5.1 ms
+    against 2.0 for a bitcast there and back of 4,000,000 float32, other
+    kernels equal), and it dominated the rows' kernels. The 8-bit layouts
+    have no bitcast and are faster with the wider vectors: they keep them.
+    Only this function's compilation is changed (torch.compile's `options`).
+    """
+    width = _narrow_width() if rows else None
+    return None if width is None else {"cpp.simdlen": width}
+
+
+@functools.cache
+def _narrow_width():
+    """256 where Inductor can compile for 256-bit vectors and wider ones, else None."""
+    # Inductor's list of the vector instruction sets it can compile for here
+    # (torch 2.13 keeps it in `torch._inductor.cpu_vec_isa`; this module alone
+    # reads it, and tests/test_backend_torch.py fails if it moves). Probing
+    # them compiles a test program per set, once per cache directory: no
+    # more than Inductor's own first CPU compilation does.
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        widths = [isa.bit_width() for isa in cpu_vec_isa.valid_vec_isa_list()]
+    except Exception:  # noqa: BLE001 - then Inductor's own choice
+        return None
+    return 256 if 256 in widths and max(widths) > 256 else None
 
 
 # The compiler's settings are process-wide: the compiled calls that set them
