@@ -396,7 +396,8 @@ def compiled(fn, any_length=False, rows=False):
     compiler, an unsupported platform). With `any_length`, `fn` is compiled
     with dynamic shapes: one compilation serves every length (torch still
     specializes lengths 0 and 1, except with `rows`, and compiles again per
-    rank).
+    rank). With `rows`, on a CPU, for vectors of 256 bits where Inductor would
+    take wider ones (`_vector_options`).
 
     Each call gets a fresh copy of `fn`'s code: Dynamo keeps its compiled
     graphs per code object, up to a small limit (8), and the functions made
