@@ -451,7 +451,7 @@ def _vector_options(rows):
     a bitcast to int32 and back, twice per rounded tensor), and Inductor
     (torch 2.13, CPU) writes a vectorised bitcast as a store of the vector, a
     scalar loop and a load. With 512-bit vectors that round trip is several
-    times slower than with 256-bit ones (on this project's CPU: 5.1 ms
+    times slower than with 256-bit ones (on one AVX-512 CPU: 5.1 ms
     against 2.0 for a bitcast there and back of 4,000,000 float32, other
     kernels equal), and it dominated the rows' kernels. The 8-bit layouts
     have no bitcast and are faster with the wider vectors: they keep them.
