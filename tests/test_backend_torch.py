@@ -277,6 +277,9 @@ def test_one_compiled_function_serves_every_shape_of_a_layout(
     # A compiler failure would fall back to the eager function (the same bits)
     # with one warning: none here, each graph compiled and run.
     monkeypatch.setattr(torch_backend, "_WARNED", [])
+    # As on a CPU with vectors wider than 256 bits, on every CPU (on an AVX2
+    # one, 256 bits is Inductor's own choice too).
+    monkeypatch.setattr(torch_backend, "_narrow_width", lambda: 256)
 
     # Compiled afresh, not read from the on-disk caches of earlier runs (which
     # skip the pass that would restart).
@@ -303,23 +306,58 @@ def test_one_compiled_function_serves_every_shape_of_a_layout(
     # The functions given in rows (element-wise, rounding stochastically) are
     # compiled for 256-bit vectors where Inductor would take wider ones; the
     # others, and every function given in its own shapes, with its choice.
-    # The bits below are then those of the two vector widths compared.
+    # On a CPU with AVX-512, the bits below are those of the two widths.
     rows = kwargs.get("moment_dtype") != "8bit"
-    assert flat_options == [_narrowed() if rows else None] * len(flat_calls)
+    assert flat_options == [{"cpp.simdlen": 256} if rows else None] * len(flat_calls)
     assert shaped_options == [None] * shaped_compiles
     assert len(flat) == len(shaped)
     for a, b in zip(flat, shaped):
         np.testing.assert_array_equal(a, b)
 
 
-def _narrowed():
-    """The options of a function given in rows: vectors of 256 bits where Inductor
-    can compile for those and for wider ones (its list of instruction sets,
-    read here from torch itself: this test fails if torch moves it)."""
+@pytest.mark.parametrize("widths,want", [
+    ([512, 256, 128], 256), ([256, 128], None), ([128], None), ([], None), (None, None)])
+def test_rows_take_256_bit_vectors_only_where_wider_ones_exist(monkeypatch, widths, want):
+    """`_narrow_width` from Inductor's list of vector instruction sets (faked here:
+    AVX-512 and AVX2, AVX2 alone, NEON, none, a probe that fails), and never
+    where the user chose the width."""
+    from torch._inductor import config as inductor_config
     from torch._inductor import cpu_vec_isa
 
-    widths = [isa.bit_width() for isa in cpu_vec_isa.valid_vec_isa_list()]
-    return {"cpp.simdlen": 256} if 256 in widths and max(widths) > 256 else None
+    from keras_adam.backends import torch as torch_backend
+
+    # The seam itself: Inductor's list, and its sets' widths (fails if torch moves them).
+    assert all(isa.bit_width() > 0 for isa in cpu_vec_isa.valid_vec_isa_list())
+
+    class FakeISA:
+        def __init__(self, width):
+            self.width = width
+
+        def bit_width(self):
+            return self.width
+
+    def listed():
+        if widths is None:
+            raise OSError("the probe failed")
+        return [FakeISA(w) for w in widths]
+
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", listed)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    torch_backend._narrow_width.cache_clear()
+    try:
+        assert torch_backend._narrow_width() == want
+        want_options = None if want is None else {"cpp.simdlen": 256}
+        assert torch_backend._vector_options(True) == want_options
+        assert torch_backend._vector_options(False) is None
+        torch_backend._narrow_width.cache_clear()
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+        assert torch_backend._narrow_width() is None
+        torch_backend._narrow_width.cache_clear()
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+        with inductor_config.patch({"cpp.simdlen": 512}):
+            assert torch_backend._narrow_width() is None
+    finally:
+        torch_backend._narrow_width.cache_clear()
 
 
 def test_a_schedule_after_a_constant_learning_rate_takes_the_same_graph(monkeypatch):

@@ -23,6 +23,7 @@ Keras before this step, so the kernel's own is 0.
 import contextlib
 import functools
 import math
+import os
 import threading
 import types
 import warnings
@@ -396,8 +397,8 @@ def compiled(fn, any_length=False, rows=False):
     compiler, an unsupported platform). With `any_length`, `fn` is compiled
     with dynamic shapes: one compilation serves every length (torch still
     specializes lengths 0 and 1, except with `rows`, and compiles again per
-    rank). With `rows`, on a CPU, for vectors of 256 bits where Inductor would
-    take wider ones (`_vector_options`).
+    rank). With `rows`, on a CPU, `fn` is compiled for 256-bit vectors where
+    Inductor would take wider ones (`_vector_options`).
 
     Each call gets a fresh copy of `fn`'s code: Dynamo keeps its compiled
     graphs per code object, up to a small limit (8), and the functions made
@@ -411,8 +412,10 @@ def compiled(fn, any_length=False, rows=False):
     state = {"failed": False, "compiled": None}
 
     def compiled_fn(*args):
-        # Made at the first call, when the tensors' device is known (Inductor's
-        # CPU code alone takes `_vector_options`).
+        # Made at the first call, when the tensors' device is known (`cpp.simdlen`
+        # concerns Inductor's CPU code only); `_settings`' lock, held around
+        # the call, makes it once. A function first called on another device
+        # keeps Inductor's choice.
         if state["compiled"] is None:
             cpu = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
             state["compiled"] = torch.compile(fresh, dynamic=any_length,
@@ -448,14 +451,17 @@ def _vector_options(rows):
     where the CPU has wider ones (AVX-512), else Inductor's own choice (None).
 
     Stochastic rounding reads a float32's bits (`_rounding.stochastic_bfloat16`:
-    a bitcast to int32 and back, twice per rounded tensor), and Inductor
+    one bitcast to int32 and one back per rounded tensor; `_rounding.stochastic`,
+    for float16, five), and Inductor
     (torch 2.13, CPU) writes a vectorised bitcast as a store of the vector, a
     scalar loop and a load. With 512-bit vectors that round trip is several
     times slower than with 256-bit ones (on one AVX-512 CPU: 5.1 ms
     against 2.0 for a bitcast there and back of 4,000,000 float32, other
-    kernels equal), and it dominated the rows' kernels. The 8-bit layouts
+    kernels equal), a large share of the rows' kernels. The 8-bit layouts
     have no bitcast and are faster with the wider vectors: they keep them.
-    Only this function's compilation is changed (torch.compile's `options`).
+    Only this function's compilation is changed (torch.compile's `options`),
+    and not where the user chose the width (`ATEN_CPU_CAPABILITY`, or
+    Inductor's `cpp.simdlen`).
     """
     width = _narrow_width() if rows else None
     return None if width is None else {"cpp.simdlen": width}
@@ -467,13 +473,17 @@ def _narrow_width():
     # Inductor's list of the vector instruction sets it can compile for here
     # (torch 2.13 keeps it in `torch._inductor.cpu_vec_isa`; this module alone
     # reads it, and tests/test_backend_torch.py fails if it moves). Probing
-    # them compiles a test program per set, once per cache directory: no
-    # more than Inductor's own first CPU compilation does.
+    # them compiles a test program per set (once per cache directory) and
+    # loads it (once per process): no more than Inductor's own first CPU
+    # compilation does.
     try:
+        from torch._inductor import config as inductor_config
         from torch._inductor import cpu_vec_isa
 
+        if "ATEN_CPU_CAPABILITY" in os.environ or inductor_config.cpp.simdlen is not None:
+            return None  # the user's choice
         widths = [isa.bit_width() for isa in cpu_vec_isa.valid_vec_isa_list()]
-    except Exception:  # noqa: BLE001 - then Inductor's own choice
+    except Exception:  # noqa: BLE001 - a moved seam or option: Inductor's own choice
         return None
     return 256 if 256 in widths and max(widths) > 256 else None
 
