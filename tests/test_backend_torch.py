@@ -360,6 +360,30 @@ def test_rows_take_256_bit_vectors_only_where_wider_ones_exist(monkeypatch, widt
         torch_backend._narrow_width.cache_clear()
 
 
+@pytest.mark.parametrize("device,narrowed", [("cpu", True), ("meta", False)])
+def test_only_a_function_first_called_on_a_cpu_takes_the_rows_width(monkeypatch, device,
+                                                                    narrowed):
+    """`compiled(fn, rows=True)` passes the rows' options to torch.compile where its
+    first call's tensors are on a CPU (the options concern Inductor's CPU code),
+    and none elsewhere ("meta" stands for another device); without `rows`, none."""
+    from keras_adam.backends import torch as torch_backend
+
+    seen = []
+
+    def recording_compile(fn, **kwargs):
+        seen.append(kwargs.get("options"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(torch_backend, "_narrow_width", lambda: 256)
+    x = torch.ones(4, device=device)
+    for rows in (True, False):
+        step = torch_backend.compiled(lambda t: t * 2, any_length=True, rows=rows)
+        step(x)
+        step(x)  # made once
+    assert seen == [{"cpp.simdlen": 256} if narrowed else None, None]
+
+
 def test_a_schedule_after_a_constant_learning_rate_takes_the_same_graph(monkeypatch):
     """The compiled whole-variable step that optimizers share (keras_adam/_whole.py)
     is given the learning rate as a plain tensor: Keras gives a constant one

@@ -452,9 +452,9 @@ def _vector_options(rows):
 
     Stochastic rounding reads a float32's bits (`_rounding.stochastic_bfloat16`:
     one bitcast to int32 and one back per rounded tensor; `_rounding.stochastic`,
-    for float16, five), and Inductor
-    (torch 2.13, CPU) writes a vectorised bitcast as a store of the vector, a
-    scalar loop and a load. With 512-bit vectors that round trip is several
+    for float16, five), and Inductor (torch 2.13, CPU) writes a vectorised
+    bitcast as a store of the vector, a scalar loop and a load. With 512-bit
+    vectors that round trip is several
     times slower than with 256-bit ones (on one AVX-512 CPU: 5.1 ms
     against 2.0 for a bitcast there and back of 4,000,000 float32, other
     kernels equal), a large share of the rows' kernels. The 8-bit layouts
