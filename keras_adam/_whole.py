@@ -135,9 +135,13 @@ class Whole:
                 return _step_function(storage.stand_in(index), 0, hyper, dtype, rounds,
                                       rate, flat)
 
+            # What a C loop of the rows' step needs besides its tensors (`compile_whole`).
+            loop = (rounds, rate, hyper.nesterov, hyper.epsilon == 0) if flat else None
             self._functions[key] = (
-                _shared(key + (dtype,), make, flat, in_place, rows) if backends.whole_shared()
-                else backends.compile_whole(make(), any_length=flat, in_place=in_place, rows=rows))
+                _shared(key + (dtype,), make, flat, in_place, rows, loop)
+                if backends.whole_shared() else
+                backends.compile_whole(make(), any_length=flat, in_place=in_place, rows=rows,
+                                       loop=loop))
         call = _Call(key, gradient, theta, values, given, size, (variable, held, assign),
                      (scalars, bound, noise), (storage, index))
         if self._waiting is not None and flat and size < TOGETHER_BELOW:
@@ -360,7 +364,7 @@ _SHARED_MOST = 256
 _SHARED_LOCK = threading.Lock()
 
 
-def _shared(key, make, any_length, in_place, rows=False):
+def _shared(key, make, any_length, in_place, rows=False, loop=None):
     """The compiled step of `key` (`backends.compile_whole` of `make()`), made once
     per process and backend.
 
@@ -374,7 +378,7 @@ def _shared(key, make, any_length, in_place, rows=False):
             if len(_SHARED) >= _SHARED_MOST:
                 del _SHARED[next(iter(_SHARED))]
             _SHARED[key] = backends.compile_whole(make(), any_length=any_length,
-                                                  in_place=in_place, rows=rows)
+                                                  in_place=in_place, rows=rows, loop=loop)
         return _SHARED[key]
 
 

@@ -275,7 +275,11 @@ def test_one_compiled_function_serves_every_shape_of_a_layout(
     from keras_adam.backends import torch as torch_backend
 
     # A compiler failure would fall back to the eager function (the same bits)
-    # with one warning: none here, each graph compiled and run.
+    # with one warning: none here, each graph compiled and run. The compiled
+    # function is what is tested, not the rows' C loop that CPU tensors take.
+    from keras_adam.backends import torch_rows
+
+    monkeypatch.setattr(torch_rows, "enabled", False)
     monkeypatch.setattr(torch_backend, "_WARNED", [])
     # As on a CPU with vectors wider than 256 bits, on every CPU (on an AVX2
     # one, 256 bits is Inductor's own choice too).
@@ -396,7 +400,10 @@ def test_a_schedule_after_a_constant_learning_rate_takes_the_same_graph(monkeypa
 
     from keras_adam import _whole
     from keras_adam import backends
+    from keras_adam.backends import torch_rows
 
+    # The compiled function's graphs, not the rows' C loop that CPU tensors take.
+    monkeypatch.setattr(torch_rows, "enabled", False)
     shapes = [(64, 32), (300,)]
 
     def train(learning_rate):
@@ -617,3 +624,117 @@ def test_the_compiled_8bit_step_equals_the_uncompiled_one_where_a_row_ends_in_a_
         # boundary: m off by one code (at most 3.1% of it) moves a step by at
         # most ~5% of lr. The bug gave garbage (1e12, or a code of -128).
         np.testing.assert_allclose(a, b, rtol=0, atol=steps * 0.05 * lr)
+
+
+# (id, keras_adam.Adam kwargs, variables' dtype): each layout the rows' C loop
+# takes (keras_adam/backends/torch_rows.c), each of its macros set once.
+ROWS_LOOP = [
+    ("bfloat16-moments", dict(moment_dtype="bfloat16"), "float32"),
+    ("bfloat16-moments-amsgrad-nesterov",
+     dict(moment_dtype="bfloat16", amsgrad=True, nesterov=True), "float32"),
+    ("bfloat16-moments-epsilon-0", dict(moment_dtype="bfloat16", epsilon=0.0), "float32"),
+    ("pure-bfloat16", {}, "bfloat16"),
+    ("pure-bfloat16-weight-decay", dict(weight_decay=0.1), "bfloat16"),
+    ("bfloat16-float32-moments-amsgrad", dict(moment_dtype="float32", amsgrad=True),
+     "bfloat16"),
+    ("pure-bfloat16-paper-uncorrected",
+     dict(epsilon_placement="paper", epsilon=1e-3, bias_correction=False), "bfloat16"),
+    ("8bit", dict(moment_dtype="8bit", min_8bit_size=1), "float32"),
+    ("8bit-amsgrad-nesterov",
+     dict(moment_dtype="8bit", min_8bit_size=1, amsgrad=True, nesterov=True), "float32"),
+    ("8bit-bfloat16-weight-decay", dict(moment_dtype="8bit", min_8bit_size=1,
+                                        weight_decay=0.1), "bfloat16"),
+    ("8bit-beta_2-0-unbounded", dict(moment_dtype="8bit", min_8bit_size=1, beta_2=0.0),
+     "float32"),
+]
+
+
+@pytest.mark.parametrize("kwargs,dtype", [r[1:] for r in ROWS_LOOP], ids=[r[0] for r in ROWS_LOOP])
+def test_the_rows_loop_has_the_bits_of_the_compiled_step(monkeypatch, kwargs, dtype):
+    """On CPU tensors the element-wise layouts given in rows run as one C loop
+    (`backends.torch_rows`). The oracle is the function it stands for,
+    compiled by torch.compile (the loop switched off): every operation is one
+    IEEE float32 rounding in both (neither fuses a multiply-add), and every
+    random bit the same hash of the same keys and positions, so the
+    variables, the moments and `stateless_apply`'s results must be equal bit
+    for bit. The shapes give joined small variables (rows of 16, 8 and 1),
+    one of its own call (rows of 256) and an odd one (rows of 3); a
+    gradient of 1e30 overflows v to infinity (kept by the rounding). 8-bit
+    codes are given one block per row: rows of 8 (joined), 15 and 256; the
+    odd one ends in a short block and keeps its shape (the compiled step)."""
+    from keras_adam import _whole
+    from keras_adam.backends import torch_rows
+
+    shapes = [(4, 8), (3, 8), (15,), (300, 256), (3, 65537)]
+    eight_bit = kwargs.get("moment_dtype") == "8bit"
+    calls = []
+    real_call = torch_rows._call
+
+    def counting_call(*args):
+        calls.append(args[1][0])
+        return real_call(*args)
+
+    monkeypatch.setattr(torch_rows, "_call", counting_call)
+
+    def run(loop):
+        monkeypatch.setattr(torch_rows, "enabled", loop)
+        monkeypatch.setattr(_whole, "_SHARED", {})
+        keras.utils.set_random_seed(5)  # the seed of bfloat16 weights' rounding
+        rng = np.random.default_rng(13)
+        variables = [keras.Variable(rng.normal(size=s), dtype=dtype) for s in shapes]
+        optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
+        steps = [[rng.normal(size=s) for s in shapes] for _ in range(5)]
+        if not eight_bit:  # (codes of a block whose absmax is infinite are NaN's)
+            steps[1][0][0, 0] = 1e30
+        steps = [[keras.ops.convert_to_tensor(g, dtype) for g in grads] for grads in steps]
+        for grads in steps[:4]:
+            optimizer.apply(grads, variables)
+        v = keras.ops.convert_to_numpy(keras.ops.cast(optimizer.slots(variables[0])[1],
+                                                      "float32"))
+        assert eight_bit or np.isinf(v[0, 0])
+        assert np.isfinite(variables[0].numpy().astype("float32")).all()
+        state = [keras.ops.convert_to_tensor(v) for v in optimizer.variables]
+        new_variables, new_state = optimizer.stateless_apply(
+            state, steps[4], [keras.ops.convert_to_tensor(v) for v in variables])
+        values = list(variables) + list(optimizer.variables) + new_variables + new_state
+        return [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")) for x in values]
+
+    compiled = run(False)
+    assert not calls
+    looped = run(True)
+    # The loop ran for every call given in rows: at least 3 per step (the
+    # joined ones, the large one, the odd one or, 8-bit, the block of 15) in
+    # 4 steps and `stateless_apply`; more where the joined ones split by row
+    # length (16 and 8, and 1).
+    assert len(calls) >= 15 and len(set(calls)) == 1, calls
+    assert calls[0][0] == eight_bit
+    for a, b in zip(looped, compiled):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_without_a_c_compiler_the_rows_take_the_compiled_step(monkeypatch):
+    """Where no C compiler is found, the rows' C loop is not made and the compiled
+    step runs (the same bits as ever: the oracle is the loop switched off)."""
+    import shutil
+
+    from keras_adam import _whole
+    from keras_adam.backends import torch_rows
+
+    def run():
+        monkeypatch.setattr(_whole, "_SHARED", {})
+        rng = np.random.default_rng(3)
+        variables = [keras.Variable(rng.normal(size=(40, 30)), dtype="float32")]
+        optimizer = keras_adam.Adam(learning_rate=1e-2, moment_dtype="bfloat16")
+        for _ in range(3):
+            optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=(40, 30)), "float32")],
+                            variables)
+        return variables[0].numpy()
+
+    monkeypatch.setattr(torch_rows, "enabled", False)
+    want = run()
+    monkeypatch.setattr(torch_rows, "enabled", True)
+    monkeypatch.setattr(torch_rows, "_FUNCTIONS", {})
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    got = run()
+    assert torch_rows._FUNCTIONS and set(torch_rows._FUNCTIONS.values()) == {None}
+    np.testing.assert_array_equal(got, want)

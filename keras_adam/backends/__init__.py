@@ -190,7 +190,9 @@ def compiled(fn):
 def whole_compiler():
     """How `compile_whole` compiles on this backend, in words for the plan."""
     return {"tensorflow": "decode, rule and encode compiled as one XLA cluster",
-            "torch": "decode, rule and encode compiled as one function by torch.compile",
+            "torch": "decode, rule and encode compiled as one function by torch.compile "
+                     "(on a CPU, one C loop where the weights or moments are written with "
+                     "stochastic rounding)",
             }.get(keras.backend.backend(), "decode, rule and encode in one function (jit "
                   "compiles it with the step)")
 
@@ -292,21 +294,28 @@ def assign_all(assign, pairs):
         assign(variable, value)
 
 
-def compile_whole(fn, any_length=False, in_place=False, rows=False):
+def compile_whole(fn, any_length=False, in_place=False, rows=False, loop=None):
     """`fn` (a whole variable's step, `keras_adam._whole`) compiled for eager callers:
     one XLA cluster on TensorFlow, torch.compile on torch; as is on JAX, whose
     jit compiles it with the training step. With `any_length`, one compiled
     function serves tensors of every length (with `rows`, given in rows, also
     rows of length 1: `torch._settings`). With `in_place` (where
     `whole_in_place()`), the function writes its results into its inputs
-    theta and values and returns nothing."""
+    theta and values and returns nothing. `loop`, for a function given in a
+    storage's `given_shapes`, is (rounds, rate, nesterov, epsilon_zero) of
+    `_whole`'s step function: on torch, CPU tensors in rows then take the
+    same step as one C loop (`torch_rows`)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         return compiled(fn)
     if backend == "torch":
         from keras_adam.backends import torch
+        from keras_adam.backends import torch_rows
 
-        return torch.compiled(torch.in_place(fn) if in_place else fn, any_length, rows)
+        step = torch.compiled(torch.in_place(fn) if in_place else fn, any_length, rows)
+        if loop is not None:
+            step = torch_rows.with_loop(step, torch_rows.Step(*loop), in_place)
+        return step
     return fn
 
 

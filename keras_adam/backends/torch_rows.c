@@ -1,0 +1,315 @@
+/* One Adam step over rows of tensors, as one C loop: keras_adam._whole's step
+ * function for the layouts it gives in rows (keras_adam/backends/torch_rows.py
+ * compiles this file and calls it on CPU tensors).
+ *
+ * Per element, in the order of keras_adam._rule.rule and keras_adam._whole's
+ * step, each operation one IEEE float32 rounding (compiled with
+ * -ffp-contract=off: no multiply-add is fused), so that the results are
+ * those of the same operations run one by one:
+ *
+ *     g      = float(gradient)
+ *     m      = beta_1 * m + (1 - beta_1) * g
+ *     v      = beta_2 * v + (1 - beta_2) * (g * g)
+ *     v_max  = v_max > v ? v_max : v                            (V_MAX)
+ *     c1m    = m,  or  nesterov_momentum * m + (1 - beta_1) * g   (NESTEROV)
+ *     step   = alpha * c1m / (sqrt(v or v_max) + epsilon')
+ *              (0 where sqrt is 0, with epsilon = 0: EPSILON_ZERO)
+ *     theta  = theta - step                                      (float32 theta)
+ *         or   SR(theta - (step + theta * rate * lr))            (ROUNDS; RATE)
+ *
+ * Two layouts, by the macro EIGHT_BIT:
+ *
+ * - element-wise (0): each moment read and stored as float32, or as bfloat16
+ *   written SR(moment);
+ * - 8-bit codes (1), one block per row (keras_adam._quantize): m and v read as
+ *   q(code) * s_b, raised to m^2 / K where K is given (BOUND; keras_adam._state's
+ *   Blockwise8bit), and stored as each block's absmax s_b and codes rounded
+ *   in the table's law: j = sign(m) rint(127 (|m| / s_b)^(1/4)),
+ *   k = rint(255 (v / s_b)^(1/8)), with 1 / s_b formed once per block.
+ *
+ * SR(x) is keras_adam._rounding.stochastic_bfloat16: the 16 high bits of the
+ * element's random_bits added to x's float32 bits, the low 16 cut off (x kept
+ * where it is not finite). random_bits(i) = mix((i ^ key) * 0x9E3779B9), i the
+ * element's position in its own variable (its row's first position plus its
+ * place in the row), key its row's key for the stream (0: the variable,
+ * 1-3: m, v, v_max): keras_adam._rounding.random_bits, in unsigned 32-bit
+ * arithmetic (the same bits as its wrapping int32).
+ *
+ * The layout is fixed when compiling, by macros: THETA and GRADIENT are F32 or
+ * BF16; element-wise, M, V and V_MAX are F32 or BF16 (V_MAX 0 without
+ * amsgrad); 8-bit, M, V, V_MAX are 1 where the slot exists. ROUNDS, RATE,
+ * NESTEROV, EPSILON_ZERO and BOUND are 0 or 1. A bfloat16 theta is written
+ * only with ROUNDS.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define F32 1
+#define BF16 2
+
+/* The step's scalars, in this order (keras_adam/backends/torch_rows.py). */
+enum { BETA_1, ONE_MINUS_BETA_1, BETA_2, ONE_MINUS_BETA_2, NESTEROV_MOMENTUM, ALPHA,
+       EPSILON, DECAY_RATE, LR, MOMENT_BOUND, SCALARS };
+
+static inline float from_bf16(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float x;
+  memcpy(&x, &bits, 4);
+  return x;
+}
+
+/* keras_adam._rounding._mix: a bijective 32-bit hash. */
+static inline uint32_t mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+static inline uint32_t random_bits(uint32_t index, uint32_t key) {
+  return mix((index ^ key) * 0x9E3779B9u);
+}
+
+/* keras_adam._rounding.stochastic_bfloat16. A value that is not finite is cast
+   as torch casts it: infinities keep their bits, NaN becomes 0x7FC0. */
+static inline uint16_t stochastic_bf16(float x, uint32_t bits) {
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  uint32_t finite = (u & 0x7F800000u) != 0x7F800000u;
+  uint32_t nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  uint32_t carried = (u + (bits >> 16)) & 0xFFFF0000u;
+  uint32_t kept = nan ? 0x7FC00000u : u;
+  return (uint16_t)((finite ? carried : kept) >> 16);
+}
+
+/* torch.maximum: NaN if either is NaN. */
+static inline float maximum(float a, float b) {
+  return a != a ? a : (b != b ? b : (a > b ? a : b));
+}
+
+#if THETA == BF16
+typedef uint16_t theta_t;
+#define THETA_IN(x) from_bf16(x)
+#else
+typedef float theta_t;
+#define THETA_IN(x) (x)
+#endif
+#if GRADIENT == BF16
+typedef uint16_t gradient_t;
+#define GRADIENT_IN(x) from_bf16(x)
+#else
+typedef float gradient_t;
+#define GRADIENT_IN(x) (x)
+#endif
+
+/* The rule on one element's float32 g, m, v (and v_max): the new moments in
+   place, the step returned. */
+static inline float rule(float g, float *m, float *v, float *v_max, const float *s) {
+  *m = s[BETA_1] * *m + s[ONE_MINUS_BETA_1] * g;
+  *v = s[BETA_2] * *v + s[ONE_MINUS_BETA_2] * (g * g);
+#if V_MAX
+  *v_max = *v_max > *v ? *v_max : *v;
+  const float sqrt_v = sqrtf(*v_max);
+#else
+  (void)v_max;
+  const float sqrt_v = sqrtf(*v);
+#endif
+#if NESTEROV
+  const float c1_m_hat = s[NESTEROV_MOMENTUM] * *m + s[ONE_MINUS_BETA_1] * g;
+#else
+  const float c1_m_hat = *m;
+#endif
+  float step = s[ALPHA] * c1_m_hat / (sqrt_v + s[EPSILON]);
+#if EPSILON_ZERO
+  step = sqrt_v > 0.0f ? step : 0.0f;
+#endif
+  return step;
+}
+
+/* theta written: theta - step, or by its stochastic rounding after its decay. */
+static inline theta_t new_theta(theta_t theta, float step, uint32_t index, uint32_t key,
+                                const float *s) {
+#if ROUNDS
+  const float old = THETA_IN(theta);
+#if RATE
+  step = step + old * s[DECAY_RATE] * s[LR];
+#endif
+  return stochastic_bf16(old - step, random_bits(index, key));
+#else
+  (void)index, (void)key, (void)s;
+  return theta - step;
+#endif
+}
+
+#if !EIGHT_BIT
+
+#if M == BF16
+typedef uint16_t m_t;
+#define M_IN(x) from_bf16(x)
+#define M_OUT(x, i, key) stochastic_bf16((x), random_bits((i), (key)))
+#else
+typedef float m_t;
+#define M_IN(x) (x)
+#define M_OUT(x, i, key) (x)
+#endif
+#if V == BF16
+typedef uint16_t v_t;
+#define V_IN(x) from_bf16(x)
+#define V_OUT(x, i, key) stochastic_bf16((x), random_bits((i), (key)))
+#else
+typedef float v_t;
+#define V_IN(x) (x)
+#define V_OUT(x, i, key) (x)
+#endif
+#if V_MAX == BF16
+typedef uint16_t v_max_t;
+#define V_MAX_IN(x) from_bf16(x)
+#define V_MAX_OUT(x, i, key) stochastic_bf16((x), random_bits((i), (key)))
+#else
+typedef float v_max_t;
+#define V_MAX_IN(x) (x)
+#define V_MAX_OUT(x, i, key) (x)
+#endif
+
+/* `size` elements in rows of `length`; `keys` holds each row's four stream
+   keys and `firsts` each row's first element's position in its own variable. */
+void keras_adam_rows(int64_t size, int64_t length, theta_t *theta, const gradient_t *gradient,
+                     m_t *m, v_t *v, v_max_t *v_max, const int32_t *keys,
+                     const int32_t *firsts, const float *s, int threads) {
+  const int64_t rows = size / length;
+  (void)v_max;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t row = 0; row < rows; row++) {
+    const uint32_t *key = (const uint32_t *)keys + 4 * row;
+    const uint32_t first = (uint32_t)firsts[row];
+#pragma omp simd
+    for (int64_t j = 0; j < length; j++) {
+      const int64_t i = row * length + j;
+      const uint32_t index = first + (uint32_t)j;
+      float m_i = M_IN(m[i]), v_i = V_IN(v[i]), v_max_i = 0.0f;
+#if V_MAX
+      v_max_i = V_MAX_IN(v_max[i]);
+#endif
+      const float step = rule(GRADIENT_IN(gradient[i]), &m_i, &v_i, &v_max_i, s);
+      m[i] = M_OUT(m_i, index, key[1]);
+      v[i] = V_OUT(v_i, index, key[2]);
+#if V_MAX
+      v_max[i] = V_MAX_OUT(v_max_i, index, key[3]);
+#endif
+      theta[i] = new_theta(theta[i], step, index, key[0], s);
+    }
+  }
+}
+
+#else /* EIGHT_BIT */
+
+/* keras_adam._quantize's tables as their float32 formulas. */
+static const float M_UNIT = (float)(1.0 / (127.0 * 127.0));
+static const float V_UNIT = (float)(1.0 / (255.0 * 255.0));
+
+static inline float m_table(int8_t code) {
+  const float j = (float)code;
+  const float half = j * fabsf(j) * M_UNIT;
+  return half * fabsf(half);
+}
+
+static inline float v_table(uint8_t code) {
+  const float k = (float)code;
+  const float square = k * k * V_UNIT;
+  const float fourth = square * square;
+  return fourth * fourth;
+}
+
+/* One over a block's scale, 1 where it is not positive (keras_adam._quantize). */
+static inline float inverse(float scale) { return 1.0f / (scale > 0.0f ? scale : 1.0f); }
+
+static inline int8_t m_code(float x, float inverse_scale) {
+  const float j = rintf(sqrtf(sqrtf(fabsf(x) * inverse_scale)) * 127.0f);
+  return (int8_t)(x < 0.0f ? -j : j);
+}
+
+static inline uint8_t v_code(float x, float inverse_scale) {
+  return (uint8_t)rintf(sqrtf(sqrtf(sqrtf(fabsf(x) * inverse_scale))) * 255.0f);
+}
+
+/* A block's absmax as torch.amax finds it: NaN if any element is NaN. */
+static inline float absmax(const float *values, int64_t count) {
+  float largest = 0.0f;
+  int nan = 0;
+#pragma omp simd reduction(max : largest) reduction(| : nan)
+  for (int64_t j = 0; j < count; j++) {
+    const float a = fabsf(values[j]);
+    largest = a > largest ? a : largest;
+    nan |= a != a;
+  }
+  return nan ? NAN : largest;
+}
+
+/* `size` elements in blocks of `length`, one per row, each with its scale
+   (`*_scale`); keys and firsts as for the element-wise loop, or NULL where
+   nothing is written with stochastic rounding. */
+void keras_adam_blocks(int64_t size, int64_t length, theta_t *theta,
+                       const gradient_t *gradient, int8_t *m, float *m_scale, uint8_t *v,
+                       float *v_scale, uint8_t *v_max, float *v_max_scale,
+                       const int32_t *keys, const int32_t *firsts, const float *s,
+                       int threads) {
+  const int64_t rows = size / length;
+  (void)v_max, (void)v_max_scale;
+#pragma omp parallel num_threads(threads)
+  {
+    float m_new[length], v_new[length], v_max_new[length];
+    (void)v_max_new;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; row++) {
+      const int64_t start = row * length;
+      const uint32_t key = keys ? (uint32_t)keys[4 * row] : 0u;
+      const uint32_t first = firsts ? (uint32_t)firsts[row] : 0u;
+      const float m_s = m_scale[row], v_s = v_scale[row];
+#if V_MAX
+      const float v_max_s = v_max_scale[row];
+#endif
+#pragma omp simd
+      for (int64_t j = 0; j < length; j++) {
+        const int64_t i = start + j;
+        float m_i = m_table(m[i]) * m_s, v_i = v_table(v[i]) * v_s, v_max_i = 0.0f;
+#if V_MAX
+        v_max_i = v_table(v_max[i]) * v_max_s;
+#endif
+#if BOUND
+        const float floor = m_i * m_i / s[MOMENT_BOUND];
+        v_i = maximum(v_i, floor);
+#if V_MAX
+        v_max_i = maximum(v_max_i, floor);
+#endif
+#endif
+        const float step = rule(GRADIENT_IN(gradient[i]), &m_i, &v_i, &v_max_i, s);
+        m_new[j] = m_i;
+        v_new[j] = v_i;
+#if V_MAX
+        v_max_new[j] = v_max_i;
+#endif
+        theta[i] = new_theta(theta[i], step, first + (uint32_t)j, key, s);
+      }
+      m_scale[row] = absmax(m_new, length);
+      v_scale[row] = absmax(v_new, length);
+      const float m_inverse = inverse(m_scale[row]), v_inverse = inverse(v_scale[row]);
+#pragma omp simd
+      for (int64_t j = 0; j < length; j++) {
+        m[start + j] = m_code(m_new[j], m_inverse);
+        v[start + j] = v_code(v_new[j], v_inverse);
+      }
+#if V_MAX
+      v_max_scale[row] = absmax(v_max_new, length);
+      const float v_max_inverse = inverse(v_max_scale[row]);
+#pragma omp simd
+      for (int64_t j = 0; j < length; j++) v_max[start + j] = v_code(v_max_new[j], v_max_inverse);
+#endif
+    }
+  }
+}
+
+#endif /* EIGHT_BIT */

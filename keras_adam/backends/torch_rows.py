@@ -1,0 +1,221 @@
+"""The whole-variable step of the element-wise layouts given in rows, as one C loop
+on CPU tensors (torch).
+
+`keras_adam._whole` gives the layouts whose elements draw random numbers
+(bfloat16 moments, bfloat16 variables written with stochastic rounding) to
+its compiled step in rows, with each row's stream keys. On a CPU, Inductor
+(torch 2.13) writes each bitcast of stochastic rounding as a store, a scalar
+loop and a load, and loads 16-bit values in partial vectors: the step ran
+at 3-5 times float32's. The same arithmetic written as a C loop
+(`torch_rows.c`), which the C compiler vectorises whole, runs at about
+float32's speed.
+
+The loop is compiled at first use, once per layout and process (some tenths
+of a second), with the C compiler Inductor uses (`CC`, else `gcc`), for this
+CPU, with OpenMP (torch's own runtime, already loaded, runs its threads) and
+without fused multiply-adds: each operation rounds as the step's operations
+run one by one do, so the results are the portable path's, bit for bit
+(tests/test_backend_torch.py). Where no compiler is found or compiling
+fails, or for what the loop does not cover (float16, float64, 8-bit codes,
+tensors off the CPU or not contiguous, torch.compile tracing around the
+step), the compiled step runs as before.
+"""
+
+import atexit
+import ctypes
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import numpy as np
+import torch
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_rows.c")
+# The dtypes the loop reads and writes, by the macro value of torch_rows.c.
+_CODES = {torch.float32: 1, torch.bfloat16: 2}
+
+# Set to False to run the compiled step instead (the benchmark's comparison).
+enabled = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What the loop does besides its tensors' dtypes: the step function's
+    `rounds` (theta written with stochastic rounding) and decoupled decay
+    `rate` (a Python float, or None), and the rule's Nesterov and epsilon = 0
+    options."""
+
+    rounds: bool
+    rate: object
+    nesterov: bool
+    epsilon_zero: bool
+
+
+def with_loop(compiled, step, in_place):
+    """`compiled` (the step function, `(gradient, theta, values, fields, state)`),
+    run as the C loop of `step` where the loop covers the call.
+
+    With `in_place`, the loop writes theta and the values where they are and
+    returns None, as `compiled` does; otherwise it writes copies and returns
+    (theta', values').
+    """
+    def run(gradient, theta, values, fields, state):
+        if enabled and not torch.compiler.is_compiling():
+            arguments = _arguments(step, gradient, theta, values, fields, state)
+            if arguments is not None:
+                function = _function(arguments[0])
+                if function is not None:
+                    return _call(function, arguments, gradient, theta, values, in_place)
+        return compiled(gradient, theta, values, fields, state)
+
+    return run
+
+
+def _arguments(step, gradient, theta, values, fields, state):
+    """(the loop's layout, its pointers' tensors, the scalars), or None where the
+    loop does not cover the call."""
+    bound, keys = state
+    if len(values) != 3 or not values[0] or not values[1] or theta.dim() != 2:
+        return None
+    eight_bit = len(values[0]) == 2
+    slots = [slot for slot in values if slot]
+    if eight_bit:
+        codes = (torch.int8, torch.uint8, torch.uint8)
+        if theta.shape[1] > _LONGEST_BLOCK or any(
+                len(slot) != 2 or slot[0].dtype != dtype or slot[0].shape != theta.shape
+                or slot[1].dtype != torch.float32 or slot[1].shape != (theta.shape[0], 1)
+                for slot, dtype in zip(slots, codes)):
+            return None
+    elif bound is not None or keys is None or any(
+            len(slot) != 1 or slot[0].dtype not in _CODES or slot[0].shape != theta.shape
+            for slot in slots):
+        return None
+    if (theta.dtype == torch.bfloat16) != step.rounds or (step.rounds and keys is None) or \
+            gradient.shape != theta.shape or theta.dtype not in _CODES or \
+            gradient.dtype not in _CODES:
+        return None
+    tensors = [theta, gradient] + [x for slot in values for x in slot]
+    if keys is not None:
+        if len(keys) != 2:
+            return None
+        row_keys, firsts = keys
+        if row_keys.dtype != torch.int32 or firsts.dtype != torch.int32 or \
+                tuple(row_keys.shape) != (theta.shape[0], 4) or \
+                tuple(firsts.shape) != (theta.shape[0],):
+            return None
+        tensors += [row_keys, firsts]
+    if any(x.device.type != "cpu" or not x.is_contiguous() for x in tensors):
+        return None
+    scalars = _scalars(fields, step.rate, bound)
+    if scalars is None:
+        return None
+    layout = ((eight_bit, _CODES[theta.dtype], _CODES[gradient.dtype])
+              + tuple((1 if eight_bit else _CODES[slot[0].dtype]) if slot else 0
+                      for slot in values)
+              + (step.rounds, step.rate is not None, step.nesterov, step.epsilon_zero,
+                 bound is not None))
+    return layout, keys, scalars
+
+
+# `_scalars`' last arguments and array: the same fields serve a step's variables.
+_LAST = [None, None]
+# The longest 8-bit block the loop takes (its block's values live on the stack).
+_LONGEST_BLOCK = 4096
+
+
+def _scalars(fields, rate, bound):
+    """The step's `_rule.Scalars` fields (0-d float32 CPU tensors), the decay rate
+    and the moment bound K as the loop's float32 array, read once per step
+    (each `.item()` costs microseconds)."""
+    last = _LAST
+    if last[0] is not None and last[0][0] is fields and last[0][1] == rate and \
+            last[0][2] is bound:
+        return last[1]
+    lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, _, _, nesterov, alpha, \
+        epsilon = fields
+    values = [beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, nesterov, alpha, epsilon,
+              None, lr, bound]
+    if any(isinstance(x, torch.Tensor) and (x.dtype != torch.float32 or x.numel() != 1
+                                            or x.device.type != "cpu") for x in values):
+        return None
+    numbers = [0.0 if x is None else float(x) for x in values]
+    # float32, as the step's `ops.cast(rate, dtype)` rounds it.
+    numbers[7] = 0.0 if rate is None else float(rate)
+    array = np.array(numbers, dtype=np.float32)
+    _LAST[:] = [(fields, rate, bound), array]
+    return array
+
+
+def _call(function, arguments, gradient, theta, values, in_place):
+    layout, keys, scalars = arguments
+    if not in_place:
+        theta = theta.clone()
+        values = tuple(tuple(x.clone() for x in slot) for slot in values)
+    if theta.numel():
+        pointers = [x.data_ptr() for slot in values for x in slot]
+        if layout[0]:  # 8-bit: codes and scales per slot, v_max's absent without amsgrad
+            pointers += [None] * (6 - len(pointers))
+        else:
+            pointers += [None] * (3 - len(pointers))
+        keys = (None, None) if keys is None else (keys[0].data_ptr(), keys[1].data_ptr())
+        function(theta.numel(), theta.shape[1], theta.data_ptr(), gradient.data_ptr(),
+                 *pointers, *keys, scalars.ctypes.data, torch.get_num_threads())
+    return None if in_place else (theta, values)
+
+
+_LOCK = threading.Lock()
+_FUNCTIONS = {}  # layout -> the loaded function, or None where compiling failed
+_DIRECTORY = []
+
+
+def _function(layout):
+    """The loop compiled for `layout`, loaded; None where it cannot be compiled."""
+    if layout in _FUNCTIONS:
+        return _FUNCTIONS[layout]
+    with _LOCK:
+        if layout not in _FUNCTIONS:
+            _FUNCTIONS[layout] = _compile(layout)
+        return _FUNCTIONS[layout]
+
+
+_MACROS = ("EIGHT_BIT", "THETA", "GRADIENT", "M", "V", "V_MAX", "ROUNDS", "RATE", "NESTEROV",
+           "EPSILON_ZERO", "BOUND")
+
+
+def _compile(layout):
+    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    if compiler is None:
+        return None
+    if not _DIRECTORY:
+        _DIRECTORY.append(tempfile.mkdtemp(prefix="keras_adam_rows_"))
+        atexit.register(shutil.rmtree, _DIRECTORY[0], True)
+    name = "_".join(str(int(x)) for x in layout)
+    library = os.path.join(_DIRECTORY[0], f"rows_{name}.so")
+    macros = [f"-D{macro}={int(value)}" for macro, value in zip(_MACROS, layout)]
+    # -ffp-contract=off: no multiply-add fused into one rounding (the portable
+    # path's bits); -fno-math-errno lets sqrtf be one vector instruction.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+    for target in (["-march=native"], []):
+        command = [compiler, *flags, *target, *macros, _SOURCE, "-o", library]
+        try:
+            done = subprocess.run(command, capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if done.returncode == 0:
+            break
+    else:
+        return None
+    eight_bit = layout[0]
+    try:
+        library = ctypes.CDLL(library)
+        function = library.keras_adam_blocks if eight_bit else library.keras_adam_rows
+    except (OSError, AttributeError):
+        return None
+    function.restype = None
+    pointers = 11 if eight_bit else 8
+    function.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * pointers + [
+        ctypes.c_int]
+    return function
