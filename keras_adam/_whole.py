@@ -194,15 +194,6 @@ class Whole:
         # The shapes each tensor is given in: the variables' own where there are none.
         given = [x.shape for x in parts[0]] if first.given is None else (
             (first.given[0],) * 2 + tuple(s for slot in first.given[1] for s in slot))
-        cut = None  # the joined tensors' views, one per call and kind, where kept
-        if len(batch) == 1:  # tensors of their own over the variables' memory
-            tensors = [backends.reshape(x, s) for x, s in zip(parts[0], given)]
-        elif first.in_place:  # kept buffers, each the variables' tensors one after another
-            tensors, cut = self._joined(batch, parts, given)
-        else:  # new tensors (the results assigned may be views of them)
-            tensors = [backends.join(p, s) for p, s in zip(zip(*parts), given)]
-        gradient, theta, rest = tensors[0], tensors[1], iter(tensors[2:])
-        values = tuple(tuple(next(rest) for _ in slot) for slot in first.values)
         (scalars, bound, noise), (storage, index) = first.step, first.source
         fields = self._scalar_fields(scalars)
         if noise is not None:  # the streams' keys, computed here
@@ -216,7 +207,27 @@ class Whole:
             if bound not in self._bounds:
                 self._bounds[bound] = ops.convert_to_tensor(bound, "float32")
             bound = self._bounds[bound]
-        results = self._functions[first.key](gradient, theta, values, fields, (bound, noise))
+        function = self._functions[first.key]
+        if len(batch) > 1 and first.in_place and hasattr(function, "many"):
+            # A function that takes several variables where they lie (torch's C
+            # loop on a CPU) writes their own tensors: nothing joined or copied.
+            calls = []
+            for part in parts:
+                shaped = iter(backends.reshape(x, s) for x, s in zip(part, given))
+                calls.append((next(shaped), next(shaped),
+                              tuple(tuple(next(shaped) for _ in slot) for slot in first.values)))
+            if function.many(calls, fields, (bound, noise)):
+                return None
+        cut = None  # the joined tensors' views, one per call and kind, where kept
+        if len(batch) == 1:  # tensors of their own over the variables' memory
+            tensors = [backends.reshape(x, s) for x, s in zip(parts[0], given)]
+        elif first.in_place:  # kept buffers, each the variables' tensors one after another
+            tensors, cut = self._joined(batch, parts, given)
+        else:  # new tensors (the results assigned may be views of them)
+            tensors = [backends.join(p, s) for p, s in zip(zip(*parts), given)]
+        gradient, theta, rest = tensors[0], tensors[1], iter(tensors[2:])
+        values = tuple(tuple(next(rest) for _ in slot) for slot in first.values)
+        results = function(gradient, theta, values, fields, (bound, noise))
         if not first.in_place:  # else theta and values now hold the results
             theta, values = results
         # Per tensor kind (theta, then each held one), each call's tensor, and

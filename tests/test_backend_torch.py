@@ -529,16 +529,21 @@ def test_small_variables_run_together_with_the_bits_of_one_call_each(
 # 8-bit codes with bfloat16 weights (stochastic rounding) and bfloat16 moments
 # (stochastic too): between them, every tensor the step writes.
 @pytest.mark.parametrize("moment_dtype,dtype", [("8bit", "bfloat16"), ("bfloat16", "float32")])
+@pytest.mark.parametrize("loop", [False, True], ids=["compiled", "c-loop"])
 def test_the_step_written_in_place_has_the_bits_of_the_step_assigned(
-        monkeypatch, moment_dtype, dtype):
+        monkeypatch, moment_dtype, dtype, loop):
     """Outside Keras's scopes the compiled step writes theta and the moments into
     the variables' own memory (`backends.whole_in_place`). The oracle is the
     same step returning its results, which are then assigned: the bits
     must be equal (a read after a write within the step would differ).
-    Written in place, a variable of its own call needs no copy at all; and
-    `stateless_apply` must leave the tensors it is given untouched."""
+    Written in place, a variable of its own call needs no copy at all (nor,
+    by the C loop on a CPU, joined ones); and `stateless_apply` must leave
+    the tensors it is given untouched."""
     from keras_adam import _whole
     from keras_adam import backends
+    from keras_adam.backends import torch_rows
+
+    monkeypatch.setattr(torch_rows, "enabled", loop)
 
     shapes = [(40, 300), (6, 8), (4, 8)]  # one of its own call, two joined
     copied = []
@@ -589,9 +594,13 @@ def test_the_step_written_in_place_has_the_bits_of_the_step_assigned(
     for a, b in zip(written, assigned):
         np.testing.assert_array_equal(a, b)
     # Assigned, every variable is copied at every step; written in place, only
-    # the joined small ones (their results are in the joined tensors).
+    # the joined small ones (their results are in the joined tensors), and by
+    # the C loop none (it takes them where they lie).
     assert (40, 300) in assigned_copies
-    assert written_copies and max(math.prod(s) for s in written_copies) <= 6 * 8
+    if loop:
+        assert not written_copies, written_copies
+    else:
+        assert written_copies and max(math.prod(s) for s in written_copies) <= 6 * 8
 
 
 def test_the_compiled_8bit_step_equals_the_uncompiled_one_where_a_row_ends_in_a_short_block(
@@ -657,24 +666,30 @@ def test_the_rows_loop_has_the_bits_of_the_compiled_step(monkeypatch, kwargs, dt
     IEEE float32 rounding in both (neither fuses a multiply-add), and every
     random bit the same hash of the same keys and positions, so the
     variables, the moments and `stateless_apply`'s results must be equal bit
-    for bit. The shapes give joined small variables (rows of 16, 8 and 1),
-    one of its own call (rows of 256) and an odd one (rows of 3); a
-    gradient of 1e30 overflows v to infinity (kept by the rounding). 8-bit
-    codes are given one block per row: rows of 8 (joined), 15 and 256; the
-    odd one ends in a short block and keeps its shape (the compiled step)."""
+    for bit. The shapes give small variables in rows of 16 (two: taken
+    where they lie in one call, each its own rows' keys), 8 and 1, one of
+    its own call (rows of 256) and an odd one (rows of 3); a gradient of
+    1e30 overflows v to infinity (kept by the rounding). 8-bit codes are
+    given one block per row: rows of 8 (two variables), 15 and 256; the odd
+    one ends in a short block and keeps its shape (the compiled step)."""
     from keras_adam import _whole
     from keras_adam.backends import torch_rows
 
-    shapes = [(4, 8), (3, 8), (15,), (300, 256), (3, 65537)]
+    shapes = [(4, 8), (6, 8), (3, 8), (15,), (300, 256), (3, 65537)]
     eight_bit = kwargs.get("moment_dtype") == "8bit"
-    calls = []
-    real_call = torch_rows._call
+    calls, many = [], []  # the layouts of the loop's calls, of one variable and several
+    real_call, real_many = torch_rows._call, torch_rows._call_many
 
     def counting_call(*args):
         calls.append(args[1][0])
         return real_call(*args)
 
+    def counting_many(function, arguments, parts):
+        many.append((arguments[0], len(parts)))
+        return real_many(function, arguments, parts)
+
     monkeypatch.setattr(torch_rows, "_call", counting_call)
+    monkeypatch.setattr(torch_rows, "_call_many", counting_many)
 
     def run(loop):
         monkeypatch.setattr(torch_rows, "enabled", loop)
@@ -700,13 +715,15 @@ def test_the_rows_loop_has_the_bits_of_the_compiled_step(monkeypatch, kwargs, dt
         return [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")) for x in values]
 
     compiled = run(False)
-    assert not calls
+    assert not calls and not many
     looped = run(True)
-    # The loop ran for every call given in rows: at least 3 per step (the
-    # joined ones, the large one, the odd one or, 8-bit, the block of 15) in
-    # 4 steps and `stateless_apply`; more where the joined ones split by row
-    # length (16 and 8, and 1).
-    assert len(calls) >= 15 and len(set(calls)) == 1, calls
+    # The loop ran for every call given in rows: in each of the 4 steps
+    # `apply` takes the first two variables (given in rows of 16; 8-bit, the
+    # first three, in blocks of 8) where they lie, in one call, and the
+    # others given in rows in one call each (at least 2: the large one and
+    # the one of 15); `stateless_apply` (not in place) joins them instead.
+    assert len(many) == 4 and {n for _, n in many} == {3 if eight_bit else 2}, many
+    assert len(calls) >= 9 and len(set(calls + [m for m, _ in many])) == 1, (calls, many)
     assert calls[0][0] == eight_bit
     for a, b in zip(looped, compiled):
         np.testing.assert_array_equal(a, b)

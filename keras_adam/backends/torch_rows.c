@@ -175,6 +175,29 @@ typedef float v_max_t;
 #define V_MAX_OUT(x, i, key) (x)
 #endif
 
+/* One row of `length` elements, the first at position `first` of its variable,
+   with its four stream keys `key`. */
+static inline void row_step(int64_t length, theta_t *theta, const gradient_t *gradient, m_t *m,
+                            v_t *v, v_max_t *v_max, const uint32_t *key, uint32_t first,
+                            const float *s) {
+  (void)v_max;
+#pragma omp simd
+  for (int64_t j = 0; j < length; j++) {
+    const uint32_t index = first + (uint32_t)j;
+    float m_j = M_IN(m[j]), v_j = V_IN(v[j]), v_max_j = 0.0f;
+#if V_MAX
+    v_max_j = V_MAX_IN(v_max[j]);
+#endif
+    const float step = rule(GRADIENT_IN(gradient[j]), &m_j, &v_j, &v_max_j, s);
+    m[j] = M_OUT(m_j, index, key[1]);
+    v[j] = V_OUT(v_j, index, key[2]);
+#if V_MAX
+    v_max[j] = V_MAX_OUT(v_max_j, index, key[3]);
+#endif
+    theta[j] = new_theta(theta[j], step, index, key[0], s);
+  }
+}
+
 /* `size` elements in rows of `length`; `keys` holds each row's four stream
    keys and `firsts` each row's first element's position in its own variable. */
 void keras_adam_rows(int64_t size, int64_t length, theta_t *theta, const gradient_t *gradient,
@@ -184,23 +207,29 @@ void keras_adam_rows(int64_t size, int64_t length, theta_t *theta, const gradien
   (void)v_max;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t row = 0; row < rows; row++) {
-    const uint32_t *key = (const uint32_t *)keys + 4 * row;
-    const uint32_t first = (uint32_t)firsts[row];
-#pragma omp simd
-    for (int64_t j = 0; j < length; j++) {
-      const int64_t i = row * length + j;
-      const uint32_t index = first + (uint32_t)j;
-      float m_i = M_IN(m[i]), v_i = V_IN(v[i]), v_max_i = 0.0f;
-#if V_MAX
-      v_max_i = V_MAX_IN(v_max[i]);
-#endif
-      const float step = rule(GRADIENT_IN(gradient[i]), &m_i, &v_i, &v_max_i, s);
-      m[i] = M_OUT(m_i, index, key[1]);
-      v[i] = V_OUT(v_i, index, key[2]);
-#if V_MAX
-      v_max[i] = V_MAX_OUT(v_max_i, index, key[3]);
-#endif
-      theta[i] = new_theta(theta[i], step, index, key[0], s);
+    const int64_t start = row * length;
+    row_step(length, theta + start, gradient + start, m + start, v + start,
+             V_MAX ? v_max + start : v_max, (const uint32_t *)keys + 4 * row,
+             (uint32_t)firsts[row], s);
+  }
+}
+
+/* `count` variables, each in rows of `length` where it lies (no copy into one
+   buffer): variable k has sizes[k] elements and its tensors' addresses at
+   pointers[5 k ...] (theta, gradient, m, v, v_max); its rows' keys start at
+   row offsets[k] of `keys`, and its row r starts at position r * length. */
+void keras_adam_rows_many(int64_t count, const int64_t *sizes, int64_t length,
+                          void *const *pointers, const int32_t *keys, const int64_t *offsets,
+                          const float *s, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t k = 0; k < count; k++) {
+    void *const *p = pointers + 5 * k;
+    for (int64_t row = 0; row < sizes[k] / length; row++) {
+      const int64_t start = row * length;
+      row_step(length, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
+               (m_t *)p[2] + start, (v_t *)p[3] + start,
+               V_MAX ? (v_max_t *)p[4] + start : (v_max_t *)p[4],
+               (const uint32_t *)keys + 4 * (offsets[k] + row), (uint32_t)start, s);
     }
   }
 }
@@ -249,6 +278,55 @@ static inline float absmax(const float *values, int64_t count) {
   return nan ? NAN : largest;
 }
 
+/* One block of `length` elements (a row), the first at position `first` of its
+   variable, theta drawn from stream key `key`; m_new, v_new and v_max_new
+   hold `length` floats for the new moments before they are encoded. */
+static inline void block_step(int64_t length, theta_t *theta, const gradient_t *gradient,
+                              int8_t *m, float *m_scale, uint8_t *v, float *v_scale,
+                              uint8_t *v_max, float *v_max_scale, uint32_t key, uint32_t first,
+                              const float *s, float *m_new, float *v_new, float *v_max_new) {
+  (void)v_max, (void)v_max_scale, (void)v_max_new;
+  const float m_s = *m_scale, v_s = *v_scale;
+#if V_MAX
+  const float v_max_s = *v_max_scale;
+#endif
+#pragma omp simd
+  for (int64_t j = 0; j < length; j++) {
+    float m_j = m_table(m[j]) * m_s, v_j = v_table(v[j]) * v_s, v_max_j = 0.0f;
+#if V_MAX
+    v_max_j = v_table(v_max[j]) * v_max_s;
+#endif
+#if BOUND
+    const float floor = m_j * m_j / s[MOMENT_BOUND];
+    v_j = maximum(v_j, floor);
+#if V_MAX
+    v_max_j = maximum(v_max_j, floor);
+#endif
+#endif
+    const float step = rule(GRADIENT_IN(gradient[j]), &m_j, &v_j, &v_max_j, s);
+    m_new[j] = m_j;
+    v_new[j] = v_j;
+#if V_MAX
+    v_max_new[j] = v_max_j;
+#endif
+    theta[j] = new_theta(theta[j], step, first + (uint32_t)j, key, s);
+  }
+  *m_scale = absmax(m_new, length);
+  *v_scale = absmax(v_new, length);
+  const float m_inverse = inverse(*m_scale), v_inverse = inverse(*v_scale);
+#pragma omp simd
+  for (int64_t j = 0; j < length; j++) {
+    m[j] = m_code(m_new[j], m_inverse);
+    v[j] = v_code(v_new[j], v_inverse);
+  }
+#if V_MAX
+  *v_max_scale = absmax(v_max_new, length);
+  const float v_max_inverse = inverse(*v_max_scale);
+#pragma omp simd
+  for (int64_t j = 0; j < length; j++) v_max[j] = v_code(v_max_new[j], v_max_inverse);
+#endif
+}
+
 /* `size` elements in blocks of `length`, one per row, each with its scale
    (`*_scale`); keys and firsts as for the element-wise loop, or NULL where
    nothing is written with stochastic rounding. */
@@ -258,56 +336,43 @@ void keras_adam_blocks(int64_t size, int64_t length, theta_t *theta,
                        const int32_t *keys, const int32_t *firsts, const float *s,
                        int threads) {
   const int64_t rows = size / length;
-  (void)v_max, (void)v_max_scale;
 #pragma omp parallel num_threads(threads)
   {
     float m_new[length], v_new[length], v_max_new[length];
-    (void)v_max_new;
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; row++) {
       const int64_t start = row * length;
-      const uint32_t key = keys ? (uint32_t)keys[4 * row] : 0u;
-      const uint32_t first = firsts ? (uint32_t)firsts[row] : 0u;
-      const float m_s = m_scale[row], v_s = v_scale[row];
-#if V_MAX
-      const float v_max_s = v_max_scale[row];
-#endif
-#pragma omp simd
-      for (int64_t j = 0; j < length; j++) {
-        const int64_t i = start + j;
-        float m_i = m_table(m[i]) * m_s, v_i = v_table(v[i]) * v_s, v_max_i = 0.0f;
-#if V_MAX
-        v_max_i = v_table(v_max[i]) * v_max_s;
-#endif
-#if BOUND
-        const float floor = m_i * m_i / s[MOMENT_BOUND];
-        v_i = maximum(v_i, floor);
-#if V_MAX
-        v_max_i = maximum(v_max_i, floor);
-#endif
-#endif
-        const float step = rule(GRADIENT_IN(gradient[i]), &m_i, &v_i, &v_max_i, s);
-        m_new[j] = m_i;
-        v_new[j] = v_i;
-#if V_MAX
-        v_max_new[j] = v_max_i;
-#endif
-        theta[i] = new_theta(theta[i], step, first + (uint32_t)j, key, s);
+      block_step(length, theta + start, gradient + start, m + start, m_scale + row, v + start,
+                 v_scale + row, V_MAX ? v_max + start : v_max,
+                 V_MAX ? v_max_scale + row : v_max_scale,
+                 keys ? (uint32_t)keys[4 * row] : 0u, firsts ? (uint32_t)firsts[row] : 0u, s,
+                 m_new, v_new, v_max_new);
+    }
+  }
+}
+
+/* `count` variables in blocks of `length` where they lie: variable k has
+   sizes[k] elements and its tensors' addresses at pointers[8 k ...] (theta,
+   gradient, m, m's scales, v, v's scales, v_max, v_max's scales); keys and
+   offsets as for keras_adam_rows_many, or NULL. */
+void keras_adam_blocks_many(int64_t count, const int64_t *sizes, int64_t length,
+                            void *const *pointers, const int32_t *keys, const int64_t *offsets,
+                            const float *s, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    float m_new[length], v_new[length], v_max_new[length];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < count; k++) {
+      void *const *p = pointers + 8 * k;
+      for (int64_t row = 0; row < sizes[k] / length; row++) {
+        const int64_t start = row * length;
+        block_step(length, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
+                   (int8_t *)p[2] + start, (float *)p[3] + row, (uint8_t *)p[4] + start,
+                   (float *)p[5] + row, V_MAX ? (uint8_t *)p[6] + start : (uint8_t *)p[6],
+                   V_MAX ? (float *)p[7] + row : (float *)p[7],
+                   keys ? (uint32_t)keys[4 * (offsets[k] + row)] : 0u, (uint32_t)start, s,
+                   m_new, v_new, v_max_new);
       }
-      m_scale[row] = absmax(m_new, length);
-      v_scale[row] = absmax(v_new, length);
-      const float m_inverse = inverse(m_scale[row]), v_inverse = inverse(v_scale[row]);
-#pragma omp simd
-      for (int64_t j = 0; j < length; j++) {
-        m[start + j] = m_code(m_new[j], m_inverse);
-        v[start + j] = v_code(v_new[j], v_inverse);
-      }
-#if V_MAX
-      v_max_scale[row] = absmax(v_max_new, length);
-      const float v_max_inverse = inverse(v_max_scale[row]);
-#pragma omp simd
-      for (int64_t j = 0; j < length; j++) v_max[start + j] = v_code(v_max_new[j], v_max_inverse);
-#endif
     }
   }
 }

@@ -60,24 +60,41 @@ def with_loop(compiled, step, in_place):
 
     With `in_place`, the loop writes theta and the values where they are and
     returns None, as `compiled` does; otherwise it writes copies and returns
-    (theta', values').
+    (theta', values'). In place, the function's `many(calls, fields, state)`
+    runs the step of several variables, each `(gradient, theta, values)` in
+    its given shapes and `state`'s keys joined along rows, as one call of the
+    loop on the tensors where they lie; it returns False, having done
+    nothing, where the loop does not cover them.
     """
     def run(gradient, theta, values, fields, state):
         if enabled and not torch.compiler.is_compiling():
             arguments = _arguments(step, gradient, theta, values, fields, state)
             if arguments is not None:
-                function = _function(arguments[0])
-                if function is not None:
-                    return _call(function, arguments, gradient, theta, values, in_place)
+                functions = _function(arguments[0])
+                if functions is not None:
+                    return _call(functions[0], arguments, gradient, theta, values, in_place)
         return compiled(gradient, theta, values, fields, state)
 
+    def many(calls, fields, state):
+        if not (enabled and in_place) or torch.compiler.is_compiling():
+            return False
+        arguments = _many_arguments(step, calls, fields, state)
+        if arguments is None:
+            return False
+        functions = _function(arguments[0])
+        if functions is None:
+            return False
+        _call_many(functions[1], arguments, calls)
+        return True
+
+    run.many = many
     return run
 
 
-def _arguments(step, gradient, theta, values, fields, state):
-    """(the loop's layout, its pointers' tensors, the scalars), or None where the
-    loop does not cover the call."""
-    bound, keys = state
+def _layout(step, gradient, theta, values, bound, keyed):
+    """The loop's layout (`_MACROS`' values) for one call's tensors, or None where
+    the loop does not cover them; `keyed`: whether the call has streams'
+    keys."""
     if len(values) != 3 or not values[0] or not values[1] or theta.dim() != 2:
         return None
     eight_bit = len(values[0]) == 2
@@ -89,35 +106,62 @@ def _arguments(step, gradient, theta, values, fields, state):
                 or slot[1].dtype != torch.float32 or slot[1].shape != (theta.shape[0], 1)
                 for slot, dtype in zip(slots, codes)):
             return None
-    elif bound is not None or keys is None or any(
+    elif bound is not None or not keyed or any(
             len(slot) != 1 or slot[0].dtype not in _CODES or slot[0].shape != theta.shape
             for slot in slots):
         return None
-    if (theta.dtype == torch.bfloat16) != step.rounds or (step.rounds and keys is None) or \
+    if (theta.dtype == torch.bfloat16) != step.rounds or (step.rounds and not keyed) or \
             gradient.shape != theta.shape or theta.dtype not in _CODES or \
             gradient.dtype not in _CODES:
         return None
-    tensors = [theta, gradient] + [x for slot in values for x in slot]
-    if keys is not None:
-        if len(keys) != 2:
-            return None
-        row_keys, firsts = keys
-        if row_keys.dtype != torch.int32 or firsts.dtype != torch.int32 or \
-                tuple(row_keys.shape) != (theta.shape[0], 4) or \
-                tuple(firsts.shape) != (theta.shape[0],):
-            return None
-        tensors += [row_keys, firsts]
-    if any(x.device.type != "cpu" or not x.is_contiguous() for x in tensors):
+    if not all(x.is_cpu and x.is_contiguous()
+               for x in (theta, gradient, *(x for slot in values for x in slot))):
+        return None
+    return ((eight_bit, _CODES[theta.dtype], _CODES[gradient.dtype])
+            + tuple((1 if eight_bit else _CODES[slot[0].dtype]) if slot else 0
+                    for slot in values)
+            + (step.rounds, step.rate is not None, step.nesterov, step.epsilon_zero,
+               bound is not None))
+
+
+def _keys_cover(keys, rows):
+    """Whether `keys` (each row's four stream keys, each row's first position) are
+    int32 CPU tensors of `rows` rows."""
+    if len(keys) != 2:
+        return False
+    row_keys, firsts = keys
+    return (row_keys.dtype == torch.int32 and firsts.dtype == torch.int32
+            and tuple(row_keys.shape) == (rows, 4) and tuple(firsts.shape) == (rows,)
+            and row_keys.is_cpu and firsts.is_cpu and row_keys.is_contiguous()
+            and firsts.is_contiguous())
+
+
+def _arguments(step, gradient, theta, values, fields, state):
+    """(the loop's layout, its keys' tensors, the scalars), or None where the loop
+    does not cover the call."""
+    bound, keys = state
+    layout = _layout(step, gradient, theta, values, bound, keys is not None)
+    if layout is None or (keys is not None and not _keys_cover(keys, theta.shape[0])):
         return None
     scalars = _scalars(fields, step.rate, bound)
-    if scalars is None:
+    return None if scalars is None else (layout, keys, scalars)
+
+
+def _many_arguments(step, calls, fields, state):
+    """`_arguments` for several calls of one layout and row length: (the layout,
+    the keys' tensors, the scalars), or None."""
+    bound, keys = state
+    gradient, theta, values = calls[0]
+    layout = _layout(step, gradient, theta, values, bound, keys is not None)
+    if layout is None or any(
+            c[1].shape[1] != theta.shape[1]
+            or _layout(step, c[0], c[1], c[2], bound, keys is not None) != layout
+            for c in calls[1:]):
         return None
-    layout = ((eight_bit, _CODES[theta.dtype], _CODES[gradient.dtype])
-              + tuple((1 if eight_bit else _CODES[slot[0].dtype]) if slot else 0
-                      for slot in values)
-              + (step.rounds, step.rate is not None, step.nesterov, step.epsilon_zero,
-                 bound is not None))
-    return layout, keys, scalars
+    if keys is not None and not _keys_cover(keys, sum(c[1].shape[0] for c in calls)):
+        return None
+    scalars = _scalars(fields, step.rate, bound)
+    return None if scalars is None else (layout, keys, scalars)
 
 
 # `_scalars`' last arguments and array: the same fields serve a step's variables.
@@ -149,6 +193,13 @@ def _scalars(fields, rate, bound):
     return array
 
 
+def _written(theta, values):
+    """theta and the values' tensors, which the loop writes (outside torch's
+    view), as torch's own in-place operations mark them: autograd then
+    refuses a graph that saved their old values instead of using the new."""
+    return [theta] + [x for slot in values for x in slot]
+
+
 def _call(function, arguments, gradient, theta, values, in_place):
     layout, keys, scalars = arguments
     if not in_place:
@@ -163,7 +214,27 @@ def _call(function, arguments, gradient, theta, values, in_place):
         keys = (None, None) if keys is None else (keys[0].data_ptr(), keys[1].data_ptr())
         function(theta.numel(), theta.shape[1], theta.data_ptr(), gradient.data_ptr(),
                  *pointers, *keys, scalars.ctypes.data, torch.get_num_threads())
+        if in_place:
+            torch.autograd.graph.increment_version(_written(theta, values))
     return None if in_place else (theta, values)
+
+
+def _call_many(function, arguments, calls):
+    layout, keys, scalars = arguments
+    per = 8 if layout[0] else 5  # each variable's tensors' addresses (torch_rows.c)
+    pointers = np.zeros((len(calls), per), dtype=np.int64)
+    for row, (gradient, theta, values) in zip(pointers, calls):
+        addresses = [theta.data_ptr(), gradient.data_ptr()] + [
+            x.data_ptr() for slot in values for x in slot]
+        row[:len(addresses)] = addresses
+    rows = np.array([c[1].shape[0] for c in calls], dtype=np.int64)
+    sizes = rows * calls[0][1].shape[1]
+    offsets = np.cumsum(rows) - rows  # each variable's first row among the keys
+    function(len(calls), sizes.ctypes.data, calls[0][1].shape[1], pointers.ctypes.data,
+             None if keys is None else keys[0].data_ptr(), offsets.ctypes.data,
+             scalars.ctypes.data, torch.get_num_threads())
+    torch.autograd.graph.increment_version(
+        [x for c in calls for x in _written(c[1], c[2])])
 
 
 _LOCK = threading.Lock()
@@ -172,7 +243,8 @@ _DIRECTORY = []
 
 
 def _function(layout):
-    """The loop compiled for `layout`, loaded; None where it cannot be compiled."""
+    """The loops compiled for `layout`, loaded (one variable's and several's), or
+    None where they cannot be compiled."""
     if layout in _FUNCTIONS:
         return _FUNCTIONS[layout]
     with _LOCK:
@@ -208,14 +280,14 @@ def _compile(layout):
             break
     else:
         return None
-    eight_bit = layout[0]
+    name = "keras_adam_blocks" if layout[0] else "keras_adam_rows"
     try:
         library = ctypes.CDLL(library)
-        function = library.keras_adam_blocks if eight_bit else library.keras_adam_rows
+        one, many = getattr(library, name), getattr(library, name + "_many")
     except (OSError, AttributeError):
         return None
-    function.restype = None
-    pointers = 11 if eight_bit else 8
-    function.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * pointers + [
-        ctypes.c_int]
-    return function
+    one.restype = many.restype = None
+    integer, pointer = ctypes.c_int64, ctypes.c_void_p
+    one.argtypes = [integer, integer] + [pointer] * (11 if layout[0] else 8) + [ctypes.c_int]
+    many.argtypes = [integer, pointer, integer] + [pointer] * 4 + [ctypes.c_int]
+    return one, many
