@@ -211,12 +211,7 @@ class Whole:
         if len(batch) > 1 and first.in_place and hasattr(function, "many"):
             # A function that takes several variables where they lie (torch's C
             # loop on a CPU) writes their own tensors: nothing joined or copied.
-            calls = []
-            for part in parts:
-                shaped = iter(backends.reshape(x, s) for x, s in zip(part, given))
-                calls.append((next(shaped), next(shaped),
-                              tuple(tuple(next(shaped) for _ in slot) for slot in first.values)))
-            if function.many(calls, fields, (bound, noise)):
+            if function.many(parts, first.given, fields, (bound, noise)):
                 return None
         cut = None  # the joined tensors' views, one per call and kind, where kept
         if len(batch) == 1:  # tensors of their own over the variables' memory

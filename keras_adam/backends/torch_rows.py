@@ -60,10 +60,12 @@ def with_loop(compiled, step, in_place):
 
     With `in_place`, the loop writes theta and the values where they are and
     returns None, as `compiled` does; otherwise it writes copies and returns
-    (theta', values'). In place, the function's `many(calls, fields, state)`
-    runs the step of several variables, each `(gradient, theta, values)` in
-    its given shapes and `state`'s keys joined along rows, as one call of the
-    loop on the tensors where they lie; it returns False, having done
+    (theta', values'). In place, the function's `many(parts, given, fields,
+    state)` runs the step of several variables as one call of the loop on
+    their tensors where they lie: `parts` holds each variable's (gradient,
+    theta, the values' tensors one after another) in any shapes, `given`
+    the shapes of `keras_adam._whole`'s layout (rows of one length) and
+    `state`'s keys are joined along rows. It returns False, having done
     nothing, where the loop does not cover them.
     """
     def run(gradient, theta, values, fields, state):
@@ -75,17 +77,19 @@ def with_loop(compiled, step, in_place):
                     return _call(functions[0], arguments, gradient, theta, values, in_place)
         return compiled(gradient, theta, values, fields, state)
 
-    def many(calls, fields, state):
+    def many(parts, given, fields, state):
         if not (enabled and in_place) or torch.compiler.is_compiling():
             return False
-        arguments = _many_arguments(step, calls, fields, state)
+        # The first variable's tensors in the given shapes tell the layout.
+        shapes = iter([given[0], given[0]] + [s for slot in given[1] for s in slot])
+        shaped = iter([x.reshape(next(shapes)) for x in parts[0]])
+        first = (next(shaped), next(shaped), tuple(tuple(next(shaped) for _ in slot)
+                                                   for slot in given[1]))
+        arguments = _arguments(step, *first, fields, state, keyed_rows=False)
         if arguments is None:
             return False
         functions = _function(arguments[0])
-        if functions is None:
-            return False
-        _call_many(functions[1], arguments, calls)
-        return True
+        return functions is not None and _call_many(functions[1], arguments, parts, given)
 
     run.many = many
     return run
@@ -136,29 +140,14 @@ def _keys_cover(keys, rows):
             and firsts.is_contiguous())
 
 
-def _arguments(step, gradient, theta, values, fields, state):
+def _arguments(step, gradient, theta, values, fields, state, keyed_rows=True):
     """(the loop's layout, its keys' tensors, the scalars), or None where the loop
-    does not cover the call."""
+    does not cover the call (with `keyed_rows` False, whatever the keys'
+    count of rows)."""
     bound, keys = state
     layout = _layout(step, gradient, theta, values, bound, keys is not None)
-    if layout is None or (keys is not None and not _keys_cover(keys, theta.shape[0])):
-        return None
-    scalars = _scalars(fields, step.rate, bound)
-    return None if scalars is None else (layout, keys, scalars)
-
-
-def _many_arguments(step, calls, fields, state):
-    """`_arguments` for several calls of one layout and row length: (the layout,
-    the keys' tensors, the scalars), or None."""
-    bound, keys = state
-    gradient, theta, values = calls[0]
-    layout = _layout(step, gradient, theta, values, bound, keys is not None)
-    if layout is None or any(
-            c[1].shape[1] != theta.shape[1]
-            or _layout(step, c[0], c[1], c[2], bound, keys is not None) != layout
-            for c in calls[1:]):
-        return None
-    if keys is not None and not _keys_cover(keys, sum(c[1].shape[0] for c in calls)):
+    if layout is None or (keys is not None and not _keys_cover(
+            keys, theta.shape[0] if keyed_rows else keys[0].shape[0])):
         return None
     scalars = _scalars(fields, step.rate, bound)
     return None if scalars is None else (layout, keys, scalars)
@@ -219,22 +208,39 @@ def _call(function, arguments, gradient, theta, values, in_place):
     return None if in_place else (theta, values)
 
 
-def _call_many(function, arguments, calls):
+def _call_many(function, arguments, parts, given):
+    """The loop of several variables (`with_loop`'s `many`), where every part
+    matches the first's layout (dtypes, sizes in whole rows, CPU, contiguous)
+    and the keys cover their rows; else False, having written nothing."""
     layout, keys, scalars = arguments
+    length = given[0][1]
+    # Each tensor's elements per element of theta (8-bit scales: 1 / length).
+    shares = [(x.dtype, s[1] == length) for x, s in zip(
+        parts[0], [given[0], given[0]] + [s for slot in given[1] for s in slot])]
     per = 8 if layout[0] else 5  # each variable's tensors' addresses (torch_rows.c)
-    pointers = np.zeros((len(calls), per), dtype=np.int64)
-    for row, (gradient, theta, values) in zip(pointers, calls):
-        addresses = [theta.data_ptr(), gradient.data_ptr()] + [
-            x.data_ptr() for slot in values for x in slot]
-        row[:len(addresses)] = addresses
-    rows = np.array([c[1].shape[0] for c in calls], dtype=np.int64)
-    sizes = rows * calls[0][1].shape[1]
+    pointers = np.zeros((len(parts), per), dtype=np.int64)
+    rows = np.empty(len(parts), dtype=np.int64)
+    for k, part in enumerate(parts):
+        size = part[1].numel()
+        if size % length:
+            return False
+        count = rows[k] = size // length
+        for x, (dtype, whole) in zip(part, shares):
+            if x.dtype != dtype or x.numel() != (size if whole else count) or not x.is_cpu \
+                    or not x.is_contiguous():
+                return False
+        # theta, gradient, then the values (torch_rows.c's order)
+        pointers[k, :len(part)] = [part[1].data_ptr(), part[0].data_ptr()] + [
+            x.data_ptr() for x in part[2:]]
+    if keys is not None and keys[0].shape[0] != rows.sum():
+        return False
     offsets = np.cumsum(rows) - rows  # each variable's first row among the keys
-    function(len(calls), sizes.ctypes.data, calls[0][1].shape[1], pointers.ctypes.data,
+    sizes = rows * length
+    function(len(parts), sizes.ctypes.data, length, pointers.ctypes.data,
              None if keys is None else keys[0].data_ptr(), offsets.ctypes.data,
              scalars.ctypes.data, torch.get_num_threads())
-    torch.autograd.graph.increment_version(
-        [x for c in calls for x in _written(c[1], c[2])])
+    torch.autograd.graph.increment_version([x for part in parts for x in part[1:]])
+    return True
 
 
 _LOCK = threading.Lock()
