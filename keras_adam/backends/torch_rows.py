@@ -276,7 +276,15 @@ def _compile(layout):
     # -ffp-contract=off: no multiply-add fused into one rounding (the portable
     # path's bits); -fno-math-errno lets sqrtf be one vector instruction.
     flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
-    for target in (["-march=native"], []):
+    native = ["-march=native"]
+    if not layout[0] or layout[1] == _CODES[torch.bfloat16]:
+        # GCC tunes AVX-512 CPUs for 256-bit vectors; the loop as 512-bit ones
+        # ran in 0.84 times the time (bfloat16 moments) and 0.55 (bfloat16
+        # weights too) on a 2-core AVX-512 Xeon; 8-bit codes with float32
+        # weights, in 1.05 times: left as tuned. Vectors' width changes no bit
+        # (each element's arithmetic is its own; a maximum is exact).
+        native.append("-mprefer-vector-width=512")
+    for target in (native, []):
         command = [compiler, *flags, *target, *macros, _SOURCE, "-o", library]
         try:
             done = subprocess.run(command, capture_output=True, timeout=120)
