@@ -191,8 +191,8 @@ def whole_compiler():
     """How `compile_whole` compiles on this backend, in words for the plan."""
     return {"tensorflow": "decode, rule and encode compiled as one XLA cluster",
             "torch": "decode, rule and encode compiled as one function by torch.compile "
-                     "(on a CPU, one C loop where the weights or moments are written with "
-                     "stochastic rounding)",
+                     "(on a CPU, one C loop where the moments are 8-bit codes or the weights "
+                     "or moments are written with stochastic rounding)",
             }.get(keras.backend.backend(), "decode, rule and encode in one function (jit "
                   "compiles it with the step)")
 

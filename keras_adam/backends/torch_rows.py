@@ -1,24 +1,28 @@
-"""The whole-variable step of the element-wise layouts given in rows, as one C loop
-on CPU tensors (torch).
+"""The whole-variable step of the layouts given in rows, as one C loop on CPU
+tensors (torch).
 
-`keras_adam._whole` gives the layouts whose elements draw random numbers
-(bfloat16 moments, bfloat16 variables written with stochastic rounding) to
-its compiled step in rows, with each row's stream keys. On a CPU, Inductor
-(torch 2.13) writes each bitcast of stochastic rounding as a store, a scalar
-loop and a load, and loads 16-bit values in partial vectors: the step ran
-at 3-5 times float32's. The same arithmetic written as a C loop
-(`torch_rows.c`), which the C compiler vectorises whole, runs at about
-float32's speed.
+`keras_adam._whole` gives its compiled step the layouts whose elements draw
+random numbers (bfloat16 moments, bfloat16 variables written with
+stochastic rounding) in rows, with each row's stream keys, and 8-bit codes
+one block per row. On a CPU, Inductor (torch 2.13) writes each bitcast of
+stochastic rounding as a store, a scalar loop and a load, loads 16-bit
+values and 8-bit codes in partial vectors, and splits the 8-bit step into
+seven loops over the variable: those steps ran at 3-5 times float32's.
+The same arithmetic written as C loops (`torch_rows.c`: one pass over each
+row or block), which the C compiler vectorises whole, runs at 1.15-2.3
+times float32's (docs/precision.md).
 
 The loop is compiled at first use, once per layout and process (some tenths
 of a second), with the C compiler Inductor uses (`CC`, else `gcc`), for this
 CPU, with OpenMP (torch's own runtime, already loaded, runs its threads) and
 without fused multiply-adds: each operation rounds as the step's operations
-run one by one do, so the results are the portable path's, bit for bit
-(tests/test_backend_torch.py). Where no compiler is found or compiling
-fails, or for what the loop does not cover (float16, float64, 8-bit codes,
-tensors off the CPU or not contiguous, torch.compile tracing around the
-step), the compiled step runs as before.
+run one by one do, so the results are the compiled step's, bit for bit
+(tests/test_backend_torch.py). Small variables of one layout, which
+`_whole` would join into one call, are taken where they lie, in one call
+of the loop (`many`): nothing is copied in or out. Where no compiler is
+found or compiling fails, or for what the loop does not cover (float16,
+float64, blocks over 4096, tensors off the CPU or not contiguous,
+torch.compile tracing around the step), the compiled step runs as before.
 """
 
 import atexit
