@@ -196,9 +196,6 @@ class Whole:
             (first.given[0],) * 2 + tuple(s for slot in first.given[1] for s in slot))
         (scalars, bound, noise), (storage, index) = first.step, first.source
         fields = self._scalar_fields(scalars)
-        if noise is not None:  # the streams' keys, computed here
-            noise = (self._row_keys(storage, batch, noise, first.given[0][1])
-                     if first.given is not None else (self._stream_keys(storage, index, noise),))
         if isinstance(bound, float) and backends.whole_any_length():
             # K_n changes with the step count (`_rule.moment_bound`), and the
             # compiled function takes Python floats as constants of its graph
@@ -211,8 +208,15 @@ class Whole:
         if len(batch) > 1 and first.in_place and hasattr(function, "many"):
             # A function that takes several variables where they lie (torch's C
             # loop on a CPU) writes their own tensors: nothing joined or copied.
-            if function.many(parts, first.given, fields, (bound, noise)):
+            # It is given every stream's keys and each variable's row in them.
+            keys = None if noise is None else (
+                ops.reshape(self._all_keys(storage, noise), (-1, 4)),
+                self._positions(storage, batch))
+            if function.many(parts, first.given, fields, (bound, keys)):
                 return None
+        if noise is not None:  # the streams' keys, computed here
+            noise = (self._row_keys(storage, batch, noise, first.given[0][1])
+                     if first.given is not None else (self._stream_keys(storage, index, noise),))
         cut = None  # the joined tensors' views, one per call and kind, where kept
         if len(batch) == 1:  # tensors of their own over the variables' memory
             tensors = [backends.reshape(x, s) for x, s in zip(parts[0], given)]
@@ -328,6 +332,17 @@ class Whole:
         position = storage.position(index)
         # A copy, not a view: torch.compile would guard on a view's offset.
         return ops.copy(self._all_keys(storage, noise)[4 * position:4 * position + 4])
+
+    def _positions(self, storage, batch):
+        """`batch`'s variables' positions (`Storage.position`: their rows among
+        the streams' keys), an int64 array kept per set of variables."""
+        indices = tuple(c.source[1] for c in batch)
+        key = (storage, indices)  # a storage compares by identity
+        if key not in self._batches:
+            if len(self._batches) >= 4096:
+                self._batches.clear()
+            self._batches[key] = np.array([storage.position(i) for i in indices], np.int64)
+        return self._batches[key]
 
     def _row_keys(self, storage, batch, noise, length):
         """The keys of `batch`'s variables, their tensors given in rows of `length`

@@ -220,9 +220,9 @@ void keras_adam_rows(int64_t size, int64_t length, theta_t *theta, const gradien
 
 /* `count` variables where they lie (no copy into one buffer): variable k has
    sizes[k] elements and its tensors' addresses at pointers[5 k ...] (theta,
-   gradient, m, v, v_max), and its rows (each of its own stream keys, rows
-   of `length` one after another) start at row offsets[k] of `keys`: its
-   elements are one row, its first row's keys. */
+   gradient, m, v, v_max), and its four stream keys at row offsets[k] of
+   `keys`; its elements are one row, each at its position in the variable
+   (its rows one after another). */
 void keras_adam_rows_many(int64_t count, const int64_t *sizes, int64_t length,
                           void *const *pointers, const int32_t *keys, const int64_t *offsets,
                           const float *s, int threads) {
@@ -355,7 +355,8 @@ void keras_adam_blocks(int64_t size, int64_t length, theta_t *theta,
 /* `count` variables in blocks of `length` where they lie: variable k has
    sizes[k] elements and its tensors' addresses at pointers[8 k ...] (theta,
    gradient, m, m's scales, v, v's scales, v_max, v_max's scales); keys and
-   offsets as for keras_adam_rows_many, or NULL. */
+   offsets as for keras_adam_rows_many, or keys NULL where nothing is
+   written with stochastic rounding. */
 void keras_adam_blocks_many(int64_t count, const int64_t *sizes, int64_t length,
                             void *const *pointers, const int32_t *keys, const int64_t *offsets,
                             const float *s, int threads) {
@@ -371,7 +372,7 @@ void keras_adam_blocks_many(int64_t count, const int64_t *sizes, int64_t length,
                    (int8_t *)p[2] + start, (float *)p[3] + row, (uint8_t *)p[4] + start,
                    (float *)p[5] + row, V_MAX ? (uint8_t *)p[6] + start : (uint8_t *)p[6],
                    V_MAX ? (float *)p[7] + row : (float *)p[7],
-                   keys ? (uint32_t)keys[4 * (offsets[k] + row)] : 0u, (uint32_t)start, s,
+                   keys ? (uint32_t)keys[4 * offsets[k]] : 0u, (uint32_t)start, s,
                    m_new, v_new, v_max_new);
       }
     }

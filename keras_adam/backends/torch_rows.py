@@ -68,9 +68,11 @@ def with_loop(compiled, step, in_place):
     state)` runs the step of several variables as one call of the loop on
     their tensors where they lie: `parts` holds each variable's (gradient,
     theta, the values' tensors one after another) in any shapes, `given`
-    the shapes of `keras_adam._whole`'s layout (rows of one length) and
-    `state`'s keys are joined along rows. It returns False, having done
-    nothing, where the loop does not cover them.
+    the shapes of `keras_adam._whole`'s layout (rows of one length), and
+    `state` (bound, keys) has as keys, where they are needed, every
+    stream's four keys (an int32 tensor of 4 columns) and each variable's
+    row in it (`Storage.position`). It returns False, having done nothing,
+    where the loop does not cover them.
     """
     def run(gradient, theta, values, fields, state):
         if enabled and not torch.compiler.is_compiling():
@@ -89,7 +91,10 @@ def with_loop(compiled, step, in_place):
         shaped = iter([x.reshape(next(shapes)) for x in parts[0]])
         first = (next(shaped), next(shaped), tuple(tuple(next(shaped) for _ in slot)
                                                    for slot in given[1]))
-        arguments = _arguments(step, *first, fields, state, keyed_rows=False)
+        bound, keys = state
+        if keys is not None and not _table_covers(keys, len(parts)):
+            return False
+        arguments = _arguments(step, *first, fields, (bound, keys), table=True)
         if arguments is None:
             return False
         functions = _function(arguments[0])
@@ -144,14 +149,24 @@ def _keys_cover(keys, rows):
             and firsts.is_contiguous())
 
 
-def _arguments(step, gradient, theta, values, fields, state, keyed_rows=True):
+def _table_covers(keys, count):
+    """Whether `keys` (every stream's keys, each variable's row among them) hold
+    `count` variables' keys: an int32 CPU tensor of 4 columns, and an int64
+    array of rows in it."""
+    table, rows = keys
+    return (table.dtype == torch.int32 and table.dim() == 2 and table.shape[1] == 4
+            and table.is_cpu and table.is_contiguous() and rows.dtype == np.int64
+            and rows.shape == (count,) and 0 <= rows.min() and rows.max() < table.shape[0])
+
+
+def _arguments(step, gradient, theta, values, fields, state, table=False):
     """(the loop's layout, its keys' tensors, the scalars), or None where the loop
-    does not cover the call (with `keyed_rows` False, whatever the keys'
-    count of rows)."""
+    does not cover the call (with `table`, the keys are `_table_covers`',
+    checked)."""
     bound, keys = state
     layout = _layout(step, gradient, theta, values, bound, keys is not None)
-    if layout is None or (keys is not None and not _keys_cover(
-            keys, theta.shape[0] if keyed_rows else keys[0].shape[0])):
+    if layout is None or (keys is not None and not table and
+                          not _keys_cover(keys, theta.shape[0])):
         return None
     scalars = _scalars(fields, step.rate, bound)
     return None if scalars is None else (layout, keys, scalars)
@@ -236,9 +251,8 @@ def _call_many(function, arguments, parts, given):
         # theta, gradient, then the values (torch_rows.c's order)
         pointers[k, :len(part)] = [part[1].data_ptr(), part[0].data_ptr()] + [
             x.data_ptr() for x in part[2:]]
-    if keys is not None and keys[0].shape[0] != rows.sum():
-        return False
-    offsets = np.cumsum(rows) - rows  # each variable's first row among the keys
+    # Each variable's row among the keys (torch_rows.c's offsets).
+    offsets = np.zeros(len(parts), np.int64) if keys is None else keys[1]
     sizes = rows * length
     function(len(parts), sizes.ctypes.data, length, pointers.ctypes.data,
              None if keys is None else keys[0].data_ptr(), offsets.ctypes.data,
