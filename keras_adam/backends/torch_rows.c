@@ -53,6 +53,21 @@
    row of 16 costs about as much as the row. */
 #define INLINE static inline __attribute__((always_inline))
 
+/* Each row's step first asks for the cache lines AHEAD bytes past its own, of
+   every tensor it reads or writes: the CPU's own prefetchers fell behind
+   (pure bfloat16, 4 variables of 4 million elements in turn: 4.7 ms a
+   variable without, 2.1 with; the same on one variable, hot in cache).
+   Rows shorter than a line are asked for more than once, which costs
+   little. A prefetch never faults, past a tensor's end too. */
+#define AHEAD 4096
+#define PREFETCH(pointer, bytes, write)                                            \
+  for (int64_t line = 0; line < (int64_t)(bytes); line += 64)                    \
+    __builtin_prefetch((const char *)(pointer) + AHEAD + line, (write))
+
+/* The element-wise loop of several variables takes each in rows of CHUNK,
+   each row's step prefetching for the next. */
+#define CHUNK 256
+
 /* The step's scalars, in this order (keras_adam/backends/torch_rows.py). */
 enum { BETA_1, ONE_MINUS_BETA_1, BETA_2, ONE_MINUS_BETA_2, NESTEROV_MOMENTUM, ALPHA,
        EPSILON, DECAY_RATE, LR, MOMENT_BOUND, SCALARS };
@@ -185,6 +200,13 @@ INLINE void row_step(int64_t length, theta_t *theta, const gradient_t *gradient,
                      v_t *v, v_max_t *v_max, const uint32_t *key, uint32_t first,
                      const float *s) {
   (void)v_max;
+  PREFETCH(theta, length * sizeof(theta_t), 1);
+  PREFETCH(gradient, length * sizeof(gradient_t), 0);
+  PREFETCH(m, length * sizeof(m_t), 1);
+  PREFETCH(v, length * sizeof(v_t), 1);
+#if V_MAX
+  PREFETCH(v_max, length * sizeof(v_max_t), 1);
+#endif
 #pragma omp simd
   for (int64_t j = 0; j < length; j++) {
     const uint32_t index = first + (uint32_t)j;
@@ -230,8 +252,13 @@ void keras_adam_rows_many(int64_t count, const int64_t *sizes, int64_t length,
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t k = 0; k < count; k++) {
     void *const *p = pointers + 5 * k;
-    row_step(sizes[k], (theta_t *)p[0], (const gradient_t *)p[1], (m_t *)p[2], (v_t *)p[3],
-             (v_max_t *)p[4], (const uint32_t *)keys + 4 * offsets[k], 0u, s);
+    for (int64_t start = 0; start < sizes[k]; start += CHUNK) {
+      const int64_t n = sizes[k] - start < CHUNK ? sizes[k] - start : CHUNK;
+      row_step(n, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
+               (m_t *)p[2] + start, (v_t *)p[3] + start,
+               V_MAX ? (v_max_t *)p[4] + start : (v_max_t *)p[4],
+               (const uint32_t *)keys + 4 * offsets[k], (uint32_t)start, s);
+    }
   }
 }
 
@@ -287,6 +314,13 @@ INLINE void block_step(int64_t length, theta_t *theta, const gradient_t *gradien
                        float *v_max_scale, uint32_t key, uint32_t first, const float *s,
                        float *m_new, float *v_new, float *v_max_new) {
   (void)v_max, (void)v_max_scale, (void)v_max_new;
+  PREFETCH(theta, length * sizeof(theta_t), 1);
+  PREFETCH(gradient, length * sizeof(gradient_t), 0);
+  PREFETCH(m, length, 1);
+  PREFETCH(v, length, 1);
+#if V_MAX
+  PREFETCH(v_max, length, 1);
+#endif
   const float m_s = *m_scale, v_s = *v_scale;
 #if V_MAX
   const float v_max_s = *v_max_scale;
