@@ -205,12 +205,13 @@ class Whole:
                 self._bounds[bound] = ops.convert_to_tensor(bound, "float32")
             bound = self._bounds[bound]
         function = self._functions[first.key]
-        if len(batch) > 1 and first.in_place and hasattr(function, "many"):
-            # A function that takes several variables where they lie (torch's C
-            # loop on a CPU) writes their own tensors: nothing joined or copied.
-            # It is given every stream's keys and each variable's row in them.
+        if first.in_place and hasattr(function, "many"):
+            # A function that takes variables where they lie (torch's C loop on
+            # a CPU) writes their own tensors: nothing joined or copied. It is
+            # given every stream's keys and each variable's row in them, not
+            # each row's keys (gathered at every step).
             keys = None if noise is None else (
-                ops.reshape(self._all_keys(storage, noise), (-1, 4)),
+                self._all_keys(storage, noise, table=True),
                 self._positions(storage, batch))
             if function.many(parts, first.given, fields, (bound, keys)):
                 return None
@@ -312,18 +313,20 @@ class Whole:
                                            for f in dataclasses.fields(scalars)))
         return self._fields[1]
 
-    def _all_keys(self, storage, noise):
+    def _all_keys(self, storage, noise, table=False):
         """Every stream's key at this step (`_rounding.stream_key`, four per variable:
         the variable, m, v, v_max), computed once per step and graph, for all
-        variables: per variable they would be some thirty eager ops each. The
+        variables: per variable they would be some thirty eager ops each. With
+        `table`, the same keys in rows of four, one row per variable. The
         cache holds the step's `t`, so that its identity marks the step."""
         seed, t = noise
         trace = backends.trace_key()
         cached = self._keys
         if cached is None or cached[0] is not t or cached[1] is not seed or cached[2] != trace:
             streams = ops.arange(storage.stream_count(), dtype="int32")
-            cached = self._keys = (t, seed, trace, _rounding.stream_key(seed, t, streams))
-        return cached[3]
+            keys = _rounding.stream_key(seed, t, streams)
+            cached = self._keys = (t, seed, trace, keys, ops.reshape(keys, (-1, 4)))
+        return cached[4] if table else cached[3]
 
     def _stream_keys(self, storage, index, noise):
         """The keys of model variable `index`'s four streams (`_rounding.Keys`):
@@ -371,7 +374,7 @@ class Whole:
             self._batches[key] = tuple(
                 ops.convert_to_tensor(x.astype("int32")) for x in (positions, firsts))
         positions, firsts = self._batches[key]
-        keys = ops.reshape(self._all_keys(storage, noise), (-1, 4))
+        keys = self._all_keys(storage, noise, table=True)
         return backends.take_rows(keys, positions), firsts
 
 
