@@ -44,6 +44,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define F32 1
@@ -67,6 +68,29 @@
 /* The element-wise loop of several variables takes each in rows of CHUNK,
    each row's step prefetching for the next. */
 #define CHUNK 256
+
+/* Several variables' work in units (rows of CHUNK, or 8-bit blocks) shared
+   among the threads as one range, whatever their sizes: units[k] is
+   variable k's first unit, units[count] the total. */
+static int64_t *first_units(int64_t count, const int64_t *sizes, int64_t unit) {
+  int64_t *units = malloc((count + 1) * sizeof(int64_t));
+  if (units) {
+    units[0] = 0;
+    for (int64_t k = 0; k < count; k++) units[k + 1] = units[k] + (sizes[k] + unit - 1) / unit;
+  }
+  return units;
+}
+
+/* The variable of unit u: the last k with units[k] <= u. */
+static inline int64_t owner(const int64_t *units, int64_t count, int64_t u) {
+  int64_t low = 0, high = count - 1;
+  while (low < high) {
+    const int64_t middle = (low + high + 1) / 2;
+    if (units[middle] <= u) low = middle;
+    else high = middle - 1;
+  }
+  return low;
+}
 
 /* The step's scalars, in this order (keras_adam/backends/torch_rows.py). */
 enum { BETA_1, ONE_MINUS_BETA_1, BETA_2, ONE_MINUS_BETA_2, NESTEROV_MOMENTUM, ALPHA,
@@ -244,22 +268,27 @@ void keras_adam_rows(int64_t size, int64_t length, theta_t *theta, const gradien
    sizes[k] elements and its tensors' addresses at pointers[5 k ...] (theta,
    gradient, m, v, v_max), and its four stream keys at row offsets[k] of
    `keys`; its elements are one row, each at its position in the variable
-   (its rows one after another). */
-void keras_adam_rows_many(int64_t count, const int64_t *sizes, int64_t length,
-                          void *const *pointers, const int32_t *keys, const int64_t *offsets,
-                          const float *s, int threads) {
+   (its rows one after another). Returns 0, having written nothing, where
+   the units' table (8 bytes a variable) cannot be allocated; else 1. */
+int keras_adam_rows_many(int64_t count, const int64_t *sizes, int64_t length,
+                         void *const *pointers, const int32_t *keys, const int64_t *offsets,
+                         const float *s, int threads) {
   (void)length;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t k = 0; k < count; k++) {
+  int64_t *units = first_units(count, sizes, CHUNK);
+  if (!units) return 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t u = 0; u < units[count]; u++) {
+    const int64_t k = owner(units, count, u);
     void *const *p = pointers + 5 * k;
-    for (int64_t start = 0; start < sizes[k]; start += CHUNK) {
-      const int64_t n = sizes[k] - start < CHUNK ? sizes[k] - start : CHUNK;
-      row_step(n, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
-               (m_t *)p[2] + start, (v_t *)p[3] + start,
-               V_MAX ? (v_max_t *)p[4] + start : (v_max_t *)p[4],
-               (const uint32_t *)keys + 4 * offsets[k], (uint32_t)start, s);
-    }
+    const int64_t start = (u - units[k]) * CHUNK;
+    const int64_t n = sizes[k] - start < CHUNK ? sizes[k] - start : CHUNK;
+    row_step(n, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
+             (m_t *)p[2] + start, (v_t *)p[3] + start,
+             V_MAX ? (v_max_t *)p[4] + start : (v_max_t *)p[4],
+             (const uint32_t *)keys + 4 * offsets[k], (uint32_t)start, s);
   }
+  free(units);
+  return 1;
 }
 
 #else /* EIGHT_BIT */
@@ -390,27 +419,30 @@ void keras_adam_blocks(int64_t size, int64_t length, theta_t *theta,
    sizes[k] elements and its tensors' addresses at pointers[8 k ...] (theta,
    gradient, m, m's scales, v, v's scales, v_max, v_max's scales); keys and
    offsets as for keras_adam_rows_many, or keys NULL where nothing is
-   written with stochastic rounding. */
-void keras_adam_blocks_many(int64_t count, const int64_t *sizes, int64_t length,
-                            void *const *pointers, const int32_t *keys, const int64_t *offsets,
-                            const float *s, int threads) {
+   written with stochastic rounding. Returns as keras_adam_rows_many. */
+int keras_adam_blocks_many(int64_t count, const int64_t *sizes, int64_t length,
+                           void *const *pointers, const int32_t *keys, const int64_t *offsets,
+                           const float *s, int threads) {
+  int64_t *units = first_units(count, sizes, length);
+  if (!units) return 0;
 #pragma omp parallel num_threads(threads)
   {
     float m_new[length], v_new[length], v_max_new[length];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t k = 0; k < count; k++) {
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units[count]; u++) {
+      const int64_t k = owner(units, count, u);
       void *const *p = pointers + 8 * k;
-      for (int64_t row = 0; row < sizes[k] / length; row++) {
-        const int64_t start = row * length;
-        block_step(length, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
-                   (int8_t *)p[2] + start, (float *)p[3] + row, (uint8_t *)p[4] + start,
-                   (float *)p[5] + row, V_MAX ? (uint8_t *)p[6] + start : (uint8_t *)p[6],
-                   V_MAX ? (float *)p[7] + row : (float *)p[7],
-                   keys ? (uint32_t)keys[4 * offsets[k]] : 0u, (uint32_t)start, s,
-                   m_new, v_new, v_max_new);
-      }
+      const int64_t row = u - units[k], start = row * length;
+      block_step(length, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
+                 (int8_t *)p[2] + start, (float *)p[3] + row, (uint8_t *)p[4] + start,
+                 (float *)p[5] + row, V_MAX ? (uint8_t *)p[6] + start : (uint8_t *)p[6],
+                 V_MAX ? (float *)p[7] + row : (float *)p[7],
+                 keys ? (uint32_t)keys[4 * offsets[k]] : 0u, (uint32_t)start, s, m_new,
+                 v_new, v_max_new);
     }
   }
+  free(units);
+  return 1;
 }
 
 #endif /* EIGHT_BIT */

@@ -254,9 +254,10 @@ def _call_many(function, arguments, parts, given):
     # Each variable's row among the keys (torch_rows.c's offsets).
     offsets = np.zeros(len(parts), np.int64) if keys is None else keys[1]
     sizes = rows * length
-    function(len(parts), sizes.ctypes.data, length, pointers.ctypes.data,
-             None if keys is None else keys[0].data_ptr(), offsets.ctypes.data,
-             scalars.ctypes.data, torch.get_num_threads())
+    if not function(len(parts), sizes.ctypes.data, length, pointers.ctypes.data,
+                    None if keys is None else keys[0].data_ptr(), offsets.ctypes.data,
+                    scalars.ctypes.data, torch.get_num_threads()):
+        return False  # (no memory for its table of 8 bytes a variable)
     torch.autograd.graph.increment_version([x for part in parts for x in part[1:]])
     return True
 
@@ -318,7 +319,7 @@ def _compile(layout):
         one, many = getattr(library, name), getattr(library, name + "_many")
     except (OSError, AttributeError):
         return None
-    one.restype = many.restype = None
+    one.restype, many.restype = None, ctypes.c_int
     integer, pointer = ctypes.c_int64, ctypes.c_void_p
     one.argtypes = [integer, integer] + [pointer] * (11 if layout[0] else 8) + [ctypes.c_int]
     many.argtypes = [integer, pointer, integer] + [pointer] * 4 + [ctypes.c_int]
