@@ -671,16 +671,17 @@ def test_the_rows_loop_has_the_bits_of_the_compiled_step(monkeypatch, kwargs, dt
     IEEE float32 rounding in both (neither fuses a multiply-add), and every
     random bit the same hash of the same keys and positions, so the
     variables, the moments and `stateless_apply`'s results must be equal bit
-    for bit. The shapes give small variables in rows of 16 (two: taken
-    where they lie in one call, each its own rows' keys), 8 and 1, one of
-    its own call (rows of 256) and an odd one (rows of 3); a gradient of
-    1e30 overflows v to infinity (kept by the rounding). 8-bit codes are
-    given one block per row: rows of 8 (two variables), 15 and 256; the odd
-    one ends in a short block and keeps its shape (the compiled step)."""
+    for bit. The shapes give small variables in rows of 16 (three: taken
+    where they lie in one call, one of them over several of the loop's
+    units of 256), 8 and 1, one of its own call (rows of 256) and an odd
+    one (rows of 3); a gradient of 1e30 overflows v to infinity (kept by
+    the rounding). 8-bit codes are given one block per row: rows of 8
+    (three variables), 30, 15 and 256; the odd one ends in a short block
+    and keeps its shape (the compiled step)."""
     from keras_adam import _whole
     from keras_adam.backends import torch_rows
 
-    shapes = [(4, 8), (6, 8), (3, 8), (15,), (300, 256), (3, 65537)]
+    shapes = [(4, 8), (6, 8), (40, 30), (3, 8), (15,), (300, 256), (3, 65537)]
     eight_bit = kwargs.get("moment_dtype") == "8bit"
     calls, many = [], []  # the layouts of the loop's calls, of one variable and several
     real_call, real_many = torch_rows._call, torch_rows._call_many
@@ -724,13 +725,13 @@ def test_the_rows_loop_has_the_bits_of_the_compiled_step(monkeypatch, kwargs, dt
     assert not calls and not many
     looped = run(True)
     # The loop ran for every call given in rows. In each of the 4 steps
-    # `apply` writes in place: the first two variables (given in rows of 16;
-    # 8-bit, the first three, in blocks of 8) in one call where they lie,
+    # `apply` writes in place: three variables (given in rows of 16; 8-bit,
+    # in blocks of 8) in one call where they lie,
     # and at least two more alone (the large one and the one of 15), each
     # taking its keys by its position. `stateless_apply` (not in place)
     # joins the small ones and gives each row its keys: at least 2 calls.
     joined = [n for _, n in many if n > 1]
-    assert joined == [3 if eight_bit else 2] * 4, many
+    assert joined == [3] * 4, many
     assert sum(n == 1 for _, n in many) >= 2 * 4, many
     assert len(calls) >= 2 and len(set(calls + [m for m, _ in many])) == 1, (calls, many)
     assert calls[0][0] == eight_bit
