@@ -739,6 +739,55 @@ def test_the_rows_loop_has_the_bits_of_the_compiled_step(monkeypatch, kwargs, dt
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("moment_dtype,dtype", [("bfloat16", "float32"), ("bfloat16", "bfloat16"),
+                                                 ("8bit", "float32"), ("8bit", "bfloat16")])
+def test_the_rows_loop_writes_nan_where_the_compiled_step_does(monkeypatch, moment_dtype, dtype):
+    """A NaN gradient poisons its elements' moments and weights (and an 8-bit
+    block's scale). The oracle is the compiled step (the loop switched off):
+    every float the loop writes must be NaN exactly where the compiled
+    step's is, with the same bits elsewhere. (A NaN's own sign and payload
+    bits, and the codes of a block whose scale is NaN, may differ: integer
+    codes are compared only where the compiled step's codes decode to a
+    number, in blocks whose scale is finite.)"""
+    from keras_adam import _whole
+    from keras_adam.backends import torch_rows
+
+    shapes = [(40, 300), (300, 256)]  # joined with none: each its own call
+    eight_bit = {"min_8bit_size": 1} if moment_dtype == "8bit" else {}
+
+    def run(loop):
+        monkeypatch.setattr(torch_rows, "enabled", loop)
+        monkeypatch.setattr(_whole, "_SHARED", {})
+        keras.utils.set_random_seed(3)
+        rng = np.random.default_rng(1)
+        variables = [keras.Variable(rng.normal(size=s), dtype=dtype) for s in shapes]
+        optimizer = keras_adam.Adam(learning_rate=1e-2, moment_dtype=moment_dtype, **eight_bit)
+        for _ in range(3):
+            grads = [rng.normal(size=s) for s in shapes]
+            grads[0][0, :40] = np.nan
+            grads[1][5, 3:70] = np.nan
+            optimizer.apply([keras.ops.convert_to_tensor(g, dtype) for g in grads], variables)
+        return [keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(x))
+                for x in list(variables) + list(optimizer.variables)]
+
+    compiled, looped = run(False), run(True)
+    assert np.isnan(compiled[0].astype("float32")).any()
+    for i, (a, b) in enumerate(zip(compiled, looped)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if a.dtype.kind == "f" or a.dtype == keras.ops.convert_to_numpy(
+                keras.ops.ones((), "bfloat16")).dtype:
+            a32, b32 = a.astype("float32"), b.astype("float32")
+            np.testing.assert_array_equal(np.isnan(a32), np.isnan(b32))
+            np.testing.assert_array_equal(a32[~np.isnan(a32)], b32[~np.isnan(b32)])
+        elif a.dtype in (np.int8, np.uint8):  # 8-bit codes, followed by their blocks' scales
+            scale = compiled[i + 1]
+            finite = np.repeat(np.isfinite(scale), a.shape[1] // scale.shape[1], axis=1)
+            assert finite.shape == a.shape and not finite.all()
+            np.testing.assert_array_equal(a[finite], b[finite])
+        else:  # the step count
+            np.testing.assert_array_equal(a, b)
+
+
 def test_without_a_c_compiler_the_rows_take_the_compiled_step(monkeypatch):
     """Where no C compiler is found, the rows' C loop is not made and the compiled
     step runs (the same bits as ever: the oracle is the loop switched off)."""

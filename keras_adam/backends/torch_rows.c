@@ -118,7 +118,9 @@ static inline uint32_t random_bits(uint32_t index, uint32_t key) {
 }
 
 /* keras_adam._rounding.stochastic_bfloat16. A value that is not finite is cast
-   as torch casts it: infinities keep their bits, NaN becomes 0x7FC0. */
+   as a cast does: infinities keep their bits, NaN is written as the quiet
+   NaN 0x7FC0 (torch.compile's step may write another NaN's sign and
+   payload: a NaN either way). */
 static inline uint16_t stochastic_bf16(float x, uint32_t bits) {
   uint32_t u;
   memcpy(&u, &x, 4);
@@ -313,13 +315,16 @@ static inline float v_table(uint8_t code) {
 /* One over a block's scale, 1 where it is not positive (keras_adam._quantize). */
 static inline float inverse(float scale) { return 1.0f / (scale > 0.0f ? scale : 1.0f); }
 
+/* The codes; a NaN moment (its block's scale NaN too) is written as code 0,
+   since C leaves NaN's conversion to an integer undefined. */
 static inline int8_t m_code(float x, float inverse_scale) {
   const float j = rintf(sqrtf(sqrtf(fabsf(x) * inverse_scale)) * 127.0f);
-  return (int8_t)(x < 0.0f ? -j : j);
+  return (int8_t)(j == j ? (x < 0.0f ? -j : j) : 0.0f);
 }
 
 static inline uint8_t v_code(float x, float inverse_scale) {
-  return (uint8_t)rintf(sqrtf(sqrtf(sqrtf(fabsf(x) * inverse_scale))) * 255.0f);
+  const float k = rintf(sqrtf(sqrtf(sqrtf(fabsf(x) * inverse_scale))) * 255.0f);
+  return (uint8_t)(k == k ? k : 0.0f);
 }
 
 /* A block's absmax as torch.amax finds it: NaN if any element is NaN. */

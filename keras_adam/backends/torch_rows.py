@@ -13,11 +13,13 @@ row or block), which the C compiler vectorises whole, runs at 1.15-2.3
 times float32's (docs/precision.md).
 
 The loop is compiled at first use, once per layout and process (some tenths
-of a second), with the C compiler Inductor uses (`CC`, else `gcc`), for this
+of a second), with the C compiler `CC`, else `gcc` (GCC's OpenMP runtime is
+the one torch loads), for this
 CPU, with OpenMP (torch's own runtime, already loaded, runs its threads) and
 without fused multiply-adds: each operation rounds as the step's operations
 run one by one do, so the results are the compiled step's, bit for bit
-(tests/test_backend_torch.py). Small variables of one layout, which
+(tests/test_backend_torch.py), but for NaN: a NaN's sign and payload bits,
+and the codes of a block whose scale is NaN, may differ. Small variables of one layout, which
 `_whole` would join into one call, are taken where they lie, in one call
 of the loop (`many`): nothing is copied in or out. Where no compiler is
 found or compiling fails, or for what the loop does not cover (float16,
@@ -127,7 +129,7 @@ def _layout(step, gradient, theta, values, bound, keyed):
             gradient.shape != theta.shape or theta.dtype not in _CODES or \
             gradient.dtype not in _CODES:
         return None
-    if not all(x.is_cpu and x.is_contiguous()
+    if not all(type(x) in _PLAIN and x.is_cpu and x.is_contiguous()
                for x in (theta, gradient, *(x for slot in values for x in slot))):
         return None
     return ((eight_bit, _CODES[theta.dtype], _CODES[gradient.dtype])
@@ -172,8 +174,13 @@ def _arguments(step, gradient, theta, values, fields, state, table=False):
     return None if scalars is None else (layout, keys, scalars)
 
 
-# `_scalars`' last arguments and array: the same fields serve a step's variables.
-_LAST = [None, None]
+# `_scalars`' last arguments and array, one tuple read and replaced whole (an
+# optimizer in another thread may replace it meanwhile): the same fields serve
+# a step's variables.
+_LAST = (None, None, None, None)
+# Tensors whose memory the loop may address (a subclass may have none: a fake
+# or distributed tensor).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 # The longest 8-bit block the loop takes (its block's values live on the stack).
 _LONGEST_BLOCK = 4096
 
@@ -182,10 +189,10 @@ def _scalars(fields, rate, bound):
     """The step's `_rule.Scalars` fields (0-d float32 CPU tensors), the decay rate
     and the moment bound K as the loop's float32 array, read once per step
     (each `.item()` costs microseconds)."""
+    global _LAST
     last = _LAST
-    if last[0] is not None and last[0][0] is fields and last[0][1] == rate and \
-            last[0][2] is bound:
-        return last[1]
+    if last[0] is fields and last[1] == rate and last[2] is bound:
+        return last[3]
     lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, _, _, nesterov, alpha, \
         epsilon = fields
     values = [beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, nesterov, alpha, epsilon,
@@ -197,7 +204,7 @@ def _scalars(fields, rate, bound):
     # float32, as the step's `ops.cast(rate, dtype)` rounds it.
     numbers[7] = 0.0 if rate is None else float(rate)
     array = np.array(numbers, dtype=np.float32)
-    _LAST[:] = [(fields, rate, bound), array]
+    _LAST = (fields, rate, bound, array)
     return array
 
 
@@ -237,7 +244,7 @@ def _call_many(function, arguments, parts, given):
     shares = [(x.dtype, s[1] == length) for x, s in zip(
         parts[0], [given[0], given[0]] + [s for slot in given[1] for s in slot])]
     per = 8 if layout[0] else 5  # each variable's tensors' addresses (torch_rows.c)
-    pointers = np.zeros((len(parts), per), dtype=np.int64)
+    pointers = np.zeros((len(parts), per), dtype=np.uintp)
     rows = np.empty(len(parts), dtype=np.int64)
     for k, part in enumerate(parts):
         size = part[1].numel()
@@ -245,8 +252,8 @@ def _call_many(function, arguments, parts, given):
             return False
         count = rows[k] = size // length
         for x, (dtype, whole) in zip(part, shares):
-            if x.dtype != dtype or x.numel() != (size if whole else count) or not x.is_cpu \
-                    or not x.is_contiguous():
+            if x.dtype != dtype or x.numel() != (size if whole else count) or \
+                    type(x) not in _PLAIN or not x.is_cpu or not x.is_contiguous():
                 return False
         # theta, gradient, then the values (torch_rows.c's order)
         pointers[k, :len(part)] = [part[1].data_ptr(), part[0].data_ptr()] + [
@@ -287,7 +294,10 @@ def _compile(layout):
     if compiler is None:
         return None
     if not _DIRECTORY:
-        _DIRECTORY.append(tempfile.mkdtemp(prefix="keras_adam_rows_"))
+        try:
+            _DIRECTORY.append(tempfile.mkdtemp(prefix="keras_adam_rows_"))
+        except OSError:  # no temporary directory to write to: the compiled step
+            return None
         atexit.register(shutil.rmtree, _DIRECTORY[0], True)
     name = "_".join(str(int(x)) for x in layout)
     library = os.path.join(_DIRECTORY[0], f"rows_{name}.so")
