@@ -788,9 +788,11 @@ def test_the_rows_loop_writes_nan_where_the_compiled_step_does(monkeypatch, mome
             np.testing.assert_array_equal(a, b)
 
 
-def test_without_a_c_compiler_the_rows_take_the_compiled_step(monkeypatch):
-    """Where no C compiler is found, the rows' C loop is not made and the compiled
-    step runs (the same bits as ever: the oracle is the loop switched off)."""
+@pytest.mark.parametrize("compiler", ["absent", "failing"])
+def test_without_a_c_compiler_the_rows_take_the_compiled_step(monkeypatch, compiler):
+    """Where no C compiler is found, or it fails (`CC=false`: every set of
+    options refused), the rows' C loop is not made and the compiled step
+    runs (the same bits as ever: the oracle is the loop switched off)."""
     import shutil
 
     from keras_adam import _whole
@@ -810,7 +812,11 @@ def test_without_a_c_compiler_the_rows_take_the_compiled_step(monkeypatch):
     want = run()
     monkeypatch.setattr(torch_rows, "enabled", True)
     monkeypatch.setattr(torch_rows, "_FUNCTIONS", {})
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    if compiler == "absent":
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    else:
+        assert shutil.which("false")
+        monkeypatch.setenv("CC", "false")
     got = run()
     assert torch_rows._FUNCTIONS and set(torch_rows._FUNCTIONS.values()) == {None}
     np.testing.assert_array_equal(got, want)

@@ -313,7 +313,9 @@ def _compile(layout):
         # weights, in 1.05 times: left as tuned. Vectors' width changes no bit
         # (each element's arithmetic is its own; a maximum is exact).
         native.append("-mprefer-vector-width=512")
-    for target in (native, []):
+    # Each set of options that a compiler may refuse (another architecture's,
+    # an older compiler) is dropped in turn.
+    for target in (native, ["-march=native"], []) if len(native) > 1 else (native, []):
         command = [compiler, *flags, *target, *macros, _SOURCE, "-o", library]
         try:
             done = subprocess.run(command, capture_output=True, timeout=120)
