@@ -208,12 +208,11 @@ class Whole:
         if first.in_place and hasattr(function, "many"):
             # A function that takes variables where they lie (torch's C loop on
             # a CPU) writes their own tensors: nothing joined or copied. It is
-            # given every stream's keys and each variable's row in them, not
-            # each row's keys (gathered at every step).
-            keys = None if noise is None else (
-                self._all_keys(storage, noise, table=True),
-                self._positions(storage, batch))
-            if function.many(parts, first.given, fields, (bound, keys)):
+            # given the streams' seed and step, their count and each
+            # variable's position, not each row's keys (gathered at every step).
+            streams = None if noise is None else (
+                *noise, storage.stream_count(), self._positions(storage, batch))
+            if function.many(parts, first.given, fields, (bound, streams)):
                 return None
         if noise is not None:  # the streams' keys, computed here
             noise = (self._row_keys(storage, batch, noise, first.given[0][1])

@@ -117,6 +117,13 @@ static inline uint32_t random_bits(uint32_t index, uint32_t key) {
   return mix((index ^ key) * 0x9E3779B9u);
 }
 
+/* keras_adam._rounding.stream_key of streams 0 .. count - 1 at step t, with
+   `seed` (t and seed as int32 bits): mix(seed ^ mix(t * 0x9E3779B9 + stream)). */
+void keras_adam_stream_keys(int64_t count, int64_t seed, int64_t t, int32_t *keys) {
+  for (int64_t stream = 0; stream < count; stream++)
+    keys[stream] = (int32_t)mix((uint32_t)seed ^ mix((uint32_t)t * 0x9E3779B9u + (uint32_t)stream));
+}
+
 /* keras_adam._rounding.stochastic_bfloat16. A value that is not finite is cast
    as a cast does: infinities keep their bits, NaN is written as the quiet
    NaN 0x7FC0 (torch.compile's step may write another NaN's sign and

@@ -71,9 +71,10 @@ def with_loop(compiled, step, in_place):
     their tensors where they lie: `parts` holds each variable's (gradient,
     theta, the values' tensors one after another) in any shapes, `given`
     the shapes of `keras_adam._whole`'s layout (rows of one length), and
-    `state` (bound, keys) has as keys, where they are needed, every
-    stream's four keys (an int32 tensor of 4 columns) and each variable's
-    row in it (`Storage.position`). It returns False, having done nothing,
+    `state` (bound, streams) has as streams, where random bits are drawn,
+    (seed, t, the count of streams, each variable's position: its streams
+    are 4 position .. 4 position + 3), whose keys the loop's library works
+    out (`_rounding.stream_key`). It returns False, having done nothing,
     where the loop does not cover them.
     """
     def run(gradient, theta, values, fields, state):
@@ -93,14 +94,21 @@ def with_loop(compiled, step, in_place):
         shaped = iter([x.reshape(next(shapes)) for x in parts[0]])
         first = (next(shaped), next(shaped), tuple(tuple(next(shaped) for _ in slot)
                                                    for slot in given[1]))
-        bound, keys = state
-        if keys is not None and not _table_covers(keys, len(parts)):
+        bound, streams = state
+        if streams is not None and not _streams_cover(streams, len(parts)):
             return False
-        arguments = _arguments(step, *first, fields, (bound, keys), table=True)
+        arguments = _arguments(step, *first, fields, (bound, streams), table=True)
         if arguments is None:
             return False
         functions = _function(arguments[0])
-        return functions is not None and _call_many(functions[1], arguments, parts, given)
+        if functions is None:
+            return False
+        if streams is not None:  # each stream's key, as rows of 4 (a variable's)
+            seed, t, count, positions = streams
+            table = np.empty((count // 4, 4), np.int32)
+            functions[2](count, _integer(seed), _integer(t), table.ctypes.data)
+            arguments = (arguments[0], (table, positions), arguments[2])
+        return _call_many(functions[1], arguments, parts, given)
 
     run.many = many
     return run
@@ -151,14 +159,22 @@ def _keys_cover(keys, rows):
             and firsts.is_contiguous())
 
 
-def _table_covers(keys, count):
-    """Whether `keys` (every stream's keys, each variable's row among them) hold
-    `count` variables' keys: an int32 CPU tensor of 4 columns, and an int64
-    array of rows in it."""
-    table, rows = keys
-    return (table.dtype == torch.int32 and table.dim() == 2 and table.shape[1] == 4
-            and table.is_cpu and table.is_contiguous() and rows.dtype == np.int64
-            and rows.shape == (count,) and 0 <= rows.min() and rows.max() < table.shape[0])
+def _streams_cover(streams, count):
+    """Whether `streams` (seed, t, the count of streams, each variable's position)
+    hold `count` variables' streams: seed and t integers or 0-d CPU tensors,
+    and an int64 array of positions under count / 4."""
+    seed, t, streams_count, positions = streams
+    return (all(isinstance(x, int) or (isinstance(getattr(x, "value", x), torch.Tensor)
+                                       and getattr(x, "value", x).numel() == 1
+                                       and getattr(x, "value", x).is_cpu) for x in (seed, t))
+            and streams_count % 4 == 0 and positions.dtype == np.int64
+            and positions.shape == (count,) and 0 <= positions.min()
+            and positions.max() < streams_count // 4)
+
+
+def _integer(x):
+    """A Python int, or a Keras variable's or 0-d tensor's value, as an int."""
+    return int(getattr(x, "value", x))
 
 
 def _arguments(step, gradient, theta, values, fields, state, table=False):
@@ -262,7 +278,7 @@ def _call_many(function, arguments, parts, given):
     offsets = np.zeros(len(parts), np.int64) if keys is None else keys[1]
     sizes = rows * length
     if not function(len(parts), sizes.ctypes.data, length, pointers.ctypes.data,
-                    None if keys is None else keys[0].data_ptr(), offsets.ctypes.data,
+                    None if keys is None else keys[0].ctypes.data, offsets.ctypes.data,
                     scalars.ctypes.data, torch.get_num_threads()):
         return False  # (no memory for its table of 8 bytes a variable)
     torch.autograd.graph.increment_version([x for part in parts for x in part[1:]])
@@ -329,10 +345,13 @@ def _compile(layout):
     try:
         library = ctypes.CDLL(library)
         one, many = getattr(library, name), getattr(library, name + "_many")
+        library.keras_adam_stream_keys  # (the keys of `many`'s streams)
     except (OSError, AttributeError):
         return None
     one.restype, many.restype = None, ctypes.c_int
     integer, pointer = ctypes.c_int64, ctypes.c_void_p
     one.argtypes = [integer, integer] + [pointer] * (11 if layout[0] else 8) + [ctypes.c_int]
     many.argtypes = [integer, pointer, integer] + [pointer] * 4 + [ctypes.c_int]
-    return one, many
+    keys = library.keras_adam_stream_keys
+    keys.restype, keys.argtypes = None, [integer, integer, integer, pointer]
+    return one, many, keys
