@@ -84,7 +84,7 @@ class Whole:
 
     def __init__(self):
         self._functions = {}
-        self._keys = None  # (t, seed, graph, every stream's key) of the last step
+        self._keys = None  # [t, seed, graph, every stream's key, their table] of the last step
         self._fields = None  # (scalars, their fields as a tuple) of the last step
         self._waiting = None  # calls waiting within `together`
         self._in_place = None  # `backends.whole_in_place()` within `together`
@@ -323,8 +323,9 @@ class Whole:
         cached = self._keys
         if cached is None or cached[0] is not t or cached[1] is not seed or cached[2] != trace:
             streams = ops.arange(storage.stream_count(), dtype="int32")
-            keys = _rounding.stream_key(seed, t, streams)
-            cached = self._keys = (t, seed, trace, keys, ops.reshape(keys, (-1, 4)))
+            cached = self._keys = [t, seed, trace, _rounding.stream_key(seed, t, streams), None]
+        if table and cached[4] is None:  # made where asked for, once per step
+            cached[4] = ops.reshape(cached[3], (-1, 4))
         return cached[4] if table else cached[3]
 
     def _stream_keys(self, storage, index, noise):
@@ -368,7 +369,7 @@ class Whole:
             if len(self._batches) >= 4096:  # a step has at most one per variable
                 self._batches.clear()
             rows = [c.size // length for c in batch]
-            positions = np.repeat([storage.position(i) for i in indices], rows)
+            positions = np.repeat(self._positions(storage, batch), rows)
             firsts = np.concatenate([np.arange(n) * length for n in rows])
             self._batches[key] = tuple(
                 ops.convert_to_tensor(x.astype("int32")) for x in (positions, firsts))

@@ -97,7 +97,7 @@ def with_loop(compiled, step, in_place):
         bound, streams = state
         if streams is not None and not _streams_cover(streams, len(parts)):
             return False
-        arguments = _arguments(step, *first, fields, (bound, streams), table=True)
+        arguments = _arguments(step, *first, fields, (bound, streams), checked=True)
         if arguments is None:
             return False
         functions = _function(arguments[0])
@@ -164,9 +164,9 @@ def _streams_cover(streams, count):
     hold `count` variables' streams: seed and t integers or 0-d CPU tensors,
     and an int64 array of positions under count / 4."""
     seed, t, streams_count, positions = streams
-    return (all(isinstance(x, int) or (isinstance(getattr(x, "value", x), torch.Tensor)
-                                       and getattr(x, "value", x).numel() == 1
-                                       and getattr(x, "value", x).is_cpu) for x in (seed, t))
+    values = [getattr(x, "value", x) for x in (seed, t)]  # a Keras variable's tensor
+    return (all(isinstance(x, int) or (isinstance(x, torch.Tensor) and x.numel() == 1
+                                       and x.is_cpu) for x in values)
             and streams_count % 4 == 0 and positions.dtype == np.int64
             and positions.shape == (count,) and 0 <= positions.min()
             and positions.max() < streams_count // 4)
@@ -177,13 +177,13 @@ def _integer(x):
     return int(getattr(x, "value", x))
 
 
-def _arguments(step, gradient, theta, values, fields, state, table=False):
-    """(the loop's layout, its keys' tensors, the scalars), or None where the loop
-    does not cover the call (with `table`, the keys are `_table_covers`',
-    checked)."""
+def _arguments(step, gradient, theta, values, fields, state, checked=False):
+    """(the loop's layout, its keys, the scalars), or None where the loop does not
+    cover the call (with `checked`, the keys are checked already: `many`'s
+    streams, `_streams_cover`)."""
     bound, keys = state
     layout = _layout(step, gradient, theta, values, bound, keys is not None)
-    if layout is None or (keys is not None and not table and
+    if layout is None or (keys is not None and not checked and
                           not _keys_cover(keys, theta.shape[0])):
         return None
     scalars = _scalars(fields, step.rate, bound)
@@ -252,8 +252,9 @@ def _call(function, arguments, gradient, theta, values, in_place):
 
 def _call_many(function, arguments, parts, given):
     """The loop of several variables (`with_loop`'s `many`), where every part
-    matches the first's layout (dtypes, sizes in whole rows, CPU, contiguous)
-    and the keys cover their rows; else False, having written nothing."""
+    matches the first's layout (dtypes, sizes in whole rows, CPU, contiguous);
+    else False, having written nothing. The keys, where given, are the
+    streams' key table and each variable's row in it."""
     layout, keys, scalars = arguments
     length = given[0][1]
     # Each tensor's elements per element of theta (8-bit scales: 1 / length).
