@@ -135,8 +135,10 @@ class Whole:
                 return _step_function(storage.stand_in(index), 0, hyper, dtype, rounds,
                                       rate, flat)
 
-            # What a C loop of the rows' step needs besides its tensors (`compile_whole`).
-            loop = (rounds, rate, hyper.nesterov, hyper.epsilon == 0) if flat else None
+            # What a C loop of the step needs besides its tensors (`compile_whole`):
+            # the step's options, and the shapes the storage gives the variable in.
+            loop = ((rounds, rate, hyper.nesterov, hyper.epsilon == 0),
+                    storage.given_shapes(index))
             self._functions[key] = (
                 _shared(key + (dtype,), make, flat, in_place, rows, loop)
                 if backends.whole_shared() else

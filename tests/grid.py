@@ -106,6 +106,30 @@ GRID_IDS = [ident for ident, _ in GRID]
 GRID_KWARGS = [kwargs for _, kwargs in GRID]
 
 
+# (id, keras_adam.Adam kwargs, variables' dtype): each layout the C loop of the
+# whole-variable step takes (keras_adam/backends/rows.c, on torch and JAX),
+# each of its macros set once.
+C_LOOP_LAYOUTS = [
+    ("bfloat16-moments", dict(moment_dtype="bfloat16"), "float32"),
+    ("bfloat16-moments-amsgrad-nesterov",
+     dict(moment_dtype="bfloat16", amsgrad=True, nesterov=True), "float32"),
+    ("bfloat16-moments-epsilon-0", dict(moment_dtype="bfloat16", epsilon=0.0), "float32"),
+    ("pure-bfloat16", {}, "bfloat16"),
+    ("pure-bfloat16-weight-decay", dict(weight_decay=0.1), "bfloat16"),
+    ("bfloat16-float32-moments-amsgrad", dict(moment_dtype="float32", amsgrad=True),
+     "bfloat16"),
+    ("pure-bfloat16-paper-uncorrected",
+     dict(epsilon_placement="paper", epsilon=1e-3, bias_correction=False), "bfloat16"),
+    ("8bit", dict(moment_dtype="8bit", min_8bit_size=1), "float32"),
+    ("8bit-amsgrad-nesterov",
+     dict(moment_dtype="8bit", min_8bit_size=1, amsgrad=True, nesterov=True), "float32"),
+    ("8bit-bfloat16-weight-decay", dict(moment_dtype="8bit", min_8bit_size=1,
+                                        weight_decay=0.1), "bfloat16"),
+    ("8bit-beta_2-0-unbounded", dict(moment_dtype="8bit", min_8bit_size=1, beta_2=0.0),
+     "float32"),
+]
+
+
 # --- Problems and runners -------------------------------------------------
 SHAPES = [(7, 5), (11,)]
 

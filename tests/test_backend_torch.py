@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 from grid import (
+    C_LOOP_LAYOUTS,
     UNIT_ROUNDOFF,
     float32_drift_bound,
     gradient_sequence,
@@ -640,30 +641,8 @@ def test_the_compiled_8bit_step_equals_the_uncompiled_one_where_a_row_ends_in_a_
         np.testing.assert_allclose(a, b, rtol=0, atol=steps * 0.05 * lr)
 
 
-# (id, keras_adam.Adam kwargs, variables' dtype): each layout the rows' C loop
-# takes (keras_adam/backends/torch_rows.c), each of its macros set once.
-ROWS_LOOP = [
-    ("bfloat16-moments", dict(moment_dtype="bfloat16"), "float32"),
-    ("bfloat16-moments-amsgrad-nesterov",
-     dict(moment_dtype="bfloat16", amsgrad=True, nesterov=True), "float32"),
-    ("bfloat16-moments-epsilon-0", dict(moment_dtype="bfloat16", epsilon=0.0), "float32"),
-    ("pure-bfloat16", {}, "bfloat16"),
-    ("pure-bfloat16-weight-decay", dict(weight_decay=0.1), "bfloat16"),
-    ("bfloat16-float32-moments-amsgrad", dict(moment_dtype="float32", amsgrad=True),
-     "bfloat16"),
-    ("pure-bfloat16-paper-uncorrected",
-     dict(epsilon_placement="paper", epsilon=1e-3, bias_correction=False), "bfloat16"),
-    ("8bit", dict(moment_dtype="8bit", min_8bit_size=1), "float32"),
-    ("8bit-amsgrad-nesterov",
-     dict(moment_dtype="8bit", min_8bit_size=1, amsgrad=True, nesterov=True), "float32"),
-    ("8bit-bfloat16-weight-decay", dict(moment_dtype="8bit", min_8bit_size=1,
-                                        weight_decay=0.1), "bfloat16"),
-    ("8bit-beta_2-0-unbounded", dict(moment_dtype="8bit", min_8bit_size=1, beta_2=0.0),
-     "float32"),
-]
-
-
-@pytest.mark.parametrize("kwargs,dtype", [r[1:] for r in ROWS_LOOP], ids=[r[0] for r in ROWS_LOOP])
+@pytest.mark.parametrize("kwargs,dtype", [r[1:] for r in C_LOOP_LAYOUTS],
+                         ids=[r[0] for r in C_LOOP_LAYOUTS])
 def test_the_rows_loop_has_the_bits_of_the_compiled_step(monkeypatch, kwargs, dtype):
     """On CPU tensors the element-wise layouts given in rows run as one C loop
     (`backends.torch_rows`). The oracle is the function it stands for,

@@ -10,7 +10,10 @@ in pure bfloat16: on JAX `jax.jit` of `stateless_apply` with the state donated
 (as Keras's JAX trainer runs it), on TensorFlow `optimizer.apply` in a
 tf.function with jit_compile=True. Writes every variable and optimizer
 variable after the last step (as float32), and the number of copies of
-bfloat16 tensors in each format's compiled step (`copies`).
+bfloat16 tensors in each format's compiled step (`copies`). On JAX the
+formats run as the step function XLA compiles (the C loop that runs them
+on a CPU switched off: what runs on other devices), and again with the
+loop ("c-loop/" + the format's name).
 """
 
 import sys
@@ -73,11 +76,19 @@ def _bfloat16_copies(text):
 
 def main(out):
     results = {}
-    for name, (kwargs, dtype) in FORMATS.items():
-        arrays, copies = train(kwargs, dtype)
-        for i, x in enumerate(arrays):
-            results[f"{name}/{i}"] = x
-        results[f"{name}/copies"] = np.asarray(copies)
+    runs = [("", False)]
+    if keras.backend.backend() == "jax":
+        runs.append(("c-loop/", True))
+    for prefix, loop in runs:
+        if keras.backend.backend() == "jax":
+            from keras_adam.backends import jax_rows
+
+            jax_rows.enabled = loop
+        for name, (kwargs, dtype) in FORMATS.items():
+            arrays, copies = train(kwargs, dtype)
+            for i, x in enumerate(arrays):
+                results[f"{prefix}{name}/{i}"] = x
+            results[f"{prefix}{name}/copies"] = np.asarray(copies)
     np.savez(out, **results)
 
 

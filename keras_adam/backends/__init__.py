@@ -193,8 +193,10 @@ def whole_compiler():
             "torch": "decode, rule and encode compiled as one function by torch.compile "
                      "(on a CPU, one C loop where the moments are 8-bit codes or the weights "
                      "or moments are written with stochastic rounding)",
-            }.get(keras.backend.backend(), "decode, rule and encode in one function (jit "
-                  "compiles it with the step)")
+            "jax": "decode, rule and encode in one function that jit compiles with the "
+                   "step (on a CPU, one C loop where the moments are 8-bit codes or the "
+                   "weights or moments are written with stochastic rounding)",
+            }.get(keras.backend.backend(), "decode, rule and encode in one function")
 
 
 def whole_any_length():
@@ -301,10 +303,12 @@ def compile_whole(fn, any_length=False, in_place=False, rows=False, loop=None):
     function serves tensors of every length (with `rows`, given in rows, also
     rows of length 1: `torch._settings`). With `in_place` (where
     `whole_in_place()`), the function writes its results into its inputs
-    theta and values and returns nothing. `loop`, for a function given in a
-    storage's `given_shapes`, is (rounds, rate, nesterov, epsilon_zero) of
-    `_whole`'s step function: on torch, CPU tensors in rows then take the
-    same step as one C loop (`torch_rows`)."""
+    theta and values and returns nothing. `loop` is ((rounds, rate, nesterov,
+    epsilon_zero) of `_whole`'s step function, the storage's `given_shapes`
+    of the variable): on a CPU the same step then runs as one C loop
+    (`rows.c`) where it covers the call: on torch, for a function given in
+    those shapes (`torch_rows`); on JAX, as a custom call in the jitted
+    program (`jax_rows`)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         return compiled(fn)
@@ -313,9 +317,13 @@ def compile_whole(fn, any_length=False, in_place=False, rows=False, loop=None):
         from keras_adam.backends import torch_rows
 
         step = torch.compiled(torch.in_place(fn) if in_place else fn, any_length, rows)
-        if loop is not None:
-            step = torch_rows.with_loop(step, torch_rows.Step(*loop), in_place)
+        if loop is not None and any_length:
+            step = torch_rows.with_loop(step, torch_rows.Step(*loop[0]), in_place)
         return step
+    if backend == "jax" and loop is not None:
+        from keras_adam.backends import jax_rows
+
+        return jax_rows.with_loop(fn, jax_rows.rows.Step(*loop[0]), loop[1])
     return fn
 
 

@@ -8,16 +8,14 @@ one block per row. On a CPU, Inductor (torch 2.13) writes each bitcast of
 stochastic rounding as a store, a scalar loop and a load, loads 16-bit
 values and 8-bit codes in partial vectors, and splits the 8-bit step into
 seven loops over the variable: those steps ran at 3-5 times float32's.
-The same arithmetic written as C loops (`torch_rows.c`: one pass over each
-row or block), which the C compiler vectorises whole, runs at 1.15-2.3
-times float32's (docs/precision.md).
+The same arithmetic written as C loops (`rows.c`: one pass over each row
+or block), which the C compiler vectorises whole, runs at 1.0-2.4 times
+float32's (docs/precision.md).
 
-The loop is compiled at first use, once per layout and process (some tenths
-of a second), with the C compiler `CC`, else `gcc` (GCC's OpenMP runtime is
-the one torch loads), for this
-CPU, with OpenMP (torch's own runtime, already loaded, runs its threads) and
-without fused multiply-adds: each operation rounds as the step's operations
-run one by one do, so the results are the compiled step's, bit for bit
+The loop is compiled at first use (`rows.build`), with the C compiler `CC`,
+else `gcc` (GCC's OpenMP runtime is the one torch loads, and runs its
+threads), without fused multiply-adds, so the results are the compiled
+step's, bit for bit
 (tests/test_backend_torch.py), but for NaN: a NaN's sign and payload bits,
 and the codes of a block whose scale is NaN, may differ. Small variables of one layout, which
 `_whole` would join into one call, are taken where they lie, in one call
@@ -27,37 +25,21 @@ float64, blocks over 4096, tensors off the CPU or not contiguous,
 torch.compile tracing around the step), the compiled step runs as before.
 """
 
-import atexit
 import ctypes
-import dataclasses
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 
 import numpy as np
 import torch
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_rows.c")
-# The dtypes the loop reads and writes, by the macro value of torch_rows.c.
-_CODES = {torch.float32: 1, torch.bfloat16: 2}
+from keras_adam.backends import rows
+from keras_adam.backends.rows import Step  # noqa: F401 (`backends.compile_whole`'s)
+
+# The dtypes the loop reads and writes, by their macro values (rows.c).
+_CODES = {torch.float32: rows.F32, torch.bfloat16: rows.BF16}
 
 # Set to False to run the compiled step instead (the benchmark's comparison).
 enabled = True
 
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """What the loop does besides its tensors' dtypes: the step function's
-    `rounds` (theta written with stochastic rounding) and decoupled decay
-    `rate` (a Python float, or None), and the rule's Nesterov and epsilon = 0
-    options."""
-
-    rounds: bool
-    rate: object
-    nesterov: bool
-    epsilon_zero: bool
 
 
 def with_loop(compiled, step, in_place):
@@ -115,7 +97,7 @@ def with_loop(compiled, step, in_place):
 
 
 def _layout(step, gradient, theta, values, bound, keyed):
-    """The loop's layout (`_MACROS`' values) for one call's tensors, or None where
+    """The loop's layout (`rows.MACROS`' values) for one call's tensors, or None where
     the loop does not cover them; `keyed`: whether the call has streams'
     keys."""
     if len(values) != 3 or not values[0] or not values[1] or theta.dim() != 2:
@@ -124,7 +106,7 @@ def _layout(step, gradient, theta, values, bound, keyed):
     slots = [slot for slot in values if slot]
     if eight_bit:
         codes = (torch.int8, torch.uint8, torch.uint8)
-        if theta.shape[1] > _LONGEST_BLOCK or any(
+        if theta.shape[1] > rows.LONGEST_BLOCK or any(
                 len(slot) != 2 or slot[0].dtype != dtype or slot[0].shape != theta.shape
                 or slot[1].dtype != torch.float32 or slot[1].shape != (theta.shape[0], 1)
                 for slot, dtype in zip(slots, codes)):
@@ -143,8 +125,7 @@ def _layout(step, gradient, theta, values, bound, keyed):
     return ((eight_bit, _CODES[theta.dtype], _CODES[gradient.dtype])
             + tuple((1 if eight_bit else _CODES[slot[0].dtype]) if slot else 0
                     for slot in values)
-            + (step.rounds, step.rate is not None, step.nesterov, step.epsilon_zero,
-               bound is not None))
+            + step.options(bound))
 
 
 def _keys_cover(keys, rows):
@@ -197,8 +178,6 @@ _LAST = (None, None, None, None)
 # Tensors whose memory the loop may address (a subclass may have none: a fake
 # or distributed tensor).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-# The longest 8-bit block the loop takes (its block's values live on the stack).
-_LONGEST_BLOCK = 4096
 
 
 def _scalars(fields, rate, bound):
@@ -209,17 +188,12 @@ def _scalars(fields, rate, bound):
     last = _LAST
     if last[0] is fields and last[1] == rate and last[2] is bound:
         return last[3]
-    lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, _, _, nesterov, alpha, \
-        epsilon = fields
-    values = [beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, nesterov, alpha, epsilon,
-              None, lr, bound]
+    values = rows.scalars(fields, rate, bound)
     if any(isinstance(x, torch.Tensor) and (x.dtype != torch.float32 or x.numel() != 1
                                             or x.device.type != "cpu") for x in values):
         return None
-    numbers = [0.0 if x is None else float(x) for x in values]
-    # float32, as the step's `ops.cast(rate, dtype)` rounds it.
-    numbers[7] = 0.0 if rate is None else float(rate)
-    array = np.array(numbers, dtype=np.float32)
+    # float32, as the step's `ops.cast(rate, dtype)` rounds the rate.
+    array = np.array([float(x) for x in values], dtype=np.float32)
     _LAST = (fields, rate, bound, array)
     return array
 
@@ -260,7 +234,7 @@ def _call_many(function, arguments, parts, given):
     # Each tensor's elements per element of theta (8-bit scales: 1 / length).
     shares = [(x.dtype, s[1] == length) for x, s in zip(
         parts[0], [given[0], given[0]] + [s for slot in given[1] for s in slot])]
-    per = 8 if layout[0] else 5  # each variable's tensors' addresses (torch_rows.c)
+    per = 8 if layout[0] else 5  # each variable's tensors' addresses (rows.c)
     pointers = np.zeros((len(parts), per), dtype=np.uintp)
     rows = np.empty(len(parts), dtype=np.int64)
     for k, part in enumerate(parts):
@@ -272,10 +246,10 @@ def _call_many(function, arguments, parts, given):
             if x.dtype != dtype or x.numel() != (size if whole else count) or \
                     type(x) not in _PLAIN or not x.is_cpu or not x.is_contiguous():
                 return False
-        # theta, gradient, then the values (torch_rows.c's order)
+        # theta, gradient, then the values (rows.c's order)
         pointers[k, :len(part)] = [part[1].data_ptr(), part[0].data_ptr()] + [
             x.data_ptr() for x in part[2:]]
-    # Each variable's row among the keys (torch_rows.c's offsets).
+    # Each variable's row among the keys (rows.c's offsets).
     offsets = np.zeros(len(parts), np.int64) if keys is None else keys[1]
     sizes = rows * length
     if not function(len(parts), sizes.ctypes.data, length, pointers.ctypes.data,
@@ -287,72 +261,33 @@ def _call_many(function, arguments, parts, given):
 
 
 _LOCK = threading.Lock()
-_FUNCTIONS = {}  # layout -> the loaded function, or None where compiling failed
-_DIRECTORY = []
+_FUNCTIONS = {}  # layout -> the loaded functions, or None where compiling failed
 
 
 def _function(layout):
-    """The loops compiled for `layout`, loaded (one variable's and several's), or
-    None where they cannot be compiled."""
+    """The loops compiled for `layout`, loaded (one variable's, several's, and the
+    streams' keys'), or None where they cannot be compiled."""
     if layout in _FUNCTIONS:
         return _FUNCTIONS[layout]
     with _LOCK:
         if layout not in _FUNCTIONS:
-            _FUNCTIONS[layout] = _compile(layout)
+            _FUNCTIONS[layout] = _load(rows.build(layout, "torch"), layout[0])
         return _FUNCTIONS[layout]
 
 
-_MACROS = ("EIGHT_BIT", "THETA", "GRADIENT", "M", "V", "V_MAX", "ROUNDS", "RATE", "NESTEROV",
-           "EPSILON_ZERO", "BOUND")
-
-
-def _compile(layout):
-    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if compiler is None:
+def _load(library, eight_bit):
+    if library is None:
         return None
-    if not _DIRECTORY:
-        try:
-            _DIRECTORY.append(tempfile.mkdtemp(prefix="keras_adam_rows_"))
-        except OSError:  # no temporary directory to write to: the compiled step
-            return None
-        atexit.register(shutil.rmtree, _DIRECTORY[0], True)
-    name = "_".join(str(int(x)) for x in layout)
-    library = os.path.join(_DIRECTORY[0], f"rows_{name}.so")
-    macros = [f"-D{macro}={int(value)}" for macro, value in zip(_MACROS, layout)]
-    # -ffp-contract=off: no multiply-add fused into one rounding (the portable
-    # path's bits); -fno-math-errno lets sqrtf be one vector instruction.
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
-    native = ["-march=native"]
-    if not layout[0] or layout[1] == _CODES[torch.bfloat16]:
-        # GCC tunes AVX-512 CPUs for 256-bit vectors; the loop as 512-bit ones
-        # ran in 0.84 times the time (bfloat16 moments) and 0.55 (bfloat16
-        # weights too) on a 2-core AVX-512 Xeon; 8-bit codes with float32
-        # weights, in 1.05 times: left as tuned. Vectors' width changes no bit
-        # (each element's arithmetic is its own; a maximum is exact).
-        native.append("-mprefer-vector-width=512")
-    # Each set of options that a compiler may refuse (another architecture's,
-    # an older compiler) is dropped in turn.
-    for target in (native, ["-march=native"], []) if len(native) > 1 else (native, []):
-        command = [compiler, *flags, *target, *macros, _SOURCE, "-o", library]
-        try:
-            done = subprocess.run(command, capture_output=True, timeout=120)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        if done.returncode == 0:
-            break
-    else:
-        return None
-    name = "keras_adam_blocks" if layout[0] else "keras_adam_rows"
+    name = "keras_adam_blocks" if eight_bit else "keras_adam_rows"
     try:
         library = ctypes.CDLL(library)
         one, many = getattr(library, name), getattr(library, name + "_many")
-        library.keras_adam_stream_keys  # (the keys of `many`'s streams)
+        keys = library.keras_adam_stream_keys  # (the keys of `many`'s streams)
     except (OSError, AttributeError):
         return None
     one.restype, many.restype = None, ctypes.c_int
     integer, pointer = ctypes.c_int64, ctypes.c_void_p
-    one.argtypes = [integer, integer] + [pointer] * (11 if layout[0] else 8) + [ctypes.c_int]
+    one.argtypes = [integer, integer] + [pointer] * (11 if eight_bit else 8) + [ctypes.c_int]
     many.argtypes = [integer, pointer, integer] + [pointer] * 4 + [ctypes.c_int]
-    keys = library.keras_adam_stream_keys
     keys.restype, keys.argtypes = None, [integer, integer, integer, pointer]
     return one, many, keys

@@ -1,6 +1,7 @@
 /* One Adam step over rows of tensors, as one C loop: keras_adam._whole's step
- * function for the layouts it gives in rows (keras_adam/backends/torch_rows.py
- * compiles this file and calls it on CPU tensors).
+ * function for 8-bit codes and for what is written with stochastic rounding
+ * (keras_adam/backends/rows.py compiles this file; torch_rows.py calls it on
+ * CPU tensors, and jax_rows.cc from XLA's programs on a CPU).
  *
  * Per element, in the order of keras_adam._rule.rule and keras_adam._whole's
  * step, each operation one IEEE float32 rounding (compiled with
@@ -92,7 +93,7 @@ static inline int64_t owner(const int64_t *units, int64_t count, int64_t u) {
   return low;
 }
 
-/* The step's scalars, in this order (keras_adam/backends/torch_rows.py). */
+/* The step's scalars, in this order (keras_adam/backends/rows.py, `scalars`). */
 enum { BETA_1, ONE_MINUS_BETA_1, BETA_2, ONE_MINUS_BETA_2, NESTEROV_MOMENTUM, ALPHA,
        EPSILON, DECAY_RATE, LR, MOMENT_BOUND, SCALARS };
 
@@ -334,7 +335,8 @@ static inline uint8_t v_code(float x, float inverse_scale) {
   return (uint8_t)(k == k ? k : 0.0f);
 }
 
-/* A block's absmax as torch.amax finds it: NaN if any element is NaN. */
+/* A block's absmax as torch.amax and NumPy's amax find it: NaN if any element is NaN
+   (XLA's maximum on a CPU passes over NaN: a NaN moment poisons its block here). */
 static inline float absmax(const float *values, int64_t count) {
   float largest = 0.0f;
   int nan = 0;

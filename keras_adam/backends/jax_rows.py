@@ -1,0 +1,144 @@
+"""The whole-variable step of `keras_adam._whole`, on a CPU, as the C loop of
+`rows.c` inside the XLA program that `jax.jit` compiles (JAX).
+
+XLA compiles `_whole`'s step function as several loops over the variable,
+and copies the donated moments before overwriting them: on a CPU, bfloat16
+moments took 2.3-2.9 times float32's step and 8-bit codes 6-7 times
+(docs/precision.md). Here the step is one custom call (`jax.ffi.ffi_call`)
+of rows.c's loop, linked with the handler of `jax_rows.cc`: one pass over
+each row or block, writing theta and the moments into their own buffers
+(each result aliases its argument: with donated buffers, as Keras's
+trainer and `jax.jit(..., donate_argnums=...)` give them, no copy).
+
+The loop is compiled at first trace, once per layout and process
+(`rows.build`, about two seconds: the C++ handler includes XLA's headers),
+with `CC` (else `gcc`) and `CXX` (else `g++`). Each operation rounds as the
+step's operations do under XLA, so the results are its bits
+(tests/test_backend_jax.py), but for NaN's sign and payload and the codes
+of a block whose scale is NaN. The call is chosen per platform when the
+program is compiled (`jax.lax.platform_dependent`): on another device the
+step function runs as before. Where no compiler is found or compiling
+fails, for what the loop does not cover (float16, float64, 8-bit rows
+that end in a shorter block, blocks over 4096, a rule in another dtype
+than float32), and under a `keras.distribution` (the custom call has no
+sharding rule), the step function runs.
+"""
+
+import ctypes
+import threading
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from keras_adam.backends import rows
+
+_CODES = {jnp.dtype(jnp.float32): rows.F32, jnp.dtype(jnp.bfloat16): rows.BF16}
+_HANDLER = __file__.rsplit(".", 1)[0] + ".cc"
+
+# Set to False to run the step function instead (the benchmark's comparison).
+enabled = True
+
+
+def with_loop(fn, step, given):
+    """`fn` (a step function of `_whole`, `(gradient, theta, values, fields, state)`
+    -> (theta', values')), run as the C loop of `step` (`rows.Step`) on a CPU
+    where the loop covers the call. `given` is the storage's `given_shapes`
+    of the variable (8-bit: its codes one block per row), or None."""
+    def run(gradient, theta, values, fields, state):
+        if enabled and keras.distribution.distribution() is None:
+            arguments = _arguments(step, given, gradient, theta, values, fields, state)
+            target = None if arguments is None else _target(arguments[0])
+            if target is not None:
+                return jax.lax.platform_dependent(
+                    cpu=lambda: _call(target, arguments, gradient, theta, values),
+                    default=lambda: fn(gradient, theta, values, fields, state))
+        return fn(gradient, theta, values, fields, state)
+
+    return run
+
+
+def _arguments(step, given, gradient, theta, values, fields, state):
+    """(the loop's layout, its 8-bit block length or 0, the stream keys, the
+    scalars), or None where the loop does not cover the call."""
+    bound, keys = state
+    if len(values) != 3 or not values[0] or not values[1]:
+        return None
+    slots = [slot for slot in values if slot]
+    size = theta.size
+    eight_bit = len(values[0]) == 2
+    length = 0
+    if eight_bit:
+        if given is None or given[0][1] > rows.LONGEST_BLOCK:
+            return None
+        length = given[0][1]
+        codes = (jnp.int8, jnp.uint8, jnp.uint8)
+        if size % length or any(
+                len(slot) != 2 or slot[0].dtype != dtype or slot[0].size != size
+                or slot[1].dtype != jnp.float32 or slot[1].size != size // length
+                for slot, dtype in zip(slots, codes)):
+            return None
+    elif bound is not None or keys is None or any(
+            len(slot) != 1 or slot[0].dtype not in _CODES or slot[0].size != size
+            for slot in slots):
+        return None
+    if keys is not None and (len(keys) != 1 or keys[0].dtype != jnp.int32
+                             or keys[0].shape != (4,)):
+        return None  # (the row form of several variables' keys: not on JAX)
+    if (theta.dtype == jnp.bfloat16) != step.rounds or (step.rounds and keys is None) or \
+            gradient.size != size or theta.dtype not in _CODES or \
+            gradient.dtype not in _CODES:
+        return None
+    scalars = rows.scalars(fields, step.rate, bound)
+    if any(not isinstance(x, (int, float)) and (x.dtype != jnp.float32 or x.size != 1)
+           for x in scalars):
+        return None
+    layout = ((eight_bit, _CODES[theta.dtype], _CODES[gradient.dtype])
+              + tuple((1 if eight_bit else _CODES[slot[0].dtype]) if slot else 0
+                      for slot in values)
+              + step.options(bound))
+    keys = jnp.zeros((4,), jnp.int32) if keys is None else keys[0]
+    return layout, length, keys, jnp.stack([jnp.reshape(jnp.asarray(x, jnp.float32), ())
+                                            for x in scalars])
+
+
+def _call(target, arguments, gradient, theta, values):
+    """The custom call: theta' and the values' tensors, in `values`' structure."""
+    _, length, keys, scalars = arguments
+    written = [theta] + [x for slot in values for x in slot]
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in written]
+    first = 3  # the scalars, the keys, the gradient, then the tensors written
+    results = jax.ffi.ffi_call(
+        target, shapes, input_output_aliases={first + i: i for i in range(len(written))})(
+        scalars, keys, gradient, *written, length=np.int64(length))
+    rest = iter(results[1:])
+    return results[0], tuple(tuple(next(rest) for _ in slot) for slot in values)
+
+
+_LOCK = threading.Lock()
+_TARGETS = {}  # layout -> (the registered target's name, its library), or None
+
+
+def _target(layout):
+    """The name of the custom call registered for `layout`, or None where the
+    loop cannot be compiled."""
+    if layout not in _TARGETS:
+        with _LOCK:
+            if layout not in _TARGETS:
+                _TARGETS[layout] = _register(layout)
+    return None if _TARGETS[layout] is None else _TARGETS[layout][0]
+
+
+def _register(layout):
+    library = rows.build(layout, "jax", (_HANDLER, [jax.ffi.include_dir()]))
+    if library is None:
+        return None
+    try:
+        library = ctypes.CDLL(library)
+        name = "keras_adam_step_" + "_".join(str(int(x)) for x in layout)
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(library.keras_adam_step),
+                                    platform="cpu")
+    except (OSError, AttributeError, ValueError, RuntimeError):
+        return None
+    return name, library  # (the library kept loaded while its target is registered)
