@@ -219,6 +219,12 @@ class Whole:
         if noise is not None:  # the streams' keys, computed here
             noise = (self._row_keys(storage, batch, noise, first.given[0][1])
                      if first.given is not None else (self._stream_keys(storage, index, noise),))
+        if len(batch) == 1 and hasattr(function, "update"):
+            # A function that may update the variables themselves (TensorFlow's
+            # C loop on a CPU, `backends.tf_rows`): nothing to assign.
+            variable, held, _ = first.targets
+            if function.update(first.gradient, variable, held, fields, (bound, noise)):
+                return None
         cut = None  # the joined tensors' views, one per call and kind, where kept
         if len(batch) == 1:  # tensors of their own over the variables' memory
             tensors = [backends.reshape(x, s) for x, s in zip(parts[0], given)]

@@ -189,7 +189,10 @@ def compiled(fn):
 
 def whole_compiler():
     """How `compile_whole` compiles on this backend, in words for the plan."""
-    return {"tensorflow": "decode, rule and encode compiled as one XLA cluster",
+    return {"tensorflow": "decode, rule and encode compiled as one XLA cluster (on a CPU "
+                          "without XLA around the step, one C loop where the moments are "
+                          "8-bit codes or the weights or moments are written with "
+                          "stochastic rounding)",
             "torch": "decode, rule and encode compiled as one function by torch.compile "
                      "(on a CPU, one C loop where the moments are 8-bit codes or the weights "
                      "or moments are written with stochastic rounding)",
@@ -308,10 +311,15 @@ def compile_whole(fn, any_length=False, in_place=False, rows=False, loop=None):
     of the variable): on a CPU the same step then runs as one C loop
     (`rows.c`) where it covers the call: on torch, for a function given in
     those shapes (`torch_rows`); on JAX, as a custom call in the jitted
-    program (`jax_rows`)."""
+    program (`jax_rows`); on TensorFlow, the function's `update` runs an op
+    that writes the variables themselves (`tf_rows`)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        return compiled(fn)
+        if loop is None:
+            return compiled(fn)
+        from keras_adam.backends import tf_rows
+
+        return tf_rows.WithLoop(compiled(fn), tf_rows.rows.Step(*loop[0]), loop[1])
     if backend == "torch":
         from keras_adam.backends import torch
         from keras_adam.backends import torch_rows

@@ -66,7 +66,7 @@ _LOCK = threading.Lock()
 _DIRECTORY = []
 
 
-def _directory():
+def directory():
     """This process's directory of compiled loops (removed at exit), or None."""
     with _LOCK:
         if not _DIRECTORY:
@@ -78,7 +78,8 @@ def _directory():
     return _DIRECTORY[0]
 
 
-def _run(command):
+def run(command):
+    """Whether the compiler's `command` ran and succeeded (within two minutes)."""
     try:
         return subprocess.run(command, capture_output=True, timeout=120).returncode == 0
     except (OSError, subprocess.SubprocessError):
@@ -95,11 +96,11 @@ def build(layout, kind, wrapper=None):
     else `g++`.
     """
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    directory = _directory()
-    if compiler is None or directory is None:
+    where = directory()
+    if compiler is None or where is None:
         return None
     name = f"{kind}_" + "_".join(str(int(x)) for x in layout)
-    library = os.path.join(directory, name + ".so")
+    library = os.path.join(where, name + ".so")
     macros = [f"-D{macro}={int(value)}" for macro, value in zip(MACROS, layout)]
     # -ffp-contract=off: no multiply-add fused into one rounding (the portable
     # path's bits); -fno-math-errno lets sqrtf be one vector instruction.
@@ -116,13 +117,13 @@ def build(layout, kind, wrapper=None):
     # an older compiler) is dropped in turn.
     for target in (native, ["-march=native"], []) if len(native) > 1 else (native, []):
         if wrapper is None:
-            done = _run([compiler, *flags, *target, *macros, "-shared", SOURCE, "-o", library])
+            done = run([compiler, *flags, *target, *macros, "-shared", SOURCE, "-o", library])
         else:
             source, includes = wrapper
             cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-            loop = os.path.join(directory, name + ".o")
-            done = cxx is not None and _run(
-                [compiler, *flags, *target, *macros, "-c", SOURCE, "-o", loop]) and _run(
+            loop = os.path.join(where, name + ".o")
+            done = cxx is not None and run(
+                [compiler, *flags, *target, *macros, "-c", SOURCE, "-o", loop]) and run(
                 [cxx, "-O2", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w", *macros,
                  *(f"-I{d}" for d in includes), source, loop, "-o", library])
         if done:

@@ -1,0 +1,210 @@
+"""The whole-variable step of `keras_adam._whole`, on a CPU, as the C loop of
+`rows.c` in a TensorFlow op that updates the variables in place
+(TensorFlow without XLA around the step).
+
+`_whole` compiles its step function as one XLA cluster per variable, whose
+results TensorFlow then assigns: XLA's loops recompute the decode, write
+the new moments out for the blocks' maxima, and the assignments copy; the
+8-bit step took about 6 times float32's. Here the step is one op,
+`KerasAdamStep` (`tf_rows.cc`), which locks the variables as
+ResourceApplyAdam does and runs rows.c's loop on their buffers: one pass
+over each row or block.
+
+The op's library is compiled once per process against TensorFlow's headers
+(`tf.sysconfig`; about 7 s), and each layout's loop once (`rows.build`,
+some tenths of a second), with `CXX` (else `g++`) and `CC` (else `gcc`).
+Each operation rounds once, as the step's operations run one by one do:
+the results are those of the step run op by op (tests/test_backend_tensorflow.py);
+XLA's cluster fuses multiplications into additions and may differ in the
+last bit. The op runs where the step is not compiled by XLA
+(`jit_compile=True` traces the op into a cluster, where it has no kernel),
+outside Keras's StatelessScope (`stateless_apply` must not write the
+variables it reads), with every variable on a CPU, and for the layouts the
+loop covers; elsewhere, and without a compiler, the XLA cluster runs.
+"""
+
+import ctypes
+import os
+import shutil
+import threading
+
+import tensorflow as tf
+
+# The same private seam as keras_adam.backends.tensorflow: whether the graph
+# being traced is compiled by XLA.
+from tensorflow.python.ops import control_flow_util
+
+from keras_adam.backends import rows
+
+_CODES = {tf.float32: rows.F32, tf.bfloat16: rows.BF16}
+_OP_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_rows.cc")
+
+# Set to False to run the XLA cluster instead (the benchmark's comparison).
+enabled = True
+
+
+class WithLoop:
+    """`compiled` (`_whole`'s step function as an XLA cluster), and `update`: the
+    same step as the C loop of `step` (`rows.Step`) on the variables
+    themselves. `given`: the storage's `given_shapes` of the variable
+    (8-bit: its codes one block per row), or None."""
+
+    def __init__(self, compiled, step, given):
+        self.compiled, self.step, self.given = compiled, step, given
+
+    def __call__(self, *args):
+        return self.compiled(*args)
+
+    def update(self, gradient, variable, held, fields, state):
+        """theta and the moments of `variable` (held in `held`, `Storage.held`)
+        updated in place by the op; False, having done nothing, where the op
+        does not cover the call."""
+        if not enabled or _elsewhere():
+            return False
+        arguments = _arguments(self.step, self.given, gradient, variable, held, fields, state)
+        if arguments is None:
+            return False
+        number = _loop(arguments[0])
+        if number is None:
+            return False
+        _, length, keys, scalars = arguments
+        written = [variable] + [h for slot in held for h in slot]
+        _OPS[0].keras_adam_step(scalars, keys, gradient, [_handle(x) for x in written],
+                                loop=number, length=length, threads=_threads())
+        return True
+
+
+def _elsewhere():
+    """Whether the step is traced for XLA or in a Keras StatelessScope (Keras
+    3.15 has no public accessor; keras_adam.backends.torch reads the same)."""
+    from keras.src.backend.common import stateless_scope
+
+    return (stateless_scope.in_stateless_scope()
+            or control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def _handle(variable):
+    """A Keras variable's or tf.Variable's resource handle (a replica's, under
+    tf.distribute, as the fused kernels take it)."""
+    return variable.handle
+
+
+def _on_cpu(x):
+    device = getattr(x, "device", "") or ""
+    return "GPU" not in device.upper() and "TPU" not in device.upper()
+
+
+def _arguments(step, given, gradient, variable, held, fields, state):
+    """(the loop's layout, its 8-bit block length or 0, the stream keys, the
+    scalars as a float32 tensor), or None where the op does not cover the
+    call."""
+    bound, keys = state
+    if len(held) != 3 or not held[0] or not held[1]:
+        return None
+    slots = [slot for slot in held if slot]
+    shape = tuple(variable.shape)
+    if any(d is None for d in shape) or tuple(gradient.shape) != shape:
+        return None
+    size = 1
+    for d in shape:
+        size *= int(d)
+    eight_bit = len(held[0]) == 2
+    length = 0
+    if eight_bit:
+        if given is None or given[0][1] > rows.LONGEST_BLOCK:
+            return None
+        length = given[0][1]
+        codes = (tf.int8, tf.uint8, tf.uint8)
+        if size % length or any(
+                len(slot) != 2 or slot[0].dtype != dtype or _size(slot[0]) != size
+                or slot[1].dtype != tf.float32 or _size(slot[1]) != size // length
+                for slot, dtype in zip(slots, codes)):
+            return None
+    elif bound is not None or keys is None or any(
+            len(slot) != 1 or tf.as_dtype(slot[0].dtype) not in _CODES
+            or _size(slot[0]) != size for slot in slots):
+        return None
+    dtype, gradient_dtype = tf.as_dtype(variable.dtype), tf.as_dtype(gradient.dtype)
+    if keys is not None and (len(keys) != 1 or keys[0].dtype != tf.int32
+                             or tuple(keys[0].shape) != (4,)):
+        return None
+    if (dtype == tf.bfloat16) != step.rounds or (step.rounds and keys is None) or \
+            dtype not in _CODES or gradient_dtype != dtype or \
+            not all(_on_cpu(x) for x in [variable] + [h for slot in held for h in slot]):
+        return None
+    scalars = rows.scalars(fields, step.rate, bound)
+    if any(not isinstance(x, (int, float)) and (x.dtype != tf.float32 or x.shape.rank != 0)
+           for x in scalars):
+        return None
+    layout = ((eight_bit, _CODES[dtype], _CODES[gradient_dtype])
+              + tuple((1 if eight_bit else _CODES[tf.as_dtype(slot[0].dtype)]) if slot else 0
+                      for slot in held)
+              + step.options(bound))
+    keys = tf.zeros((4,), tf.int32) if keys is None else keys[0]
+    return layout, length, keys, tf.stack([tf.cast(x, tf.float32) for x in scalars])
+
+
+def _size(variable):
+    size = 1
+    for d in variable.shape:
+        size *= int(d)
+    return size
+
+
+def _threads():
+    """The loop's threads: TensorFlow's intra-op threads where set, else this
+    process's CPUs."""
+    return (tf.config.threading.get_intra_op_parallelism_threads()
+            or len(os.sched_getaffinity(0)))
+
+
+_LOCK = threading.Lock()
+_OPS = []  # the op library's module and ctypes handle, or None where it failed to build
+_LOOPS = {}  # layout -> (its number in the op's registry, its library), or None
+
+
+def _loop(layout):
+    """The number under which `layout`'s loop is registered with the op, or None
+    where the op or the loop cannot be compiled."""
+    if layout not in _LOOPS:
+        with _LOCK:
+            if not _OPS:
+                _OPS.append(_build_op())
+            if layout not in _LOOPS:
+                _LOOPS[layout] = None if _OPS[0] is None else _register(layout)
+    return None if _LOOPS[layout] is None else _LOOPS[layout][0]
+
+
+def _build_op():
+    """The op's library (`tf.load_op_library`), compiled with TensorFlow's flags."""
+    where = rows.directory()
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if where is None or cxx is None:
+        return None
+    library = os.path.join(where, "tf_op.so")
+    if not rows.run([cxx, "-O2", "-shared", "-fPIC", "-w", *tf.sysconfig.get_compile_flags(),
+                     _OP_SOURCE, "-o", library, *tf.sysconfig.get_link_flags()]):
+        return None
+    try:
+        module = tf.load_op_library(library)
+        registry = ctypes.CDLL(library).keras_adam_tf_register
+    except (tf.errors.OpError, OSError, AttributeError):
+        return None
+    registry.restype, registry.argtypes = ctypes.c_int, [ctypes.c_int64, ctypes.c_void_p]
+    module.register = registry
+    return module
+
+
+def _register(layout):
+    library = rows.build(layout, "tf")
+    if library is None:
+        return None
+    try:
+        library = ctypes.CDLL(library)
+        loop = getattr(library, "keras_adam_blocks_many" if layout[0] else "keras_adam_rows_many")
+    except (OSError, AttributeError):
+        return None
+    number = len(_LOOPS)
+    if not _OPS[0].register(number, ctypes.cast(loop, ctypes.c_void_p).value):
+        return None
+    return number, library  # (the library kept loaded while the op may call it)
