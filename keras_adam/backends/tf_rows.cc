@@ -7,13 +7,17 @@
 // order: each slot's codes and scales for 8-bit codes), as
 // ResourceApplyAdam updates its variables. `scalars` is the loop's float32[10]
 // (rows.c's order), `keys` the variable's four stream keys (zeros where
-// nothing is rounded stochastically). Attributes: `loop`, the number under
-// which the layout's loop was registered in this process
-// (keras_adam_tf_register); `length`, an 8-bit block's elements; `threads`.
+// nothing is rounded stochastically). Attributes: `layout`, the loop's
+// layout (rows.py's macros' values), whose loop this process has compiled
+// and registered (keras_adam_tf_register); `length`, an 8-bit block's
+// elements; `threads`. A graph that holds the op (a saved training step)
+// runs in another process once keras_adam has registered the same layout
+// there; until then the op fails, naming the layout.
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -21,6 +25,7 @@
 #include "tensorflow/core/framework/resource_mgr.h"
 #include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "absl/strings/str_join.h"
 
 namespace {
 
@@ -30,8 +35,15 @@ using namespace tensorflow;
 typedef int (*Loop)(int64_t, const int64_t *, int64_t, void *const *, const int32_t *,
                     const int64_t *, const float *, int);
 
-constexpr int kLoops = 4096;
-std::atomic<Loop> loops[kLoops];
+// The loops this process registered, by layout.
+std::mutex registry_lock;
+std::map<std::vector<int64_t>, Loop> *registry = new std::map<std::vector<int64_t>, Loop>;
+
+Loop registered(const std::vector<int64_t> &layout) {
+  std::lock_guard<std::mutex> hold(registry_lock);
+  auto found = registry->find(layout);
+  return found == registry->end() ? nullptr : found->second;
+}
 
 // A variable of fewer elements is stepped by the calling thread alone (see
 // jax_rows.cc: waking OpenMP's team costs more than it saves).
@@ -40,20 +52,20 @@ constexpr int64_t kOneThreadBelow = 1 << 16;
 class KerasAdamStepOp : public OpKernel {
  public:
   explicit KerasAdamStepOp(OpKernelConstruction *c) : OpKernel(c) {
-    OP_REQUIRES_OK(c, c->GetAttr("loop", &loop_));
+    OP_REQUIRES_OK(c, c->GetAttr("layout", &layout_));
     OP_REQUIRES_OK(c, c->GetAttr("length", &length_));
     OP_REQUIRES_OK(c, c->GetAttr("threads", &threads_));
-    OP_REQUIRES(c, loop_ >= 0 && loop_ < kLoops && threads_ > 0,
-                errors::InvalidArgument("KerasAdamStep: loop ", loop_, " or threads ", threads_,
-                                        " out of range"));
+    OP_REQUIRES(c, threads_ > 0,
+                errors::InvalidArgument("KerasAdamStep: threads ", threads_, " is not positive"));
   }
 
   void Compute(OpKernelContext *ctx) override {
-    const Loop loop = loops[loop_].load();
+    const Loop loop = registered(layout_);
     OP_REQUIRES(ctx, loop != nullptr,
                 errors::FailedPrecondition(
-                    "KerasAdamStep: loop ", loop_, " is not registered in this process "
-                    "(a graph saved with keras_adam's C loop runs where keras_adam made it)"));
+                    "KerasAdamStep: keras_adam has not compiled its loop for layout [",
+                    absl::StrJoin(layout_, ","), "] in this process: run one step of an "
+                    "optimizer with the same options here first"));
     const int n = ctx->num_inputs() - 3;
     std::vector<core::RefCountPtr<Var>> vars(n);
     std::vector<Var *> order;
@@ -103,7 +115,8 @@ class KerasAdamStepOp : public OpKernel {
   }
 
  private:
-  int64_t loop_, length_, threads_;
+  std::vector<int64_t> layout_;
+  int64_t length_, threads_;
 };
 
 }  // namespace
@@ -115,7 +128,7 @@ REGISTER_OP("KerasAdamStep")
     .Input("written: N * resource")
     .Attr("T: {float, bfloat16}")
     .Attr("N: int >= 3")
-    .Attr("loop: int")
+    .Attr("layout: list(int)")
     .Attr("length: int")
     .Attr("threads: int")
     .SetIsStateful()
@@ -123,9 +136,8 @@ REGISTER_OP("KerasAdamStep")
 
 REGISTER_KERNEL_BUILDER(Name("KerasAdamStep").Device(tensorflow::DEVICE_CPU), KerasAdamStepOp);
 
-// Registers rows.c's loop `loop` under `number` (below 4096); 0 where out of range.
-extern "C" int keras_adam_tf_register(int64_t number, void *loop) {
-  if (number < 0 || number >= kLoops) return 0;
-  loops[number].store(reinterpret_cast<Loop>(loop));
-  return 1;
+// Registers rows.c's loop `loop` for the layout of `count` values.
+extern "C" void keras_adam_tf_register(const int64_t *layout, int64_t count, void *loop) {
+  std::lock_guard<std::mutex> hold(registry_lock);
+  (*registry)[std::vector<int64_t>(layout, layout + count)] = reinterpret_cast<Loop>(loop);
 }

@@ -64,13 +64,13 @@ class WithLoop:
         arguments = _arguments(self.step, self.given, gradient, variable, held, fields, state)
         if arguments is None:
             return False
-        number = _loop(arguments[0])
-        if number is None:
+        layout, length, keys, scalars = arguments
+        if not _registered(layout):
             return False
-        _, length, keys, scalars = arguments
         written = [variable] + [h for slot in held for h in slot]
         _OPS[0].keras_adam_step(scalars, keys, gradient, [_handle(x) for x in written],
-                                loop=number, length=length, threads=_threads())
+                                layout=[int(x) for x in layout], length=length,
+                                threads=_threads())
         return True
 
 
@@ -160,19 +160,19 @@ def _threads():
 
 _LOCK = threading.Lock()
 _OPS = []  # the op library's module and ctypes handle, or None where it failed to build
-_LOOPS = {}  # layout -> (its number in the op's registry, its library), or None
+_LOOPS = {}  # layout -> its loaded library, or None where it cannot be compiled
 
 
-def _loop(layout):
-    """The number under which `layout`'s loop is registered with the op, or None
-    where the op or the loop cannot be compiled."""
+def _registered(layout):
+    """Whether `layout`'s loop is registered with the op (compiled and loaded at
+    first use); False where the op or the loop cannot be compiled."""
     if layout not in _LOOPS:
         with _LOCK:
             if not _OPS:
                 _OPS.append(_build_op())
             if layout not in _LOOPS:
                 _LOOPS[layout] = None if _OPS[0] is None else _register(layout)
-    return None if _LOOPS[layout] is None else _LOOPS[layout][0]
+    return _LOOPS[layout] is not None
 
 
 def _build_op():
@@ -190,7 +190,8 @@ def _build_op():
         registry = ctypes.CDLL(library).keras_adam_tf_register
     except (tf.errors.OpError, OSError, AttributeError):
         return None
-    registry.restype, registry.argtypes = ctypes.c_int, [ctypes.c_int64, ctypes.c_void_p]
+    registry.restype = None
+    registry.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     module.register = registry
     return module
 
@@ -204,7 +205,6 @@ def _register(layout):
         loop = getattr(library, "keras_adam_blocks_many" if layout[0] else "keras_adam_rows_many")
     except (OSError, AttributeError):
         return None
-    number = len(_LOOPS)
-    if not _OPS[0].register(number, ctypes.cast(loop, ctypes.c_void_p).value):
-        return None
-    return number, library  # (the library kept loaded while the op may call it)
+    values = (ctypes.c_int64 * len(layout))(*[int(x) for x in layout])
+    _OPS[0].register(values, len(layout), ctypes.cast(loop, ctypes.c_void_p).value)
+    return library  # (kept loaded while the op may call its loop)
