@@ -6,6 +6,7 @@ Skips only where the TensorFlow backend is not the active one.
 """
 
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -180,3 +181,22 @@ def test_without_a_compiler_the_cluster_runs(monkeypatch, compiler):
     assert tf_rows._OPS == [None] and set(tf_rows._LOOPS.values()) == {None}
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.subprocess
+def test_a_saved_training_step_loads_where_the_layout_is_compiled(tmp_path):
+    """A SavedModel whose training step ran the op holds it: a fresh process
+    loads it once keras_adam has compiled the same layout there (one step of
+    an optimizer with the same options), and its two further steps write the
+    saving process's bits (the oracle: that process's own two steps after
+    saving). Before that, loading fails naming the op."""
+    from helpers import run_python
+
+    script = Path(__file__).with_name("tf_saved_step_run.py")
+    directory = tmp_path / "trainer"
+    run_python(script, "save", directory, tmp_path / "saved.npy")
+    failed = run_python(script, "load", directory, tmp_path / "plain.npy")
+    assert "KerasAdamStep" in failed.stdout and not (tmp_path / "plain.npy").exists()
+    run_python(script, "prepare-load", directory, tmp_path / "loaded.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "loaded.npy"),
+                                  np.load(tmp_path / "saved.npy"))
