@@ -200,3 +200,38 @@ def test_a_saved_training_step_loads_where_the_layout_is_compiled(tmp_path):
     run_python(script, "prepare-load", directory, tmp_path / "loaded.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "loaded.npy"),
                                   np.load(tmp_path / "saved.npy"))
+
+
+def test_the_op_refuses_what_its_layout_does_not_describe():
+    """The op runs what a graph (perhaps a loaded one) gives it: a variable of
+    another size or dtype than its layout's, or a graph of another version,
+    fails with an error naming it, before the loop touches memory."""
+    from keras_adam.backends import tf_rows
+
+    kwargs, gradients = dict(moment_dtype="bfloat16"), _gradients(False)
+    _run(True, "function", kwargs, "float32", gradients[:1])  # (the op and this layout built)
+    # bfloat16 moments of float32 variables (rows.py's MACROS)
+    layout = [0, 1, 1, 2, 2, 0, 0, 0, 0, 0, 0]
+    theta = tf.Variable(tf.ones((4, 8)))
+    m = tf.Variable(tf.zeros((4, 8), tf.bfloat16))
+
+    # beta_1, 1 - beta_1, beta_2, 1 - beta_2, Nesterov's, alpha, epsilon, rate, lr, K
+    scalars = tf.constant([0.9, 0.1, 0.999, 0.001, 0.0, 1e-3, 1e-7, 0.0, 1e-3, 0.0])
+
+    def step(v, version=tf_rows.VERSION):
+        tf_rows._OPS[0].keras_adam_step(
+            scalars, tf.zeros(4, tf.int32), tf.ones((4, 8)), [theta.handle, m.handle, v.handle],
+            layout=layout, length=0, threads=1, version=version)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="variable 2 is bfloat16 of 28"):
+        step(tf.Variable(tf.zeros((4, 7), tf.bfloat16)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="variable 2 is float of 32"):
+        step(tf.Variable(tf.zeros((4, 8))))
+    with pytest.raises(tf.errors.FailedPreconditionError, match="version 99"):
+        step(tf.Variable(tf.zeros((4, 8), tf.bfloat16)), version=99)
+    np.testing.assert_array_equal(theta.numpy(), 1.0)  # untouched
+    step(tf.Variable(tf.zeros((4, 8), tf.bfloat16)))  # (the layout's own: it runs)
+    # m = 0.1 g, v = 0.001 g^2 from zero, theta -= alpha m / (sqrt(v) + epsilon),
+    # with g = 1: a few float32 roundings of the closed form.
+    np.testing.assert_allclose(theta.numpy(), 1.0 - 1e-3 * 0.1 / (np.sqrt(0.001) + 1e-7),
+                               rtol=1e-6)

@@ -44,6 +44,7 @@ def test_region_analysis_changes_no_bit_and_removes_the_copies(tmp_path):
         assert int(f["bfloat16/copies"]) == 0
         if keras.backend.backend() == "jax":
             # The C loop of a CPU (one custom call whose results alias the
-            # donated state) copies nothing, with or without the flag.
+            # donated state) copies no moment (bfloat16, 8-bit codes), with
+            # or without the flag.
             assert all(int(x[f"c-loop/{name}/copies"]) == 0 for x in (d, f)
-                       for name in ("bfloat16", "pure-bfloat16"))
+                       for name in ("bfloat16", "8bit", "pure-bfloat16"))

@@ -10,7 +10,8 @@ in pure bfloat16: on JAX `jax.jit` of `stateless_apply` with the state donated
 (as Keras's JAX trainer runs it), on TensorFlow `optimizer.apply` in a
 tf.function with jit_compile=True. Writes every variable and optimizer
 variable after the last step (as float32), and the number of copies of
-bfloat16 tensors in each format's compiled step (`copies`). On JAX the
+bfloat16 tensors in each format's compiled step (`copies`; on JAX, 8-bit
+codes' too). On JAX the
 formats run as the step function XLA compiles (the C loop that runs them
 on a CPU switched off: what runs on other devices), and again with the
 loop ("c-loop/" + the format's name).
@@ -47,7 +48,7 @@ def train(kwargs, dtype):
                         donate_argnums=(0, 1))
         text = apply.lower([v.value for v in variables], [v.value for v in optimizer.variables],
                            grads[0]).compile().as_text()
-        copies = _bfloat16_copies(text)
+        copies = _bfloat16_copies(text) + _copies(text, ("s8", "u8"))
         state = ([jax.numpy.copy(v.value) for v in variables],
                  [jax.numpy.copy(v.value) for v in optimizer.variables])
         for g in grads:
@@ -70,8 +71,14 @@ def train(kwargs, dtype):
 def _bfloat16_copies(text):
     """Copies of bfloat16 tensors in an HLO module's entry computation: with
     bfloat16 moments, the moments' (no other tensor of the step is bfloat16)."""
+    return _copies(text, ("bf16",))
+
+
+def _copies(text, dtypes):
+    """Copies of tensors of HLO's `dtypes` in a module's entry computation (8-bit
+    codes: s8 and u8)."""
     entry = text[text.index("ENTRY"):].splitlines()
-    return sum(" copy(" in line and "= bf16[" in line for line in entry)
+    return sum(" copy(" in line and any(f"= {d}[" in line for d in dtypes) for line in entry)
 
 
 def main(out):

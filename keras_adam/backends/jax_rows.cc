@@ -19,11 +19,11 @@
 
 namespace ffi = xla::ffi;
 
-// A variable of fewer elements is stepped by the calling thread alone: XLA
-// runs a step's custom calls one after another, each waking OpenMP's team
-// for some tens of microseconds of work, which cost more than they saved
+// A variable of fewer elements is stepped by the calling thread alone: waking
+// OpenMP's team for each call's tens of microseconds of work cost more than
+// it saved
 // (200 variables of 20,000 elements with bfloat16 moments: 1.3-1.5 times
-// float32's step with every thread, 1.0-1.1 with one). 512 x 512 and larger
+// float32's step with every thread, 0.9-1.1 with one). 512 x 512 and larger
 // take every thread.
 #define ONE_THREAD_BELOW (1 << 16)
 

@@ -47,7 +47,10 @@ def with_loop(fn, step, given):
     where the loop covers the call. `given` is the storage's `given_shapes`
     of the variable (8-bit: its codes one block per row), or None."""
     def run(gradient, theta, values, fields, state):
-        if enabled and keras.distribution.distribution() is None:
+        # (Compiled only where programs run on a CPU by default: elsewhere the
+        # loop would never be chosen.)
+        if enabled and keras.distribution.distribution() is None and \
+                jax.default_backend() == "cpu":
             arguments = _arguments(step, given, gradient, theta, values, fields, state)
             target = None if arguments is None else _target(arguments[0])
             if target is not None:
@@ -109,8 +112,10 @@ def _call(target, arguments, gradient, theta, values):
     written = [theta] + [x for slot in values for x in slot]
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in written]
     first = 3  # the scalars, the keys, the gradient, then the tensors written
+    # Under jax.vmap, one call per element: each its own random streams.
     results = jax.ffi.ffi_call(
-        target, shapes, input_output_aliases={first + i: i for i in range(len(written))})(
+        target, shapes, input_output_aliases={first + i: i for i in range(len(written))},
+        vmap_method="sequential")(
         scalars, keys, gradient, *written, length=np.int64(length))
     rest = iter(results[1:])
     return results[0], tuple(tuple(next(rest) for _ in slot) for slot in values)

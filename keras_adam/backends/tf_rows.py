@@ -14,7 +14,8 @@ The op's library is compiled once per process against TensorFlow's headers
 (`tf.sysconfig`; about 7 s), and each layout's loop once (`rows.build`,
 some tenths of a second), with `CXX` (else `g++`) and `CC` (else `gcc`).
 Each operation rounds once, as the step's operations run one by one do:
-the results are those of the step run op by op (tests/test_backend_tensorflow.py);
+the results are those of the step run op by op
+(tests/test_backend_tensorflow_loop.py);
 XLA's cluster fuses multiplications into additions and may differ in the
 last bit. The op runs where the step is not compiled by XLA
 (`jit_compile=True` traces the op into a cluster, where it has no kernel),
@@ -41,6 +42,11 @@ _OP_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_rows.c
 
 # Set to False to run the XLA cluster instead (the benchmark's comparison).
 enabled = True
+
+# The op's `version` attribute: the meaning of its layout, its inputs and its
+# arithmetic (rows.c). A graph saved with another version fails to run
+# rather than run other arithmetic; change it with any of those.
+VERSION = 1
 
 
 class WithLoop:
@@ -70,7 +76,7 @@ class WithLoop:
         written = [variable] + [h for slot in held for h in slot]
         _OPS[0].keras_adam_step(scalars, keys, gradient, [_handle(x) for x in written],
                                 layout=[int(x) for x in layout], length=length,
-                                threads=_threads())
+                                threads=_threads(), version=VERSION)
         return True
 
 
@@ -90,7 +96,9 @@ def _handle(variable):
 
 
 def _on_cpu(x):
-    device = getattr(x, "device", "") or ""
+    """Whether a Keras variable (its tf.Variable's device) or tensor is off any
+    accelerator."""
+    device = getattr(getattr(x, "value", x), "device", "") or ""
     return "GPU" not in device.upper() and "TPU" not in device.upper()
 
 
@@ -133,7 +141,7 @@ def _arguments(step, given, gradient, variable, held, fields, state):
             not all(_on_cpu(x) for x in [variable] + [h for slot in held for h in slot]):
         return None
     scalars = rows.scalars(fields, step.rate, bound)
-    if any(not isinstance(x, (int, float)) and (x.dtype != tf.float32 or x.shape.rank != 0)
+    if any(not isinstance(x, (int, float)) and (x.dtype != tf.float32 or len(tuple(x.shape)) != 0)
            for x in scalars):
         return None
     layout = ((eight_bit, _CODES[dtype], _CODES[gradient_dtype])
@@ -154,8 +162,10 @@ def _size(variable):
 def _threads():
     """The loop's threads: TensorFlow's intra-op threads where set, else this
     process's CPUs."""
-    return (tf.config.threading.get_intra_op_parallelism_threads()
-            or len(os.sched_getaffinity(0)))
+    if tf.config.threading.get_intra_op_parallelism_threads():
+        return tf.config.threading.get_intra_op_parallelism_threads()
+    affinity = getattr(os, "sched_getaffinity", None)  # (Linux only)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 _LOCK = threading.Lock()
