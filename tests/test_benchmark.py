@@ -114,6 +114,24 @@ def test_mlp_case_report(capsys):
     assert ("keras_adam / reference" in table) == (BACKEND == "torch")
 
 
+def test_c_loop_off_reaches_the_backend_and_the_report(monkeypatch, capsys):
+    # `--c-loop off` turns off the switch the active backend's C loop reads
+    # (the memory formats' steps then take the compiled step function), and
+    # the report's header says so; the default leaves it on and says nothing.
+    from keras_adam.backends import jax_rows, tf_rows, torch_rows  # noqa: F401
+
+    module = {"tensorflow": tf_rows, "jax": jax_rows, "torch": torch_rows}[BACKEND]
+    monkeypatch.setattr(module, "enabled", True)
+    benchmark.main(["--cases", "mlp", "--backend", BACKEND, "--json", *TINY])
+    report = json.loads(capsys.readouterr().out)
+    assert module.enabled and report["c_loop"] == "on"
+    assert "C loop" not in benchmark.format_table(report)
+    benchmark.main(["--cases", "mlp", "--backend", BACKEND, "--c-loop", "off", "--json", *TINY])
+    report = json.loads(capsys.readouterr().out)
+    assert not module.enabled and report["c_loop"] == "off"
+    assert "; C loop off" in benchmark.format_table(report).splitlines()[0]
+
+
 @pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow backend only")

@@ -335,6 +335,20 @@ def compile_whole(fn, any_length=False, in_place=False, rows=False, loop=None):
     return fn
 
 
+def use_c_loop(on):
+    """Whether the memory formats' steps may take the C loop on a CPU (`rows.c`,
+    `compile_whole`'s `loop`), for the steps traced or run from now on; off,
+    they take the compiled step function (the benchmark's `--c-loop off`)."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        from keras_adam.backends import torch_rows as module
+    elif backend == "jax":
+        from keras_adam.backends import jax_rows as module
+    else:
+        from keras_adam.backends import tf_rows as module
+    module.enabled = bool(on)
+
+
 def own_tensor(variable):
     """`variable`'s own tensor, where `whole_in_place()` (on torch, outside Keras's
     scopes): its Parameter, read without Keras's checks of the scopes and

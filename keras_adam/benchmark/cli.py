@@ -45,6 +45,10 @@ def parse_args(argv=None):
     parser.add_argument("--fit-models", default=",".join(fit.MODELS), metavar="MODELS",
                         help="the fit case: the models it times, comma-separated "
                              f"(default: {','.join(fit.MODELS)})")
+    parser.add_argument("--c-loop", choices=["on", "off"], default="on",
+                        help="off: the memory formats' steps take the compiled step function "
+                             "instead of the C loop on a CPU (the comparison of "
+                             "docs/precision.md; default on)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="the results as JSON: printed instead of the table, or with "
                              "PATH written there (the table is still printed)")
@@ -84,6 +88,10 @@ def main(argv=None):
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "keras_adam.benchmark", *argv], env)
+    if args.c_loop == "off":
+        from keras_adam import backends
+
+        backends.use_c_loop(False)
     result = report.run(args)
     if args.json == "-":
         print(json.dumps(result, indent=2))

@@ -92,6 +92,7 @@ def run(args):
         # XLA's own flags change its programs (docs/speed.md: region analysis);
         # torch compiles without XLA.
         "xla_flags": None if args.backend == "torch" else os.environ.get("XLA_FLAGS") or None,
+        "c_loop": getattr(args, "c_loop", "on"),
         "keras": keras.__version__,
         "framework": _framework_version(args.backend),
         "keras_adam": keras_adam.__version__, "results": results, "monitor": monitor_result,
@@ -140,7 +141,8 @@ def format_table(report):
         f"{report['bandwidth_gb_per_s']:.1f} GB/s; {report['repeats']} repeats"
         + (f"; intra-op threads {report['intra_op_threads']}"
            if report.get("intra_op_threads") else "")
-        + (f"; XLA_FLAGS={report['xla_flags']}" if report.get("xla_flags") else ""),
+        + (f"; XLA_FLAGS={report['xla_flags']}" if report.get("xla_flags") else "")
+        + ("; C loop off" if report.get("c_loop") == "off" else ""),
         "",
         "| case | variant | XLA | params | keras_adam ms (min-max) | built-in ms (min-max) "
         "| speed-up | keras_adam GB/s | % of bandwidth | roofline ms |",
