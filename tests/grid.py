@@ -129,6 +129,57 @@ C_LOOP_LAYOUTS = [
      "float32"),
 ]
 
+# The variables of the C loop's tests (tests/test_backend_jax.py,
+# test_backend_tensorflow_loop.py), named w0..w4: rows of 8, 30 and 256
+# (8-bit: blocks of 8, 30, 256), a flat odd one, and an odd-sized large one
+# whose 8-bit rows end in a shorter block, which the loop does not take.
+C_LOOP_SHAPES = [(4, 8), (40, 30), (15,), (300, 256), (3, 65537)]
+C_LOOP_SHORT_BLOCKS = "w4"
+
+
+def c_loop_variables(kwargs, dtype):
+    """`C_LOOP_SHAPES`' variables (w0..w4, of `dtype`) and keras_adam.Adam(
+    learning_rate=1e-2, **kwargs) built on them, from fixed seeds (the
+    stochastic rounding's streams' too)."""
+    import keras_adam
+
+    keras.utils.set_random_seed(5)
+    rng = np.random.default_rng(13)
+    variables = [keras.Variable(rng.normal(size=s), dtype=dtype, name=f"w{i}")
+                 for i, s in enumerate(C_LOOP_SHAPES)]
+    optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
+    optimizer.build(variables)
+    return variables, optimizer
+
+
+def assert_c_loop_bits(paths, eight_bit, op_by_op, compiled, looped, eager):
+    """The C loop's values (`looped` in a compiled step, `eager`) equal to the
+    step run op by op, bit for bit, for every variable the loop takes; the
+    short-blocked variable's, under 8-bit codes, to the compiled step's. Each
+    a list of float32 arrays in `paths`' order."""
+    for path, want, compiled_want, got, got_eager in zip(paths, op_by_op, compiled, looped,
+                                                          eager):
+        if eight_bit and C_LOOP_SHORT_BLOCKS in path:
+            np.testing.assert_array_equal(got, compiled_want, err_msg=path)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=path)
+            np.testing.assert_array_equal(got_eager, want, err_msg=path)
+
+
+def c_loop_gradients(eight_bit, nan=False):
+    """Four steps' gradients of `C_LOOP_SHAPES`: with `nan`, NaN in part of w1's
+    first row and of w3's sixth at the third step; otherwise, without 8-bit
+    codes (whose block of an infinite absmax would be NaN), a gradient of
+    1e30 whose square overflows v to infinity (kept by the rounding)."""
+    rng = np.random.default_rng(7)
+    steps = [[rng.normal(size=s) for s in C_LOOP_SHAPES] for _ in range(4)]
+    if nan:
+        steps[2][1][0, :20] = np.nan
+        steps[2][3][5, 3:70] = np.nan
+    elif not eight_bit:
+        steps[1][1][0, 0] = 1e30
+    return steps
+
 
 # --- Problems and runners -------------------------------------------------
 SHAPES = [(7, 5), (11,)]

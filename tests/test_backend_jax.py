@@ -10,18 +10,19 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from grid import C_LOOP_LAYOUTS
+from grid import (
+    C_LOOP_LAYOUTS,
+    C_LOOP_SHAPES,
+    c_loop_gradients,
+    assert_c_loop_bits,
+    c_loop_variables,
+)
 
 import keras_adam
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX backend only")
 jax = pytest.importorskip("jax")
 
-# Variables in rows of 8, 30 and 256 (8-bit: blocks of 8, 30, 256), a flat
-# odd one and an odd-sized large one, whose 8-bit rows end in a shorter
-# block: that variable takes the step function, not the loop.
-SHAPES = [(4, 8), (40, 30), (15,), (300, 256), (3, 65537)]
-SHORT_BLOCKS = "w4"  # the last one's name
 
 
 def _run(monkeypatch, loop, jit, kwargs, dtype, gradients):
@@ -31,12 +32,7 @@ def _run(monkeypatch, loop, jit, kwargs, dtype, gradients):
     from keras_adam.backends import jax_rows
 
     monkeypatch.setattr(jax_rows, "enabled", loop)
-    keras.utils.set_random_seed(5)  # the seed of the stochastic rounding's streams
-    rng = np.random.default_rng(13)
-    variables = [keras.Variable(rng.normal(size=s), dtype=dtype, name=f"w{i}")
-                 for i, s in enumerate(SHAPES)]
-    optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
-    optimizer.build(variables)
+    variables, optimizer = c_loop_variables(kwargs, dtype)
     apply = lambda t, o, g: optimizer.stateless_apply(o, g, t)  # noqa: E731
     if jit:
         apply = jax.jit(apply, donate_argnums=(0, 1))
@@ -45,17 +41,6 @@ def _run(monkeypatch, loop, jit, kwargs, dtype, gradients):
         theta, state = apply(theta, state, [keras.ops.convert_to_tensor(g, dtype) for g in grads])
     paths = [v.path for v in variables] + [v.path for v in optimizer.variables]
     return paths, [np.asarray(keras.ops.cast(x, "float32")) for x in list(theta) + list(state)]
-
-
-def _gradients(eight_bit, nan=False):
-    rng = np.random.default_rng(7)
-    steps = [[rng.normal(size=s) for s in SHAPES] for _ in range(4)]
-    if nan:
-        steps[2][1][0, :20] = np.nan
-        steps[2][3][5, 3:70] = np.nan
-    elif not eight_bit:  # (codes of a block whose absmax is infinite are NaN's)
-        steps[1][1][0, 0] = 1e30  # v overflows to infinity, kept by the rounding
-    return steps
 
 
 @pytest.mark.parametrize("kwargs,dtype", [r[1:] for r in C_LOOP_LAYOUTS],
@@ -82,24 +67,19 @@ def test_the_c_loop_has_the_bits_of_the_step_run_op_by_op(monkeypatch, kwargs, d
         return real_call(target, arguments, *rest)
 
     monkeypatch.setattr(jax_rows, "_call", counting_call)
-    gradients = _gradients(eight_bit)
+    gradients = c_loop_gradients(eight_bit)
     paths, op_by_op = _run(monkeypatch, False, False, kwargs, dtype, gradients)
     _, fused = _run(monkeypatch, False, True, kwargs, dtype, gradients)
     assert not calls
     _, looped = _run(monkeypatch, True, True, kwargs, dtype, gradients)
-    covered = len(SHAPES) - eight_bit
+    covered = len(C_LOOP_SHAPES) - eight_bit
     assert len(calls) == covered and calls[0][0] == eight_bit, calls  # traced once each
     _, eager = _run(monkeypatch, True, False, kwargs, dtype, gradients)
     assert len(calls) == covered * (1 + len(gradients)), calls
     if not eight_bit:
         v = op_by_op[paths.index("adam/w1_v")]
         assert np.isinf(v[0, 0])
-    for path, want, fused_want, got, got_eager in zip(paths, op_by_op, fused, looped, eager):
-        if eight_bit and SHORT_BLOCKS in path:
-            np.testing.assert_array_equal(got, fused_want, err_msg=path)
-        else:
-            np.testing.assert_array_equal(got, want, err_msg=path)
-            np.testing.assert_array_equal(got_eager, want, err_msg=path)
+    assert_c_loop_bits(paths, eight_bit, op_by_op, fused, looped, eager)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -109,7 +89,7 @@ def test_the_c_loop_writes_nan_where_the_step_run_op_by_op_does(monkeypatch, dty
     loop writes must be NaN exactly where the oracle's is, with the same bits
     elsewhere (a NaN's own sign and payload bits may differ)."""
     kwargs = dict(moment_dtype="bfloat16")
-    gradients = _gradients(False, nan=True)
+    gradients = c_loop_gradients(False, nan=True)
     paths, want = _run(monkeypatch, False, False, kwargs, dtype, gradients)
     _, got = _run(monkeypatch, True, True, kwargs, dtype, gradients)
     assert np.isnan(want[1]).any()
@@ -130,7 +110,7 @@ def test_a_nan_gradient_poisons_its_8bit_block(monkeypatch, dtype):
     weights and scales; every other block has the bits of the step run op by
     op."""
     kwargs = dict(moment_dtype="8bit", min_8bit_size=1)
-    gradients = _gradients(True, nan=True)
+    gradients = c_loop_gradients(True, nan=True)
     paths, want = _run(monkeypatch, False, False, kwargs, dtype, gradients)
     _, got = _run(monkeypatch, True, True, kwargs, dtype, gradients)
     for k in (1, 3):  # w1 (blocks of 30: one a row) and w3 (of 256)
@@ -151,7 +131,7 @@ def test_without_a_compiler_the_step_function_runs(monkeypatch, compiler):
     program with the loop switched off (the same bits)."""
     from keras_adam.backends import jax_rows
 
-    kwargs, gradients = dict(moment_dtype="bfloat16"), _gradients(False)
+    kwargs, gradients = dict(moment_dtype="bfloat16"), c_loop_gradients(False)
     _, want = _run(monkeypatch, False, True, kwargs, "float32", gradients)
     monkeypatch.setattr(jax_rows, "_TARGETS", {})
     if compiler == "absent":

@@ -11,20 +11,21 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from grid import C_LOOP_LAYOUTS
+from grid import (
+    C_LOOP_LAYOUTS,
+    C_LOOP_SHAPES,
+    C_LOOP_SHORT_BLOCKS,
+    c_loop_gradients,
+    assert_c_loop_bits,
+    c_loop_variables,
+)
 
-import keras_adam
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="TensorFlow backend only"
 )
 tf = pytest.importorskip("tensorflow")
 
-# Variables in rows of 8, 30 and 256 (8-bit: blocks of 8, 30, 256), a flat
-# odd one and an odd-sized large one, whose 8-bit rows end in a shorter
-# block: that variable takes the XLA cluster, not the loop.
-SHAPES = [(4, 8), (40, 30), (15,), (300, 256), (3, 65537)]
-SHORT_BLOCKS = "w4"  # the last one's name
 
 
 @pytest.fixture
@@ -59,12 +60,7 @@ def _run(loop, mode, kwargs, dtype, gradients):
         patch.setattr(_whole, "_SHARED", {})  # (functions are shared by optimizers)
         if mode == "op-by-op":
             patch.setattr(tf_backend, "compiled", lambda fn: fn)
-        keras.utils.set_random_seed(5)  # the seed of the stochastic rounding's streams
-        rng = np.random.default_rng(13)
-        variables = [keras.Variable(rng.normal(size=s), dtype=dtype, name=f"w{i}")
-                     for i, s in enumerate(SHAPES)]
-        optimizer = keras_adam.Adam(learning_rate=1e-2, **kwargs)
-        optimizer.build(variables)
+        variables, optimizer = c_loop_variables(kwargs, dtype)
         apply = lambda g: optimizer.apply(g, variables)  # noqa: E731
         if mode in ("function", "xla"):
             apply = tf.function(apply, jit_compile=mode == "xla")
@@ -73,17 +69,6 @@ def _run(loop, mode, kwargs, dtype, gradients):
         everything = variables + list(optimizer.variables)
         return ([v.path for v in everything],
                 [np.asarray(keras.ops.cast(v.value, "float32")) for v in everything])
-
-
-def _gradients(eight_bit, nan=False):
-    rng = np.random.default_rng(7)
-    steps = [[rng.normal(size=s) for s in SHAPES] for _ in range(4)]
-    if nan:
-        steps[2][1][0, :20] = np.nan
-        steps[2][3][5, 3:70] = np.nan
-    elif not eight_bit:  # (codes of a block whose absmax is infinite are NaN's)
-        steps[1][1][0, 0] = 1e30  # v overflows to infinity, kept by the rounding
-    return steps
 
 
 @pytest.mark.parametrize("kwargs,dtype", [r[1:] for r in C_LOOP_LAYOUTS],
@@ -99,23 +84,18 @@ def test_the_c_loop_has_the_bits_of_the_step_run_op_by_op(counted, kwargs, dtype
     the last bit.) The variable whose 8-bit rows end in a shorter block takes
     the cluster in both: it is compared with the cluster."""
     eight_bit = kwargs.get("moment_dtype") == "8bit"
-    gradients = _gradients(eight_bit)
+    gradients = c_loop_gradients(eight_bit)
     paths, op_by_op = _run(False, "op-by-op", kwargs, dtype, gradients)
     _, cluster = _run(False, "function", kwargs, dtype, gradients)
     assert not counted
     _, looped = _run(True, "function", kwargs, dtype, gradients)
-    covered = len(SHAPES) - eight_bit
-    assert len(counted) == covered and SHORT_BLOCKS not in counted or not eight_bit, counted
+    covered = len(C_LOOP_SHAPES) - eight_bit
+    assert len(counted) == covered and C_LOOP_SHORT_BLOCKS not in counted or not eight_bit, counted
     _, eager = _run(True, "eager", kwargs, dtype, gradients)
     assert len(counted) == covered * (1 + len(gradients)), counted
     if not eight_bit:
         assert np.isinf(op_by_op[paths.index("adam/w1_v")][0, 0])
-    for path, want, cluster_want, got, got_eager in zip(paths, op_by_op, cluster, looped, eager):
-        if eight_bit and SHORT_BLOCKS in path:
-            np.testing.assert_array_equal(got, cluster_want, err_msg=path)
-        else:
-            np.testing.assert_array_equal(got, want, err_msg=path)
-            np.testing.assert_array_equal(got_eager, want, err_msg=path)
+    assert_c_loop_bits(paths, eight_bit, op_by_op, cluster, looped, eager)
 
 
 @pytest.mark.parametrize("moment_dtype,dtype", [("bfloat16", "float32"), ("bfloat16", "bfloat16"),
@@ -131,14 +111,14 @@ def test_the_c_loop_writes_nan_where_the_step_run_op_by_op_does(moment_dtype, dt
     kwargs = dict(moment_dtype=moment_dtype)
     if moment_dtype == "8bit":
         kwargs["min_8bit_size"] = 1
-    gradients = _gradients(moment_dtype == "8bit", nan=True)
+    gradients = c_loop_gradients(moment_dtype == "8bit", nan=True)
     paths, want = _run(False, "op-by-op", kwargs, dtype, gradients)
     _, got = _run(True, "function", kwargs, dtype, gradients)
     assert np.isnan(want[1]).any()
     if moment_dtype == "8bit":  # (a whole row: its block poisoned)
         assert np.isnan(want[1]).all(axis=1).any()
     for path, a, b in zip(paths, want, got):
-        if moment_dtype == "8bit" and SHORT_BLOCKS in path:
+        if moment_dtype == "8bit" and C_LOOP_SHORT_BLOCKS in path:
             continue  # (the cluster: not the loop)
         np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=path)
         if moment_dtype == "8bit" and path.endswith(("_m", "_v")):
@@ -154,7 +134,7 @@ def test_under_xla_the_cluster_runs(counted):
     """jit_compile=True traces the step into an XLA program, where the op has
     no kernel: the cluster runs. The oracle is the same run with the loop
     off."""
-    kwargs, gradients = dict(moment_dtype="8bit", min_8bit_size=1), _gradients(True)
+    kwargs, gradients = dict(moment_dtype="8bit", min_8bit_size=1), c_loop_gradients(True)
     _, want = _run(False, "xla", kwargs, "float32", gradients)
     _, got = _run(True, "xla", kwargs, "float32", gradients)
     assert not counted
@@ -168,7 +148,7 @@ def test_without_a_compiler_the_cluster_runs(monkeypatch, compiler):
     built and the cluster runs: the oracle is the same run with the loop off."""
     from keras_adam.backends import tf_rows
 
-    kwargs, gradients = dict(moment_dtype="bfloat16"), _gradients(False)
+    kwargs, gradients = dict(moment_dtype="bfloat16"), c_loop_gradients(False)
     _, want = _run(False, "function", kwargs, "float32", gradients)
     monkeypatch.setattr(tf_rows, "_OPS", [])
     monkeypatch.setattr(tf_rows, "_LOOPS", {})
@@ -208,7 +188,7 @@ def test_the_op_refuses_what_its_layout_does_not_describe():
     fails with an error naming it, before the loop touches memory."""
     from keras_adam.backends import tf_rows
 
-    kwargs, gradients = dict(moment_dtype="bfloat16"), _gradients(False)
+    kwargs, gradients = dict(moment_dtype="bfloat16"), c_loop_gradients(False)
     _run(True, "function", kwargs, "float32", gradients[:1])  # (the op and this layout built)
     # bfloat16 moments of float32 variables (rows.py's MACROS)
     layout = [0, 1, 1, 2, 2, 0, 0, 0, 0, 0, 0]

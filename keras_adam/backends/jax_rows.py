@@ -34,7 +34,6 @@ import numpy as np
 
 from keras_adam.backends import rows
 
-_CODES = {jnp.dtype(jnp.float32): rows.F32, jnp.dtype(jnp.bfloat16): rows.BF16}
 _HANDLER = __file__.rsplit(".", 1)[0] + ".cc"
 
 # Set to False to run the step function instead (the benchmark's comparison).
@@ -66,44 +65,24 @@ def _arguments(step, given, gradient, theta, values, fields, state):
     """(the loop's layout, its 8-bit block length or 0, the stream keys, the
     scalars), or None where the loop does not cover the call."""
     bound, keys = state
-    if len(values) != 3 or not values[0] or not values[1]:
-        return None
-    slots = [slot for slot in values if slot]
-    size = theta.size
-    eight_bit = len(values[0]) == 2
-    length = 0
-    if eight_bit:
-        if given is None or given[0][1] > rows.LONGEST_BLOCK:
-            return None
-        length = given[0][1]
-        codes = (jnp.int8, jnp.uint8, jnp.uint8)
-        if size % length or any(
-                len(slot) != 2 or slot[0].dtype != dtype or slot[0].size != size
-                or slot[1].dtype != jnp.float32 or slot[1].size != size // length
-                for slot, dtype in zip(slots, codes)):
-            return None
-    elif bound is not None or keys is None or any(
-            len(slot) != 1 or slot[0].dtype not in _CODES or slot[0].size != size
-            for slot in slots):
-        return None
     if keys is not None and (len(keys) != 1 or keys[0].dtype != jnp.int32
                              or keys[0].shape != (4,)):
         return None  # (the row form of several variables' keys: not on JAX)
-    if (theta.dtype == jnp.bfloat16) != step.rounds or (step.rounds and keys is None) or \
-            gradient.size != size or theta.dtype not in _CODES or \
-            gradient.dtype not in _CODES:
-        return None
+    found = rows.layout(step, given, _described(theta), _described(gradient),
+                        tuple(tuple(_described(x) for x in slot) for slot in values), bound,
+                        keys is not None)
     scalars = rows.scalars(fields, step.rate, bound)
-    if any(not isinstance(x, (int, float)) and (x.dtype != jnp.float32 or x.size != 1)
-           for x in scalars):
+    if found is None or any(not isinstance(x, (int, float)) and (
+            x.dtype != jnp.float32 or x.size != 1) for x in scalars):
         return None
-    layout = ((eight_bit, _CODES[theta.dtype], _CODES[gradient.dtype])
-              + tuple((1 if eight_bit else _CODES[slot[0].dtype]) if slot else 0
-                      for slot in values)
-              + step.options(bound))
-    keys = jnp.zeros((4,), jnp.int32) if keys is None else keys[0]
+    (layout, length), keys = found, jnp.zeros((4,), jnp.int32) if keys is None else keys[0]
     return layout, length, keys, jnp.stack([jnp.reshape(jnp.asarray(x, jnp.float32), ())
                                             for x in scalars])
+
+
+def _described(x):
+    """An array's (dtype's Keras name, number of elements), as `rows.layout` takes it."""
+    return keras.backend.standardize_dtype(x.dtype), x.size
 
 
 def _call(target, arguments, gradient, theta, values):

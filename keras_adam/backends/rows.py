@@ -51,6 +51,48 @@ class Step:
                 bound is not None)
 
 
+# The dtypes the loop reads and writes (as Keras names them), by macro value.
+_CODES = {"float32": F32, "bfloat16": BF16}
+_EIGHT_BIT_CODES = ("int8", "uint8", "uint8")  # m's, v's and v_max's codes
+
+
+def layout(step, given, theta, gradient, held, bound, keyed):
+    """(the loop's layout, `MACROS`' values; its 8-bit block length, 0
+    element-wise) for one variable's step, or None where the loop does not
+    cover it.
+
+    Each tensor is given as (its dtype's Keras name, its number of elements):
+    `theta`, `gradient`, and `held` (`Storage.held`: m's, v's and v_max's
+    tensors, 8-bit codes with their scales). `given` is the storage's
+    `given_shapes` of the variable (8-bit: one block per row, None where a
+    row ends in a shorter block); `bound` the moment bound K or None;
+    `keyed` whether the step has its streams' keys.
+    """
+    if len(held) != 3 or not held[0] or not held[1]:
+        return None
+    size = theta[1]
+    slots = [slot for slot in held if slot]
+    eight_bit = len(held[0]) == 2
+    length = 0
+    if eight_bit:
+        if given is None or given[0][1] > LONGEST_BLOCK:
+            return None
+        length = given[0][1]
+        if size % length or any(
+                len(slot) != 2 or slot[0] != (code, size) or slot[1] != ("float32", size // length)
+                for slot, code in zip(slots, _EIGHT_BIT_CODES)):
+            return None
+    elif bound is not None or not keyed or any(
+            len(slot) != 1 or slot[0][0] not in _CODES or slot[0][1] != size for slot in slots):
+        return None
+    if (theta[0] == "bfloat16") != step.rounds or (step.rounds and not keyed) or \
+            theta[0] not in _CODES or gradient[0] not in _CODES or gradient[1] != size:
+        return None
+    return ((eight_bit, _CODES[theta[0]], _CODES[gradient[0]])
+            + tuple((1 if eight_bit else _CODES[slot[0][0]]) if slot else 0 for slot in held)
+            + step.options(bound)), length
+
+
 def scalars(fields, rate, bound):
     """The loop's scalars, in rows.c's order, from the step's `_rule.Scalars`
     fields, the decay rate (a Python float or None) and the moment bound K

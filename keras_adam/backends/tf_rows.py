@@ -29,6 +29,7 @@ import os
 import shutil
 import threading
 
+import keras
 import tensorflow as tf
 
 # The same private seam as keras_adam.backends.tensorflow: whether the graph
@@ -37,7 +38,6 @@ from tensorflow.python.ops import control_flow_util
 
 from keras_adam.backends import rows
 
-_CODES = {tf.float32: rows.F32, tf.bfloat16: rows.BF16}
 _OP_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_rows.cc")
 
 # Set to False to run the XLA cluster instead (the benchmark's comparison).
@@ -107,56 +107,32 @@ def _arguments(step, given, gradient, variable, held, fields, state):
     scalars as a float32 tensor), or None where the op does not cover the
     call."""
     bound, keys = state
-    if len(held) != 3 or not held[0] or not held[1]:
-        return None
-    slots = [slot for slot in held if slot]
-    shape = tuple(variable.shape)
-    if any(d is None for d in shape) or tuple(gradient.shape) != shape:
-        return None
-    size = 1
-    for d in shape:
-        size *= int(d)
-    eight_bit = len(held[0]) == 2
-    length = 0
-    if eight_bit:
-        if given is None or given[0][1] > rows.LONGEST_BLOCK:
-            return None
-        length = given[0][1]
-        codes = (tf.int8, tf.uint8, tf.uint8)
-        if size % length or any(
-                len(slot) != 2 or slot[0].dtype != dtype or _size(slot[0]) != size
-                or slot[1].dtype != tf.float32 or _size(slot[1]) != size // length
-                for slot, dtype in zip(slots, codes)):
-            return None
-    elif bound is not None or keys is None or any(
-            len(slot) != 1 or tf.as_dtype(slot[0].dtype) not in _CODES
-            or _size(slot[0]) != size for slot in slots):
-        return None
-    dtype, gradient_dtype = tf.as_dtype(variable.dtype), tf.as_dtype(gradient.dtype)
+    written = [variable] + [h for slot in held for h in slot]
     if keys is not None and (len(keys) != 1 or keys[0].dtype != tf.int32
                              or tuple(keys[0].shape) != (4,)):
         return None
-    if (dtype == tf.bfloat16) != step.rounds or (step.rounds and keys is None) or \
-            dtype not in _CODES or gradient_dtype != dtype or \
-            not all(_on_cpu(x) for x in [variable] + [h for slot in held for h in slot]):
+    if tuple(gradient.shape) != tuple(variable.shape) or \
+            any(d is None for x in written for d in x.shape) or \
+            not all(_on_cpu(x) for x in written):
         return None
+    found = rows.layout(step, given, _described(variable), _described(gradient),
+                        tuple(tuple(_described(h) for h in slot) for slot in held), bound,
+                        keys is not None)
     scalars = rows.scalars(fields, step.rate, bound)
-    if any(not isinstance(x, (int, float)) and (x.dtype != tf.float32 or len(tuple(x.shape)) != 0)
-           for x in scalars):
+    if found is None or any(not isinstance(x, (int, float)) and (
+            x.dtype != tf.float32 or len(tuple(x.shape)) != 0) for x in scalars):
         return None
-    layout = ((eight_bit, _CODES[dtype], _CODES[gradient_dtype])
-              + tuple((1 if eight_bit else _CODES[tf.as_dtype(slot[0].dtype)]) if slot else 0
-                      for slot in held)
-              + step.options(bound))
-    keys = tf.zeros((4,), tf.int32) if keys is None else keys[0]
+    (layout, length), keys = found, tf.zeros((4,), tf.int32) if keys is None else keys[0]
     return layout, length, keys, tf.stack([tf.cast(x, tf.float32) for x in scalars])
 
 
-def _size(variable):
+def _described(x):
+    """A variable's or tensor's (dtype's Keras name, number of elements), as
+    `rows.layout` takes it (its shape known)."""
     size = 1
-    for d in variable.shape:
+    for d in x.shape:
         size *= int(d)
-    return size
+    return keras.backend.standardize_dtype(x.dtype), size
 
 
 def _threads():
