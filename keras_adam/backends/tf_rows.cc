@@ -50,6 +50,8 @@ Loop registered(const std::vector<int64_t> &layout) {
 // jax_rows.cc: waking OpenMP's team costs more than it saves).
 constexpr int64_t kOneThreadBelow = 1 << 16;
 
+std::mutex every_thread_lock;  // held by a step that takes every thread
+
 constexpr int64_t kVersion = 1;     // tf_rows.py's VERSION
 constexpr int64_t kLongestBlock = 4096;  // rows.py's LONGEST_BLOCK
 
@@ -152,6 +154,11 @@ class KerasAdamStepOp : public OpKernel {
     int64_t sizes = size, offset = 0;
     if (size == 0) return;
     const int threads = size < kOneThreadBelow ? 1 : static_cast<int>(threads_);
+    // TensorFlow runs independent ops at once: the steps that take every
+    // thread run one at a time, rather than each with a team of its own
+    // sharing the cores.
+    std::unique_lock<std::mutex> alone(every_thread_lock, std::defer_lock);
+    if (threads > 1) alone.lock();
     OP_REQUIRES(ctx,
                 loop(1, &sizes, length_, pointers, ctx->input(1).flat<int32>().data(), &offset,
                      ctx->input(0).flat<float>().data(), threads),
