@@ -12,10 +12,12 @@ trainer and `jax.jit(..., donate_argnums=...)` give them, no copy).
 
 The loop is compiled at first trace, once per layout and process
 (`rows.build`, about two seconds: the C++ handler includes XLA's headers),
-with `CC` (else `gcc`) and `CXX` (else `g++`). Each operation rounds as the
-step's operations do under XLA, so the results are its bits
-(tests/test_backend_jax.py), but for NaN's sign and payload and the codes
-of a block whose scale is NaN. The call is chosen per platform when the
+with `CC` (else `gcc`) and `CXX` (else `g++`). Each operation rounds once,
+so the results are those of the step run op by op, bit for bit
+(tests/test_backend_jax.py; XLA's compiled step fuses multiplications
+into additions and may differ in the last bit), but for NaN: a NaN
+moment makes its 8-bit block's scale NaN (XLA's maximum passes over it).
+The call is chosen per platform when the
 program is compiled (`jax.lax.platform_dependent`): on another device the
 step function runs as before. Where no compiler is found or compiling
 fails, for what the loop does not cover (float16, float64, 8-bit rows
