@@ -36,6 +36,15 @@ class Hyper:
     bias_correction: bool
     epsilon_placement: str
 
+    def __hash__(self):
+        # Hashed several times for each variable at each step (the keys of
+        # compiled functions and of per-step values): computed once.
+        value = self.__dict__.get("_hash")
+        if value is None:
+            value = hash(tuple(getattr(self, name) for name in HYPER_FIELDS))
+            object.__setattr__(self, "_hash", value)
+        return value
+
 
 # The constructor arguments that `Hyper` holds, in its order.
 HYPER_FIELDS = tuple(field.name for field in dataclasses.fields(Hyper))

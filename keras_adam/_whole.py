@@ -97,6 +97,9 @@ class Whole:
         self._bounds = {}  # a Python float bound K as a tensor
         self._joins = {}  # `_joined`'s buffers and their views, per set of variables
         self._joins_used = set()  # the sets of this step's `together`
+        # The batches that this step's and the last step's `together` ran by a
+        # function's `many`: (function key, the variables' indices, given shapes).
+        self._ran, self._ran_last = [], []
 
     def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
@@ -121,14 +124,12 @@ class Whole:
         flat = given is not None
         in_place = backends.whole_in_place() if self._in_place is None else self._in_place
         if in_place:  # outside Keras's scopes: the tensors the function writes into
-            theta = backends.own_tensor(variable)
+            theta, values = backends.own_tensors(variable, held)
             # Written where it lives, on its gradient's device; a variable off
             # that device is converted (to Keras's default device, as in a
             # scope) and its results assigned.
             in_place = theta.device == gradient.device
-        if in_place:
-            values = tuple(tuple(backends.own_tensor(h) for h in slot) for slot in held)
-        else:  # `variable`: a Keras or (on TensorFlow) tf.Variable
+        if not in_place:  # `variable`: a Keras or (on TensorFlow) tf.Variable
             theta = ops.convert_to_tensor(variable)
             values = tuple(tuple(h.value for h in slot) for slot in held)
         key = (layout, hyper, bound is None, noise is None, rounds, rate, in_place)
@@ -174,6 +175,8 @@ class Whole:
             return
         # Asked once for the step's variables, not once each (some microseconds).
         outer = self._waiting, self._in_place
+        if outer[0] is None:  # a step begins
+            self._ran_last, self._ran = self._ran, []
         self._waiting, self._in_place = [], backends.whole_in_place()
         try:
             yield
@@ -201,25 +204,12 @@ class Whole:
         given = [x.shape for x in parts[0]] if first.given is None else (
             (first.given[0],) * 2 + tuple(s for slot in first.given[1] for s in slot))
         (scalars, bound, noise), (storage, index) = first.step, first.source
-        fields = self._scalar_fields(scalars)
-        if isinstance(bound, float) and backends.whole_any_length():
-            # K_n changes with the step count (`_rule.moment_bound`), and the
-            # compiled function takes Python floats as constants of its graph
-            # (`backends.torch.compiled`): K is given as a tensor (the same
-            # float32), so that a new K is not a new compilation.
-            if bound not in self._bounds:
-                self._bounds[bound] = ops.convert_to_tensor(bound, "float32")
-            bound = self._bounds[bound]
+        fields, bound = self._scalar_fields(scalars), self._bound(bound)
         function = self._functions[first.key]
-        if first.in_place and hasattr(function, "many"):
-            # A function that takes variables where they lie (torch's C loop on
-            # a CPU) writes their own tensors: nothing joined or copied. It is
-            # given the streams' seed and step, their count and each
-            # variable's position, not each row's keys (gathered at every step).
-            streams = None if noise is None else (
-                *noise, storage.stream_count(), self._positions(storage, batch))
-            if function.many(parts, first.given, fields, (bound, streams)):
-                return None
+        if first.in_place and hasattr(function, "many") and self._many(
+                first.key, parts, first.given, (fields, bound, noise), storage,
+                tuple(c.source[1] for c in batch)):
+            return None
         if noise is not None:  # the streams' keys, computed here
             noise = (self._row_keys(storage, batch, noise, first.given[0][1])
                      if first.given is not None else (self._stream_keys(storage, index, noise),))
@@ -257,6 +247,89 @@ class Whole:
                    for c in batch]
         variables = [t[i] for i in range(len(targets[0])) for t in targets]
         backends.assign_all(first.targets[2], list(zip(variables, pieces)))
+
+    def _many(self, key, parts, given, step, storage, indices, before=None):
+        """Whether the function of `key` ran as its `many`: a function that takes
+        variables where they lie (torch's C loop on a CPU) writes their own
+        tensors, nothing joined or copied. It is given the streams' seed and
+        step, their count and each variable's position, not each row's keys
+        (gathered at every step). `before` runs once it has checked the
+        tensors, before it writes."""
+        fields, bound, noise = step
+        streams = None if noise is None else (
+            *noise, storage.stream_count(), self._positions(storage, indices))
+        if not self._functions[key].many(parts, given, fields, (bound, streams), before):
+            return False
+        self._ran.append((key, indices, given))
+        return True
+
+    def again(self, storage, calls, facts, decay_rate):
+        """Runs, of this step's `calls` ((index, variable, gradient) of the variables
+        whose method is the whole step), those that the last step ran by a
+        function's `many` (`_many`: torch's C loop on a CPU), in the same
+        batches, without each variable's way through `apply`; returns the
+        set of the indices it did not run, for `apply`.
+
+        A batch runs again where all its variables are in `calls`, and its
+        first variable's function key and given shapes are the last step's:
+        its variables share their step's values (a batch of `together` is
+        one function and step), which `facts(index)` gives as `apply` takes
+        them (`rule`, `state`), with the decoupled decay before the step
+        ((rate, lr), or None: `decay_rate(index)` gives each variable's,
+        which `many` applies once it has checked the tensors).
+
+        Within `together()`, in place only. A model of many small variables
+        otherwise pays their routing at every step: some tens of
+        microseconds a variable on torch, more than their arithmetic.
+        """
+        left = {c[0] for c in calls}
+        if self._waiting is None or not self._in_place or not self._ran_last:
+            return left
+        found = {c[0]: c for c in calls}
+        for key, indices, given in self._ran_last:
+            if not left.issuperset(indices):
+                continue
+            rule, (bound, noise, rate), before = facts(indices[0])
+            rows = noise is not None
+            layout, rounds, given_now, _, _, _ = self._layout(
+                storage, indices[0], found[indices[0]][1], True, rows)
+            if (layout, rule[0], bound is None, noise is None, rounds, rate, True) != key or \
+                    given_now != given:
+                continue
+            parts = []
+            for i in indices:
+                _, variable, gradient = found[i]
+                theta, values = backends.own_tensors(
+                    variable, self._layout(storage, i, variable, True, rows)[4])
+                parts.append((gradient, theta) + tuple(x for slot in values for x in slot))
+            decays = {}  # rate -> variables, at the batch's lr
+            if before is not None:
+                for i in indices:
+                    rate_ = decay_rate(i)
+                    if rate_:
+                        decays.setdefault(rate_, []).append(found[i][1])
+
+            def decay():
+                for rate_, variables in decays.items():
+                    backends.decay(variables, rate_, before[1])
+
+            step = (self._scalar_fields(rule[1]), self._bound(bound), noise)
+            if self._many(key, parts, given, step, storage, indices, decay if decays else None):
+                left.difference_update(indices)
+        return left
+
+    def _bound(self, bound):
+        """The moment bound K as the functions take it: a Python float as a tensor
+        (the same float32), where the backend compiles one function for every
+        length: K_n changes with the step count (`_rule.moment_bound`), and
+        the compiled function takes Python floats as constants of its graph
+        (`backends.torch.compiled`), so that a new K would be a new
+        compilation."""
+        if isinstance(bound, float) and backends.whole_any_length():
+            if bound not in self._bounds:
+                self._bounds[bound] = ops.convert_to_tensor(bound, "float32")
+            return self._bounds[bound]
+        return bound
 
     def _joined(self, batch, parts, given):
         """`batch`'s tensors of each kind (gradients, theta, each held one: `parts`,
@@ -348,10 +421,9 @@ class Whole:
         # A copy, not a view: torch.compile would guard on a view's offset.
         return ops.copy(self._all_keys(storage, noise)[4 * position:4 * position + 4])
 
-    def _positions(self, storage, batch):
-        """`batch`'s variables' positions (`Storage.position`: their rows among
-        the streams' keys), an int64 array kept per set of variables."""
-        indices = tuple(c.source[1] for c in batch)
+    def _positions(self, storage, indices):
+        """The positions of the variables of `indices` (`Storage.position`: their
+        rows among the streams' keys), an int64 array kept per set of variables."""
         key = (storage, indices)  # a storage compares by identity
         if key not in self._batches:
             if len(self._batches) >= 4096:
@@ -381,7 +453,7 @@ class Whole:
             if len(self._batches) >= 4096:  # a step has at most one per variable
                 self._batches.clear()
             rows = [c.size // length for c in batch]
-            positions = np.repeat(self._positions(storage, batch), rows)
+            positions = np.repeat(self._positions(storage, indices), rows)
             firsts = np.concatenate([np.arange(n) * length for n in rows])
             self._batches[key] = tuple(
                 ops.convert_to_tensor(x.astype("int32")) for x in (positions, firsts))

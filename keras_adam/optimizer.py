@@ -284,7 +284,8 @@ class Adam(Optimizer):
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # A private seam of keras' BaseOptimizer, touched here only. On torch, one
         # multi-tensor kernel updates every variable planned for it (decay too);
-        # Keras's own (tf.distribute-aware) the rest, small ones' whole steps together.
+        # the rest are updated one by one (on TensorFlow by Keras's own,
+        # tf.distribute-aware loop), small ones' whole steps together.
         fast, hyper, indices, methods = self._methods_now(grads, trainable_variables)
         if fast is not None and not fast.per_variable:
             items, settings, step = [], [], self._step(learning_rate)
@@ -295,8 +296,24 @@ class Adam(Optimizer):
             if not rest:
                 return
             grads, trainable_variables = map(list, zip(*rest))
+            fast, hyper, indices, methods = self._methods_now(grads, trainable_variables)
         with self._whole.together():
-            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            if not backends.plain_update_loop() or type(self).update_step is not Adam.update_step:
+                return super()._backend_update_step(grads, trainable_variables, learning_rate)
+            # Keras's own loop, without asking each variable's method again
+            # (some microseconds a variable: a model of many small variables
+            # pays them at every step). Where a subclass defines its own
+            # `update_step`, Keras's loop calls it.
+            step = self._step(learning_rate)
+            items = list(zip(grads, trainable_variables, indices, methods))
+            # The whole steps that the last step ran as some calls of C loops run
+            # so again, without their per-variable routing (`Whole.again`).
+            left = self._whole.again(
+                self._storage, [(i, v, g) for g, v, i, method in items if method == _plan.WHOLE],
+                lambda i: self._whole_facts(i, hyper, step), self._decay_rate)
+            for g, v, i, method in items:
+                if i in left or method != _plan.WHOLE:
+                    self._update(g, v, i, method, fast, hyper, step)
 
     def _methods_now(self, grads, variables):
         """(fast path, Hyper, each variable's index and update method this step)."""
@@ -311,38 +328,60 @@ class Adam(Optimizer):
         return self._per_step.get(
             ("step", backends.trace_key()), lambda: Step(self.iterations, learning_rate))
 
-    def _decay(self, index, variable, step):
-        # Decoupled weight decay before the step, computed as Keras's own, with
-        # the variable's group's rate and lr.
-        rate = self._decay_rate(index)
-        if rate:  # a rate of 0 (a group's "no decay") would multiply by 1
-            backends.decay([variable], rate, step.lr)
+    def _facts(self, index, hyper, step):
+        """Model variable `index`'s group's (Hyper, Step) at `step`, its compute dtype,
+        its rounding's (seed, t) or None, this step's Scalars and moment bound
+        K (or None), how its 16-bit moments are written, and its decay rate
+        (or None)."""
+        hyper, step = self._groups[index].settings(hyper, step)
+        storage = self._storage
+        _, rounding, dtype, _ = storage.step_dtypes(index)  # dtype: the portable path's
+        noise = None if rounding == "nearest" else (self._rounding_seed, step.t)
+        bound = step.moment_bound(hyper) if storage.needs_bound else None
+        return (hyper, step, dtype, noise, step.scalars(hyper, dtype), bound,
+                storage.moment_noise(index, noise, step.t), self._decay_rate(index))
+
+    def _whole_facts(self, index, hyper, step):
+        """What `_whole.apply` takes for model variable `index` besides its tensors:
+        the rule's (Hyper, Scalars) and (moment bound, moments' noise, decay
+        rate in the step); and the decoupled decay before the step, (rate, lr),
+        none where the rate is None or 0, or None. A variable written by a
+        rounding decays in its step, from the step's theta; the others before
+        it, computed as Keras's own."""
+        hyper, step, _, noise, scalars, bound, moment_noise, rate = self._facts(index, hyper, step)
+        inside = rate if noise is not None else None
+        before = (rate, step.lr) if noise is None else None
+        return (hyper, scalars), (bound, moment_noise, inside or None), before
 
     def update_step(self, gradient, variable, learning_rate):
         """Applies one Adam step to `variable` by the method its plan names (`update_plan`)."""
         fast, hyper, (index,), (method,) = self._methods_now([gradient], [variable])
-        hyper, step = self._groups[index].settings(hyper, self._step(learning_rate))
+        return self._update(gradient, variable, index, method, fast, hyper,
+                            self._step(learning_rate))
+
+    def _update(self, gradient, variable, index, method, fast, hyper, step):
+        # `update_step` of model variable `index` by `method` this step.
         storage, rows = self._storage, None
-        _, rounding, dtype, _ = storage.step_dtypes(index)  # dtype: the portable path's
-        noise = None if rounding == "nearest" else (self._rounding_seed, step.t)
+        if method == _plan.WHOLE:  # as one compiled function (`keras_adam._whole`)
+            rule, state, before = self._whole_facts(index, hyper, step)
+            if before and before[0]:
+                backends.decay([variable], *before)
+            return self._whole.apply(storage, index, variable, _sparse.densify(gradient), rule,
+                                     state, self.assign)
+        hyper, step, dtype, noise, scalars, bound, moment_noise, rate = self._facts(
+            index, hyper, step)
         if method == _plan.LAZY:  # only the rows present change (`keras_adam._sparse`)
             rows, gradient = _sparse.rows_and_values(gradient)
         else:
             gradient = _sparse.densify(gradient)
-            if noise is None:
-                self._decay(index, variable, step)
+            if noise is None and rate:  # decoupled decay before the step, as Keras's own
+                backends.decay([variable], rate, step.lr)
             if fast is not None and method == fast.name and fast.per_variable:
                 return fast.apply([(gradient, variable, storage.slots(index))], hyper, step)
-        scalars, bound = step.scalars(hyper, dtype), (
-            step.moment_bound(hyper) if storage.needs_bound else None)
-        moment_noise = storage.moment_noise(index, noise, step.t)  # 16-bit m, v
         # Lazy rows and 16-bit variables written by a rounding decay here, from
         # the theta of the step (the others have decayed already).
-        rate = self._decay_rate(index) if rows is not None or noise is not None else None
+        rate = rate if rows is not None or noise is not None else None
         decay = (rate, scalars.lr) if rate else None
-        if method == _plan.WHOLE:  # as one compiled function (`keras_adam._whole`)
-            return self._whole.apply(storage, index, variable, gradient, (hyper, scalars),
-                                     (bound, moment_noise, rate or None), self.assign)
         m, v, v_max = storage.read(index, rows, bound)
         m, v, v_max, delta = _rule.rule(ops.cast(gradient, dtype), m, v, v_max, scalars, hyper)
         storage.write(index, m, v, v_max, rows, moment_noise)

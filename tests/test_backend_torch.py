@@ -799,3 +799,66 @@ def test_without_a_c_compiler_the_rows_take_the_compiled_step(monkeypatch, compi
     got = run()
     assert torch_rows._FUNCTIONS and set(torch_rows._FUNCTIONS.values()) == {None}
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("moment_dtype,dtype", [
+    ("bfloat16", "float32"), ("8bit", "float32"), ("bfloat16", "bfloat16"), ("8bit", "bfloat16")])
+def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
+        monkeypatch, moment_dtype, dtype):
+    """From the second step, the whole steps that the last one ran by the C loop's
+    `many` run again without each variable's routing (`Whole.again`). The
+    oracle: the same optimizer as a subclass that defines `update_step`,
+    which Keras's own loop calls for each variable (no step runs again).
+    Groups of another lr and decay, a decay exclusion, a schedule, a
+    variable too large to be joined, a step that updates a subset, and a
+    gradient that is not contiguous (its batch takes `apply`) on the way."""
+    from keras_adam import _whole
+
+    ran_again = []
+    real_again = _whole.Whole.again
+
+    def counting_again(self, storage, calls, facts, decay_rate):
+        left = real_again(self, storage, calls, facts, decay_rate)
+        ran_again.append(len(calls) - len(left))
+        return left
+
+    monkeypatch.setattr(_whole.Whole, "again", counting_again)
+
+    class PerVariable(keras_adam.AdamW):
+        def update_step(self, gradient, variable, learning_rate):
+            return super().update_step(gradient, variable, learning_rate)
+
+    shapes = [(30, 20), (20,), (40, 10), (10,), (300, 256), (16, 16)]
+
+    def run(cls):
+        keras.utils.set_random_seed(5)  # the seed of bfloat16 weights' rounding
+        rng = np.random.default_rng(12)
+        variables = [keras.Variable(rng.normal(size=s), dtype=dtype, name=f"w{i}")
+                     for i, s in enumerate(shapes)]
+        eight_bit = {"min_8bit_size": 1} if moment_dtype == "8bit" else {}
+        schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, 1, 0.9)
+        optimizer = cls(learning_rate=schedule, weight_decay=0.05, moment_dtype=moment_dtype,
+                        **eight_bit, groups={"w2": {"learning_rate_multiplier": 0.5},
+                                             "w3": {"weight_decay": 0.2}})
+        optimizer.exclude_from_weight_decay(var_names=["w1"])
+        for i in range(6):
+            picked = [0, 2, 3, 5] if i == 3 else range(len(shapes))
+            grads = [keras.ops.convert_to_tensor(rng.normal(size=shapes[j]), dtype)
+                     for j in picked]
+            if i == 4:  # not contiguous: the C loop refuses it, `apply` takes its batch
+                grads[0] = grads[0].t().contiguous().t()
+                assert not grads[0].is_contiguous()
+            optimizer.apply(grads, [variables[j] for j in picked])
+        values = list(variables) + list(optimizer.variables)
+        return [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")) for x in values]
+
+    again = run(keras_adam.AdamW)
+    assert sum(ran_again) > 0  # (the C loop runs on every layout here)
+    ran_again.clear()
+    one_by_one = run(PerVariable)
+    assert not any(ran_again)
+    assert len(again) == len(one_by_one)
+    for a, b in zip(again, one_by_one):
+        # The same C loop on the same tensors with the same scalars and the
+        # same decay before it: the same bits.
+        np.testing.assert_array_equal(a, b)

@@ -364,3 +364,27 @@ def test_a_file_with_the_roles_as_an_entry_still_loads():
     roles, values = _saving.read(store, "adam")
     assert roles == [("m[0]", "w")]
     np.testing.assert_array_equal(values[0], np.arange(3.0))
+
+
+def test_a_subclass_update_step_is_called_for_each_variable_at_each_step():
+    # Keras's contract: `update_step` runs once per variable and step. keras_adam
+    # loops over the variables itself where Keras's loop is a plain one; a
+    # subclass that defines `update_step` must still see every call.
+    seen = []
+
+    class Recording(keras_adam.Adam):
+        def update_step(self, gradient, variable, learning_rate):
+            seen.append(tuple(variable.shape))  # (on TensorFlow a tf.Variable)
+            return super().update_step(gradient, variable, learning_rate)
+
+    model, plain = _model(), _model()
+    for m, optimizer in ((model, Recording(moment_dtype="bfloat16")),
+                         (plain, keras_adam.Adam(moment_dtype="bfloat16"))):
+        m.compile(optimizer=optimizer, loss="mse")
+        optimizer.build(m.trainable_variables)
+        _train(m, 3)
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
+    assert seen == shapes * 3
+    # The override delegates: the same arithmetic as the class it extends.
+    for a, b in zip(model.trainable_variables, plain.trainable_variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))

@@ -37,6 +37,9 @@ The backend modules import nothing from this package.
 import keras
 from keras import ops
 
+# The C loop's options (framework-free, `rows.py`).
+from keras_adam.backends.rows import Step as LoopStep
+
 # Both fused kernels (TensorFlow's and torch's) are exact for these dtypes only:
 # TensorFlow's takes beta_2 in the variable's dtype, and bfloat16 rounds 0.999
 # to 1 (v would stay 0).
@@ -319,19 +322,19 @@ def compile_whole(fn, any_length=False, in_place=False, rows=False, loop=None):
             return compiled(fn)
         from keras_adam.backends import tf_rows
 
-        return tf_rows.WithLoop(compiled(fn), tf_rows.rows.Step(*loop[0]), loop[1])
+        return tf_rows.WithLoop(compiled(fn), LoopStep(*loop[0]), loop[1])
     if backend == "torch":
         from keras_adam.backends import torch
         from keras_adam.backends import torch_rows
 
         step = torch.compiled(torch.in_place(fn) if in_place else fn, any_length, rows)
         if loop is not None and any_length:
-            step = torch_rows.with_loop(step, torch_rows.Step(*loop[0]), in_place)
+            step = torch_rows.with_loop(step, LoopStep(*loop[0]), in_place)
         return step
     if backend == "jax" and loop is not None:
         from keras_adam.backends import jax_rows
 
-        return jax_rows.with_loop(fn, jax_rows.rows.Step(*loop[0]), loop[1])
+        return jax_rows.with_loop(fn, LoopStep(*loop[0]), loop[1])
     return fn
 
 
@@ -359,6 +362,16 @@ def own_tensor(variable):
     return torch.own_tensor(variable)
 
 
+def own_tensors(variable, held):
+    """`own_tensor` of `variable` and of each of `held`'s variables (a tuple of
+    tuples, `Storage.held`), as (theta, values): one call for a variable's
+    tensors."""
+    from keras_adam.backends import torch
+
+    own = torch.own_tensor
+    return own(variable), tuple(tuple(own(h) for h in slot) for slot in held)
+
+
 def plain(x):
     """`x` (a tensor or None) as a plain tensor: on torch a Parameter is detached
     (the same memory, so it reads the variable's value at each call), since
@@ -368,6 +381,13 @@ def plain(x):
     from keras_adam.backends import torch
 
     return torch.plain(x)
+
+
+def plain_update_loop():
+    """Whether Keras's optimizer updates the variables one by one in a plain loop
+    of `update_step` (`_backend_update_step`): on torch and JAX. TensorFlow's
+    runs each in tf.distribute's update."""
+    return keras.backend.backend() != "tensorflow"
 
 
 def whole_in_place():

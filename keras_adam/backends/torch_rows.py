@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from keras_adam.backends import rows
-from keras_adam.backends.rows import Step  # noqa: F401 (`backends.compile_whole`'s)
 
 
 # Set to False to run the compiled step instead (the benchmark's comparison).
@@ -55,7 +54,8 @@ def with_loop(compiled, step, in_place):
     (seed, t, the count of streams, each variable's position: its streams
     are 4 position .. 4 position + 3), whose keys the loop's library works
     out (`_rounding.stream_key`). It returns False, having done nothing,
-    where the loop does not cover them.
+    where the loop does not cover them; else `before` (a function, or None)
+    runs once their tensors are checked, before the loop writes them.
     """
     def run(gradient, theta, values, fields, state):
         if enabled and not torch.compiler.is_compiling():
@@ -66,7 +66,7 @@ def with_loop(compiled, step, in_place):
                     return _call(functions[0], arguments, gradient, theta, values, in_place)
         return compiled(gradient, theta, values, fields, state)
 
-    def many(parts, given, fields, state):
+    def many(parts, given, fields, state, before=None):
         if not (enabled and in_place) or torch.compiler.is_compiling():
             return False
         # The first variable's tensors in the given shapes tell the layout.
@@ -88,7 +88,7 @@ def with_loop(compiled, step, in_place):
             table = np.empty((count // 4, 4), np.int32)
             functions[2](count, _integer(seed), _integer(t), table.ctypes.data)
             arguments = (arguments[0], (table, positions), arguments[2])
-        return _call_many(functions[1], arguments, parts, given)
+        return _call_many(functions[1], arguments, parts, given, before)
 
     run.many = many
     return run
@@ -215,38 +215,53 @@ def _call(function, arguments, gradient, theta, values, in_place):
     return None if in_place else (theta, values)
 
 
-def _call_many(function, arguments, parts, given):
+def _call_many(function, arguments, parts, given, before=None):
     """The loop of several variables (`with_loop`'s `many`), where every part
-    matches the first's layout (dtypes, sizes in whole rows, CPU, contiguous);
-    else False, having written nothing. The keys, where given, are the
-    streams' key table and each variable's row in it."""
+    matches the first's layout (dtypes, sizes in whole rows, CPU, contiguous),
+    after `before()` where given; else False, having written nothing. The
+    keys, where given, are the streams' key table and each variable's row
+    in it."""
     layout, keys, scalars = arguments
     length = given[0][1]
     # Each tensor's elements per element of theta (8-bit scales: 1 / length).
     shares = [(x.dtype, s[1] == length) for x, s in zip(
         parts[0], [given[0], given[0]] + [s for slot in given[1] for s in slot])]
-    per = 8 if layout[0] else 5  # each variable's tensors' addresses (rows.c)
-    pointers = np.zeros((len(parts), per), dtype=np.uintp)
-    rows = np.empty(len(parts), dtype=np.int64)
-    for k, part in enumerate(parts):
+    # Each variable's tensors' addresses (rows.c: 8 or 5, absent ones 0),
+    # gathered in Python lists and made one array: some microseconds a
+    # variable less than writing each row of an array.
+    absent = (0,) * ((8 if layout[0] else 5) - len(parts[0]))
+    addresses, sizes = [], []
+    for part in parts:
         size = part[1].numel()
         if size % length:
             return False
-        count = rows[k] = size // length
+        count = size // length
         for x, (dtype, whole) in zip(part, shares):
             if x.dtype != dtype or x.numel() != (size if whole else count) or \
                     type(x) not in _PLAIN or not x.is_cpu or not x.is_contiguous():
                 return False
         # theta, gradient, then the values (rows.c's order)
-        pointers[k, :len(part)] = [part[1].data_ptr(), part[0].data_ptr()] + [
-            x.data_ptr() for x in part[2:]]
+        addresses.append(part[1].data_ptr())
+        addresses.append(part[0].data_ptr())
+        addresses.extend(x.data_ptr() for x in part[2:])
+        addresses.extend(absent)
+        sizes.append(count * length)
+    pointers = np.array(addresses, dtype=np.uintp)
+    sizes = np.array(sizes, dtype=np.int64)
     # Each variable's row among the keys (rows.c's offsets).
     offsets = np.zeros(len(parts), np.int64) if keys is None else keys[1]
-    sizes = rows * length
+    if before is not None:
+        before()
     if not function(len(parts), sizes.ctypes.data, length, pointers.ctypes.data,
                     None if keys is None else keys[0].ctypes.data, offsets.ctypes.data,
                     scalars.ctypes.data, torch.get_num_threads()):
-        return False  # (no memory for its table of 8 bytes a variable)
+        # No memory for its table of 8 bytes a variable. Once `before` has
+        # written, the step cannot be left to another path, which would
+        # write it again.
+        if before is not None:
+            raise MemoryError("keras_adam's C loop could not allocate its table of "
+                              f"{len(parts)} variables")
+        return False
     torch.autograd.graph.increment_version([x for part in parts for x in part[1:]])
     return True
 
