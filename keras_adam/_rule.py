@@ -45,6 +45,10 @@ class Hyper:
             object.__setattr__(self, "_hash", value)
         return value
 
+    def __getstate__(self):
+        # Without the cached hash: a string's hash differs between processes.
+        return {name: getattr(self, name) for name in HYPER_FIELDS}
+
 
 # The constructor arguments that `Hyper` holds, in its order.
 HYPER_FIELDS = tuple(field.name for field in dataclasses.fields(Hyper))

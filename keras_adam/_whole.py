@@ -100,6 +100,7 @@ class Whole:
         # The batches that this step's and the last step's `together` ran by a
         # function's `many`: (function key, the variables' indices, given shapes).
         self._ran, self._ran_last = [], []
+        self._stepping = False  # within a step's `together`
 
     def apply(self, storage, index, variable, gradient, rule, state, assign):
         """theta <- theta - step and the moments' new values, for model variable `index`.
@@ -175,20 +176,25 @@ class Whole:
             return
         # Asked once for the step's variables, not once each (some microseconds).
         outer = self._waiting, self._in_place
-        if outer[0] is None:  # a step begins
-            self._ran_last, self._ran = self._ran, []
+        begins = outer[0] is None  # a step begins: `_many` records its batches
+        if begins:
+            self._ran_last, self._ran, self._stepping = self._ran, [], True
         self._waiting, self._in_place = [], backends.whole_in_place()
         try:
-            yield
-            waiting = self._waiting
+            try:
+                yield
+                waiting = self._waiting
+            finally:
+                self._waiting, self._in_place = outer
+            batches = {}
+            for call in waiting:
+                batches.setdefault(call.batch_key, []).append(call)
+            self._joins_used = set()
+            for batch in batches.values():
+                self._run(batch)
         finally:
-            self._waiting, self._in_place = outer
-        batches = {}
-        for call in waiting:
-            batches.setdefault(call.batch_key, []).append(call)
-        self._joins_used = set()
-        for batch in batches.values():
-            self._run(batch)
+            if begins:
+                self._stepping = False
         # Buffers are kept for the sets of variables of the last step only: a
         # set that did not recur (other gradients, another model) is freed.
         self._joins = {k: v for k, v in self._joins.items() if k in self._joins_used}
@@ -260,23 +266,28 @@ class Whole:
             *noise, storage.stream_count(), self._positions(storage, indices))
         if not self._functions[key].many(parts, given, fields, (bound, streams), before):
             return False
-        self._ran.append((key, indices, given))
+        if self._stepping:  # a step's (`together`), for `again` at the next
+            self._ran.append((key, indices, given))
         return True
 
-    def again(self, storage, calls, facts, decay_rate):
+    def again(self, storage, calls, facts, decay_rate, group):
         """Runs, of this step's `calls` ((index, variable, gradient) of the variables
         whose method is the whole step), those that the last step ran by a
         function's `many` (`_many`: torch's C loop on a CPU), in the same
         batches, without each variable's way through `apply`; returns the
         set of the indices it did not run, for `apply`.
 
-        A batch runs again where all its variables are in `calls`, and its
-        first variable's function key and given shapes are the last step's:
-        its variables share their step's values (a batch of `together` is
-        one function and step), which `facts(index)` gives as `apply` takes
-        them (`rule`, `state`), with the decoupled decay before the step
-        ((rate, lr), or None: `decay_rate(index)` gives each variable's,
-        which `many` applies once it has checked the tensors).
+        A batch runs again where all its variables are in `calls` and in one
+        group (`group(index)`: the same options whatever is assigned since),
+        and its first variable's function key and given shapes are the last
+        step's: its variables share their step's values, which
+        `facts(index)` gives as `apply` takes them (`rule`, `state`), with
+        the decoupled decay before the step ((rate, lr), or None:
+        `decay_rate(index)` gives each variable's, which `many` applies once
+        it has checked the tensors). A batch of `together` is one function
+        and step's values; its variables of two groups of equal values
+        would part once an assignment changes one group's, so such a batch
+        takes `apply`.
 
         Within `together()`, in place only. A model of many small variables
         otherwise pays their routing at every step: some tens of
@@ -288,6 +299,9 @@ class Whole:
         found = {c[0]: c for c in calls}
         for key, indices, given in self._ran_last:
             if not left.issuperset(indices):
+                continue
+            first = group(indices[0])
+            if any(group(i) is not first for i in indices):
                 continue
             rule, (bound, noise, rate), before = facts(indices[0])
             rows = noise is not None

@@ -238,7 +238,7 @@ class Adam(Optimizer):
 
     def _apply_weight_decay(self, variables):
         """A private seam of Keras's BaseOptimizer: each variable decays with its update
-        instead (`_decay`); tests/test_parity_builtin.py's AdamW rows check it."""
+        instead (`_update`); tests/test_parity_builtin.py's AdamW rows check it."""
 
     def _use_weight_decay(self, variable):
         # A private seam of keras' BaseOptimizer, asked before decaying a variable (on
@@ -309,8 +309,10 @@ class Adam(Optimizer):
             # The whole steps that the last step ran as some calls of C loops run
             # so again, without their per-variable routing (`Whole.again`).
             left = self._whole.again(
-                self._storage, [(i, v, g) for g, v, i, method in items if method == _plan.WHOLE],
-                lambda i: self._whole_facts(i, hyper, step), self._decay_rate)
+                self._storage, [(i, v, _sparse.densify(g)) for g, v, i, method in items
+                                if method == _plan.WHOLE],
+                lambda i: self._whole_facts(i, hyper, step), self._decay_rate,
+                self._groups.__getitem__)
             for g, v, i, method in items:
                 if i in left or method != _plan.WHOLE:
                     self._update(g, v, i, method, fast, hyper, step)

@@ -809,16 +809,17 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
     `many` run again without each variable's routing (`Whole.again`). The
     oracle: the same optimizer as a subclass that defines `update_step`,
     which Keras's own loop calls for each variable (no step runs again).
-    Groups of another lr and decay, a decay exclusion, a schedule, a
-    variable too large to be joined, a step that updates a subset, and a
-    gradient that is not contiguous (its batch takes `apply`) on the way."""
+    Groups of another lr and decay, a group of the optimizer's values until
+    they are assigned, a decay exclusion, a schedule, a variable too large
+    to be joined, a step that updates a subset, and a gradient that is not
+    contiguous (its batch takes `apply`) on the way."""
     from keras_adam import _whole
 
     ran_again = []
     real_again = _whole.Whole.again
 
-    def counting_again(self, storage, calls, facts, decay_rate):
-        left = real_again(self, storage, calls, facts, decay_rate)
+    def counting_again(self, storage, calls, *rest):
+        left = real_again(self, storage, calls, *rest)
         ran_again.append(len(calls) - len(left))
         return left
 
@@ -828,7 +829,8 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
         def update_step(self, gradient, variable, learning_rate):
             return super().update_step(gradient, variable, learning_rate)
 
-    shapes = [(30, 20), (20,), (40, 10), (10,), (300, 256), (16, 16)]
+    # w0 and w5 are joined in one call while w0's group has the optimizer's values.
+    shapes = [(30, 20), (20,), (40, 10), (10,), (300, 256), (30, 20)]
 
     def run(cls):
         keras.utils.set_random_seed(5)  # the seed of bfloat16 weights' rounding
@@ -839,9 +841,13 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
         schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, 1, 0.9)
         optimizer = cls(learning_rate=schedule, weight_decay=0.05, moment_dtype=moment_dtype,
                         **eight_bit, groups={"w2": {"learning_rate_multiplier": 0.5},
-                                             "w3": {"weight_decay": 0.2}})
+                                             "w3": {"weight_decay": 0.2},
+                                             # the optimizer's own values, until assigned
+                                             "w0": {"beta_1": 0.9, "weight_decay": 0.05}})
         optimizer.exclude_from_weight_decay(var_names=["w1"])
         for i in range(6):
+            if i == 2:  # w0's group keeps its values, the others take these
+                optimizer.beta_1, optimizer.weight_decay = 0.95, 0.1
             picked = [0, 2, 3, 5] if i == 3 else range(len(shapes))
             grads = [keras.ops.convert_to_tensor(rng.normal(size=shapes[j]), dtype)
                      for j in picked]

@@ -233,7 +233,7 @@ def _call_many(function, arguments, parts, given, before=None):
     addresses, sizes = [], []
     for part in parts:
         size = part[1].numel()
-        if size % length:
+        if size % length or len(part) != len(shares):
             return False
         count = size // length
         for x, (dtype, whole) in zip(part, shares):
