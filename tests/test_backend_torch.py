@@ -669,8 +669,8 @@ def test_the_rows_loop_has_the_bits_of_the_compiled_step(monkeypatch, kwargs, dt
         calls.append(args[1][0])
         return real_call(*args)
 
-    def counting_many(function, arguments, parts, given):
-        done = real_many(function, arguments, parts, given)
+    def counting_many(function, arguments, parts, given, before=None):
+        done = real_many(function, arguments, parts, given, before)
         many.append((arguments[0], len(parts)) if done else None)
         return done
 
