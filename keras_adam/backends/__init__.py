@@ -352,20 +352,12 @@ def use_c_loop(on):
     module.enabled = bool(on)
 
 
-def own_tensor(variable):
-    """`variable`'s own tensor, where `whole_in_place()` (on torch, outside Keras's
-    scopes): its Parameter, read without Keras's checks of the scopes and
-    the device (some microseconds each, for each tensor of each of a step's
-    variables)."""
-    from keras_adam.backends import torch
-
-    return torch.own_tensor(variable)
-
-
 def own_tensors(variable, held):
-    """`own_tensor` of `variable` and of each of `held`'s variables (a tuple of
-    tuples, `Storage.held`), as (theta, values): one call for a variable's
-    tensors."""
+    """The own tensors of `variable` and of each of `held`'s variables (a tuple
+    of tuples, `Storage.held`), as (theta, values), where `whole_in_place()`
+    (on torch, outside Keras's scopes): their Parameters, read without
+    Keras's checks of the scopes and the device (some microseconds each, for
+    each tensor of each of a step's variables)."""
     from keras_adam.backends import torch
 
     own = torch.own_tensor

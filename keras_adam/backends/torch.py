@@ -310,7 +310,7 @@ def writes_in_place():
 
 
 def own_tensor(variable):
-    """`keras_adam.backends.own_tensor`: the tensor a Keras variable holds, which its
+    """`keras_adam.backends.own_tensors`' tensor a Keras variable holds, which its
     `value` returns outside Keras's scopes (Keras 3.15's torch `Variable`
     keeps it as `_value`; this module alone reads it, and
     tests/test_backend_torch.py's in-place test fails if it moves: the
