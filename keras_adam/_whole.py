@@ -125,7 +125,8 @@ class Whole:
         flat = given is not None
         in_place = backends.whole_in_place() if self._in_place is None else self._in_place
         if in_place:  # outside Keras's scopes: the tensors the function writes into
-            theta, values = backends.own_tensors(variable, held)
+            (theta,), *values = backends.own_tensors([(variable,), *held])
+            values = tuple(values)
             # Written where it lives, on its gradient's device; a variable off
             # that device is converted (to Keras's default device, as in a
             # scope) and its results assigned.
@@ -254,20 +255,22 @@ class Whole:
         variables = [t[i] for i in range(len(targets[0])) for t in targets]
         backends.assign_all(first.targets[2], list(zip(variables, pieces)))
 
-    def _many(self, key, parts, given, step, storage, indices, before=None):
+    def _many(self, key, parts, given, step, storage, indices, before=None, kept=None):
         """Whether the function of `key` ran as its `many`: a function that takes
         variables where they lie (torch's C loop on a CPU) writes their own
         tensors, nothing joined or copied. It is given the streams' seed and
         step, their count and each variable's position, not each row's keys
         (gathered at every step). `before` runs once it has checked the
-        tensors, before it writes."""
+        tensors, before it writes. `kept` is what `many` keeps for the batch
+        between steps (`again` passes the last step's)."""
         fields, bound, noise = step
         streams = None if noise is None else (
             *noise, storage.stream_count(), self._positions(storage, indices))
-        if not self._functions[key].many(parts, given, fields, (bound, streams), before):
+        kept = {} if kept is None else kept
+        if not self._functions[key].many(parts, given, fields, (bound, streams), before, kept):
             return False
         if self._stepping:  # a step's (`together`), for `again` at the next
-            self._ran.append((key, indices, given))
+            self._ran.append((key, indices, given, kept))
         return True
 
     def again(self, storage, calls, facts, decay_rate, group):
@@ -297,7 +300,7 @@ class Whole:
         if self._waiting is None or not self._in_place or not self._ran_last:
             return left
         found = {c[0]: c for c in calls}
-        for key, indices, given in self._ran_last:
+        for key, indices, given, kept in self._ran_last:
             if not left.issuperset(indices):
                 continue
             first = group(indices[0])
@@ -310,12 +313,13 @@ class Whole:
             if (layout, rule[0], bound is None, noise is None, rounds, rate, True) != key or \
                     given_now != given:
                 continue
-            parts = []
-            for i in indices:
-                _, variable, gradient = found[i]
-                theta, values = backends.own_tensors(
-                    variable, self._layout(storage, i, variable, True, rows)[4])
-                parts.append((gradient, theta) + tuple(x for slot in values for x in slot))
+            if kept.get("held", (None,))[0] is not storage:  # each variable's, fixed with it
+                kept["held"] = (storage, [
+                    tuple(h for slot in self._layout(storage, i, found[i][1], True, rows)[4]
+                          for h in slot) for i in indices])
+            owned = backends.own_tensors([(found[i][1],) + held
+                                          for i, held in zip(indices, kept["held"][1])])
+            parts = [(found[i][2],) + tensors for i, tensors in zip(indices, owned)]
             decays = {}  # rate -> variables, at the batch's lr
             if before is not None:
                 for i in indices:
@@ -328,7 +332,8 @@ class Whole:
                     backends.decay(variables, rate_, before[1])
 
             step = (self._scalar_fields(rule[1]), self._bound(bound), noise)
-            if self._many(key, parts, given, step, storage, indices, decay if decays else None):
+            if self._many(key, parts, given, step, storage, indices, decay if decays else None,
+                          kept):
                 left.difference_update(indices)
         return left
 

@@ -287,7 +287,7 @@ class Adam(Optimizer):
         # the rest are updated one by one (on TensorFlow by Keras's own,
         # tf.distribute-aware loop), small ones' whole steps together.
         fast, hyper, indices, methods = self._methods_now(grads, trainable_variables)
-        if fast is not None and not fast.per_variable:
+        if fast is not None and not fast.per_variable and fast.name in methods:
             items, settings, step = [], [], self._step(learning_rate)
             for g, v, i in zip(grads, trainable_variables, indices):
                 items.append((g, v, self._storage.slots(i)))

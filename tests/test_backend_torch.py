@@ -669,9 +669,9 @@ def test_the_rows_loop_has_the_bits_of_the_compiled_step(monkeypatch, kwargs, dt
         calls.append(args[1][0])
         return real_call(*args)
 
-    def counting_many(function, arguments, parts, given, before=None):
-        done = real_many(function, arguments, parts, given, before)
-        many.append((arguments[0], len(parts)) if done else None)
+    def counting_many(table, keys, scalars, parts, before=None):
+        done = real_many(table, keys, scalars, parts, before)
+        many.append((table.layout, len(parts)) if done else None)
         return done
 
     monkeypatch.setattr(torch_rows, "_call", counting_call)
@@ -811,8 +811,9 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
     which Keras's own loop calls for each variable (no step runs again).
     Groups of another lr and decay, a group of the optimizer's values until
     they are assigned, a decay exclusion, a schedule, a variable too large
-    to be joined, a step that updates a subset, and a gradient that is not
-    contiguous (its batch takes `apply`) on the way."""
+    to be joined, a step that updates a subset, a gradient that is not
+    contiguous (its batch takes `apply`), and tensors moved to new memory
+    (the addresses kept between steps are stale) on the way."""
     from keras_adam import _whole
 
     ran_again = []
@@ -854,6 +855,12 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
             if i == 4:  # not contiguous: the C loop refuses it, `apply` takes its batch
                 grads[0] = grads[0].t().contiguous().t()
                 assert not grads[0].is_contiguous()
+            if i == 5:
+                # Tensors moved to new memory under the same Parameters (as
+                # torch's `module.to` may): the kept addresses must be read again.
+                moved = optimizer.state_variables(variables[5]).values()
+                for x in [variables[0], variables[5], *moved]:
+                    x.value.data = x.value.data.clone()
             optimizer.apply(grads, [variables[j] for j in picked])
         values = list(variables) + list(optimizer.variables)
         return [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")) for x in values]

@@ -352,16 +352,16 @@ def use_c_loop(on):
     module.enabled = bool(on)
 
 
-def own_tensors(variable, held):
-    """The own tensors of `variable` and of each of `held`'s variables (a tuple
-    of tuples, `Storage.held`), as (theta, values), where `whole_in_place()`
-    (on torch, outside Keras's scopes): their Parameters, read without
-    Keras's checks of the scopes and the device (some microseconds each, for
-    each tensor of each of a step's variables)."""
+def own_tensors(groups):
+    """The own tensors of each of `groups` (tuples of Keras variables), as a
+    list of tuples, where `whole_in_place()` (on torch, outside Keras's
+    scopes): their Parameters, read without Keras's checks of the scopes and
+    the device (some microseconds each, for each tensor of each of a step's
+    variables)."""
     from keras_adam.backends import torch
 
     own = torch.own_tensor
-    return own(variable), tuple(tuple(own(h) for h in slot) for slot in held)
+    return [tuple(map(own, group)) for group in groups]
 
 
 def plain(x):

@@ -23,6 +23,7 @@ Keras before this step, so the kernel's own is 0.
 import contextlib
 import functools
 import math
+import operator
 import os
 import threading
 import types
@@ -309,13 +310,12 @@ def writes_in_place():
     return not torch.compiler.is_compiling() and not _keras_scope_active()
 
 
-def own_tensor(variable):
-    """`keras_adam.backends.own_tensors`' tensor a Keras variable holds, which its
-    `value` returns outside Keras's scopes (Keras 3.15's torch `Variable`
-    keeps it as `_value`; this module alone reads it, and
-    tests/test_backend_torch.py's in-place test fails if it moves: the
-    results would not reach the variables)."""
-    return variable._value
+# `keras_adam.backends.own_tensors`' tensor a Keras variable holds, which its
+# `value` returns outside Keras's scopes (Keras 3.15's torch `Variable` keeps
+# it as `_value`; this module alone reads it, and tests/test_backend_torch.py's
+# in-place test fails if it moves: the results would not reach the
+# variables). An attrgetter: read for each tensor of a step's variables.
+own_tensor = operator.attrgetter("_value")
 
 
 def plain(x):

@@ -28,6 +28,7 @@ torch.compile tracing around the step), the compiled step runs as before.
 """
 
 import ctypes
+import operator
 import threading
 
 import numpy as np
@@ -58,6 +59,8 @@ def with_loop(compiled, step, in_place):
     out (`_rounding.stream_key`). It returns False, having done nothing,
     where the loop does not cover them; else `before` (a function, or None)
     runs once their tensors are checked, before the loop writes them.
+    `kept`, a dict the caller keeps per batch of variables, holds their
+    tensors' addresses between steps (`_Table`).
     """
     def run(gradient, theta, values, fields, state):
         if enabled and not torch.compiler.is_compiling():
@@ -68,29 +71,29 @@ def with_loop(compiled, step, in_place):
                     return _call(functions[0], arguments, gradient, theta, values, in_place)
         return compiled(gradient, theta, values, fields, state)
 
-    def many(parts, given, fields, state, before=None):
+    def many(parts, given, fields, state, before=None, kept=None):
         if not (enabled and in_place) or torch.compiler.is_compiling():
             return False
-        # The first variable's tensors in the given shapes tell the layout.
-        shapes = iter([given[0], given[0]] + [s for slot in given[1] for s in slot])
-        shaped = iter([x.reshape(next(shapes)) for x in parts[0]])
-        first = (next(shaped), next(shaped), tuple(tuple(next(shaped) for _ in slot)
-                                                   for slot in given[1]))
         bound, streams = state
         if streams is not None and not _streams_cover(streams, len(parts)):
             return False
-        arguments = _arguments(step, *first, fields, (bound, streams), checked=True)
-        if arguments is None:
+        table = None if kept is None else kept.get("table")
+        if table is None or not table.holds(parts, bound, streams):
+            table = _Table.of(step, parts, given, fields, (bound, streams))
+            if table is None:
+                return False
+            if kept is not None:
+                kept["table"] = table
+        scalars = _scalars(fields, step.rate, bound)
+        if scalars is None:
             return False
-        functions = _function(arguments[0])
-        if functions is None:
-            return False
+        keys = None
         if streams is not None:  # each stream's key, as rows of 4 (a variable's)
             seed, t, count, positions = streams
-            table = np.empty((count // 4, 4), np.int32)
-            functions[2](count, _integer(seed), _integer(t), table.ctypes.data)
-            arguments = (arguments[0], (table, positions), arguments[2])
-        return _call_many(functions[1], arguments, parts, given, before)
+            keys = np.empty((count // 4, 4), np.int32)
+            table.functions[2](count, _integer(seed), _integer(t), keys.ctypes.data)
+            keys = (keys, positions)
+        return _call_many(table, keys, scalars, parts, before)
 
     run.many = many
     return run
@@ -217,46 +220,105 @@ def _call(function, arguments, gradient, theta, values, in_place):
     return None if in_place else (theta, values)
 
 
-def _call_many(function, arguments, parts, given, before=None):
-    """The loop of several variables (`with_loop`'s `many`), where every part
-    matches the first's layout (dtypes, sizes in whole rows, CPU, contiguous),
-    after `before()` where given; else False, having written nothing. The
-    keys, where given, are the streams' key table and each variable's row
-    in it."""
-    layout, keys, scalars = arguments
-    length = given[0][1]
-    # Each tensor's elements per element of theta (8-bit scales: 1 / length).
-    shares = [(x.dtype, s[1] == length) for x, s in zip(
-        parts[0], [given[0], given[0]] + [s for slot in given[1] for s in slot])]
-    # Each variable's tensors' addresses (rows.c: 8 or 5, absent ones 0),
-    # gathered in Python lists and made one array: some microseconds a
-    # variable less than writing each row of an array.
-    absent = (0,) * ((8 if layout[0] else 5) - len(parts[0]))
-    addresses, sizes = [], []
-    for part in parts:
-        size = part[1].numel()
-        if size % length or len(part) != len(shares):
+class _Table:
+    """The addresses of a `many` call's tensors (rows.c's table: each variable's
+    theta, gradient, then its values' tensors), checked once and kept
+    between steps by the caller (`many`'s `kept`): a model of many small
+    variables would otherwise check each tensor's dtype, size, device and
+    layout at every step, some microseconds a variable. At each step only
+    the gradients (new tensors) are checked and their addresses written;
+    theta and the values' tensors must be the same tensors at the same
+    addresses (a Keras variable assigned keeps its tensor: Keras's torch
+    `Variable` copies into it), else the table is made again."""
+
+    def __init__(self, functions, layout, kind, length, gradient, parts, addresses, sizes):
+        self.functions, self.layout, self.length = functions, layout, length
+        # Whether the bound K and the streams are absent: the layout's (`rows.layout`).
+        self.kind, self.gradient = kind, gradient  # (the gradients' dtype)
+        self.sizes = sizes  # each variable's elements
+        self.written = [x for part in parts for x in part[1:]]  # theta and the values
+        self.addresses = np.array(addresses, dtype=np.uintp)
+        self.stride = len(addresses) // len(parts)
+        self.held = self.addresses.reshape(len(parts), self.stride)[:, [0] + list(
+            range(2, len(parts[0])))].ravel().tolist()
+        self.numels = sizes.tolist()
+        self.offsets = np.zeros(len(parts), np.int64)  # rows.c's key rows, without keys
+
+    @classmethod
+    def of(cls, step, parts, given, fields, state):
+        """The table of `parts` in the `given` shapes, or None where the loop does
+        not cover them: the first part tells the layout (its tensors in the
+        given shapes), and every part must match it (dtypes, sizes in whole
+        rows, CPU, contiguous)."""
+        shapes = iter([given[0], given[0]] + [s for slot in given[1] for s in slot])
+        shaped = iter([x.reshape(next(shapes)) for x in parts[0]])
+        first = (next(shaped), next(shaped), tuple(tuple(next(shaped) for _ in slot)
+                                                   for slot in given[1]))
+        arguments = _arguments(step, *first, fields, state, checked=True)
+        functions = None if arguments is None else _function(arguments[0])
+        if functions is None:
+            return None
+        layout, length = arguments[0], given[0][1]
+        shares = [(x.dtype, s[1] == length) for x, s in zip(
+            parts[0], [given[0], given[0]] + [s for slot in given[1] for s in slot])]
+        # Each variable's tensors' addresses (rows.c: 8 or 5, absent ones 0),
+        # gathered in Python lists and made one array.
+        absent = (0,) * ((8 if layout[0] else 5) - len(parts[0]))
+        addresses, sizes = [], []
+        for part in parts:
+            size = part[1].numel()
+            if size % length or len(part) != len(shares):
+                return None
+            count = size // length
+            for x, (dtype, whole) in zip(part, shares):
+                if x.dtype != dtype or x.numel() != (size if whole else count) or \
+                        type(x) not in _PLAIN or not x.is_cpu or not x.is_contiguous():
+                    return None
+            # theta, gradient, then the values (rows.c's order)
+            addresses.append(part[1].data_ptr())
+            addresses.append(part[0].data_ptr())
+            addresses.extend(x.data_ptr() for x in part[2:])
+            addresses.extend(absent)
+            sizes.append(count * length)
+        return cls(functions, layout, (state[0] is None, state[1] is None), length,
+                   shares[0][0], parts, addresses, np.array(sizes, dtype=np.int64))
+
+    def holds(self, parts, bound, streams):
+        """Whether the table serves `parts` as they are now: the same theta and
+        values' tensors at the same addresses, and gradients of the layout's."""
+        if len(parts) != len(self.numels) or self.kind != (bound is None, streams is None):
             return False
-        count = size // length
-        for x, (dtype, whole) in zip(part, shares):
-            if x.dtype != dtype or x.numel() != (size if whole else count) or \
-                    type(x) not in _PLAIN or not x.is_cpu or not x.is_contiguous():
-                return False
-        # theta, gradient, then the values (rows.c's order)
-        addresses.append(part[1].data_ptr())
-        addresses.append(part[0].data_ptr())
-        addresses.extend(x.data_ptr() for x in part[2:])
-        addresses.extend(absent)
-        sizes.append(count * length)
-    pointers = np.array(addresses, dtype=np.uintp)
-    sizes = np.array(sizes, dtype=np.int64)
-    # Each variable's row among the keys (rows.c's offsets).
-    offsets = np.zeros(len(parts), np.int64) if keys is None else keys[1]
+        written = [x for part in parts for x in part[1:]]
+        return (all(map(operator.is_, written, self.written))
+                and [x.data_ptr() for x in written] == self.held
+                and all(_gradient(part[0], self.gradient, n)
+                        for part, n in zip(parts, self.numels)))
+
+    def with_gradients(self, parts):
+        """The table's addresses with this step's gradients'."""
+        self.addresses[1::self.stride] = [part[0].data_ptr() for part in parts]
+        return self.addresses
+
+
+def _gradient(x, dtype, size):
+    """Whether `x` is a plain contiguous CPU tensor of `dtype` and `size` elements."""
+    return (type(x) in _PLAIN and x.dtype == dtype and x.is_cpu and x.is_contiguous()
+            and x.numel() == size)
+
+
+def _call_many(table, keys, scalars, parts, before=None):
+    """The loop of several variables (`with_loop`'s `many`) of `table` (`_Table`,
+    which serves `parts`), after `before()` where given; else False, having
+    written nothing. The keys, where given, are the streams' key table and
+    each variable's row in it."""
+    addresses = table.with_gradients(parts)
+    offsets = table.offsets if keys is None else keys[1]
     if before is not None:
         before()
-    if not function(len(parts), sizes.ctypes.data, length, pointers.ctypes.data,
-                    None if keys is None else keys[0].ctypes.data, offsets.ctypes.data,
-                    scalars.ctypes.data, torch.get_num_threads()):
+    if not table.functions[1](len(parts), table.sizes.ctypes.data, table.length,
+                              addresses.ctypes.data,
+                              None if keys is None else keys[0].ctypes.data,
+                              offsets.ctypes.data, scalars.ctypes.data, torch.get_num_threads()):
         # No memory for its table of 8 bytes a variable. Once `before` has
         # written, the step cannot be left to another path, which would
         # write it again.
@@ -264,7 +326,7 @@ def _call_many(function, arguments, parts, given, before=None):
             raise MemoryError("keras_adam's C loop could not allocate its table of "
                               f"{len(parts)} variables")
         return False
-    torch.autograd.graph.increment_version([x for part in parts for x in part[1:]])
+    torch.autograd.graph.increment_version(table.written)
     return True
 
 
