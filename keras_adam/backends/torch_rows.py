@@ -52,7 +52,9 @@ def with_loop(compiled, step, in_place):
     state)` runs the step of several variables as one call of the loop on
     their tensors where they lie: `parts` holds each variable's (gradient,
     theta, the values' tensors one after another) in any shapes, `given`
-    the shapes of `keras_adam._whole`'s layout (rows of one length), and
+    the first's shapes in `keras_adam._whole`'s layout (8-bit: the blocks'
+    length, which all share; element-wise, the others may be given in rows
+    of another length), and
     `state` (bound, streams) has as streams, where random bits are drawn,
     (seed, t, the count of streams, each variable's position: its streams
     are 4 position .. 4 position + 3), whose keys the loop's library works
@@ -261,6 +263,8 @@ class _Table:
         layout, length = arguments[0], given[0][1]
         shares = [(x.dtype, s[1] == length) for x, s in zip(
             parts[0], [given[0], given[0]] + [s for slot in given[1] for s in slot])]
+        if not layout[0]:  # element-wise: each variable one row (rows.c), of any length
+            length = 1
         # Each variable's tensors' addresses (rows.c: 8 or 5, absent ones 0),
         # gathered in Python lists and made one array.
         absent = (0,) * ((8 if layout[0] else 5) - len(parts[0]))
