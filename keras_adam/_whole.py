@@ -290,7 +290,10 @@ class Whole:
         it has checked the tensors). A batch of `together` is one function
         and step's values; its variables of two groups of equal values
         would part once an assignment changes one group's, so such a batch
-        takes `apply`.
+        takes `apply`. Element-wise batches of one function and group run as
+        one call (`with_loop`'s `many` takes each variable as one row), and
+        each batch's `kept` (what `many` keeps: its table of addresses)
+        passes to the next step.
 
         Within `together()`, in place only. A model of many small variables
         otherwise pays their routing at every step: about 16 microseconds a

@@ -10,9 +10,9 @@ values and 8-bit codes in partial vectors, and splits the 8-bit step into
 seven loops over the variable: those steps ran at 2.4-5 times float32's
 on 16 million parameters. The same arithmetic written as C loops
 (`rows.c`: one pass over each row or block), which the C compiler
-vectorises whole, runs at 1.0-1.2 times float32's with bfloat16 moments
+vectorises whole, runs at 0.95-1.2 times float32's with bfloat16 moments
 or weights, and 2.3-3.2 with 8-bit moments, whose codec is bound by its
-arithmetic (two AVX-512 CPUs, docs/precision.md).
+arithmetic (three AVX-512 CPUs, docs/precision.md).
 
 The loop is compiled at first use (`rows.build`), with the C compiler `CC`,
 else `gcc` (GCC's OpenMP runtime is the one torch loads, and runs its
