@@ -34,7 +34,9 @@ SPARSE_UPDATES = ("exact", "lazy")
 
 def is_sparse(gradient):
     """True for a row-sparse gradient (tf.IndexedSlices; only TensorFlow makes them)."""
-    return hasattr(gradient, "indices") and hasattr(gradient, "dense_shape")
+    # dense_shape first: a torch tensor has an `indices` method (asked per
+    # variable and step, several times).
+    return hasattr(gradient, "dense_shape") and hasattr(gradient, "indices")
 
 
 def deduplicate(gradient):

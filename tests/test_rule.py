@@ -75,3 +75,30 @@ def test_float_and_tensor_folds_agree(placement):
     # Closed forms: c = 1 - beta^t, alpha = lr sqrt(c2) / c1.
     np.testing.assert_allclose(c1, 1 - 0.9**t, rtol=1e-14)
     np.testing.assert_allclose(alpha, lr * np.sqrt(1 - 0.999**t) / (1 - 0.9**t), rtol=1e-14)
+
+
+def test_a_pickled_hyper_hashes_as_a_new_one_in_another_process():
+    """`Hyper` caches its hash, and a string's hash differs between processes
+    (PYTHONHASHSEED): unpickled in another process, a Hyper must hash as one
+    made there with the same values, or a dict of compiled functions keyed
+    by it would miss (or two keys of equal Hypers coexist). The oracle is
+    the other process's own Hyper."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    hyper = _hyper({"epsilon_placement": "paper"})
+    hash(hyper)  # cached in this process
+    child = ("import pickle, sys\n"
+             "from keras_adam import _rule\n"
+             "got = pickle.loads(sys.stdin.buffer.read())\n"
+             "new = _rule.Hyper(**{f: getattr(got, f) for f in _rule.HYPER_FIELDS})\n"
+             "print(got == new, hash(got) == hash(new), {new: 1}.get(got))\n")
+    # A seed other than this process's: the string field hashes otherwise.
+    seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
+    done = subprocess.run([sys.executable, "-c", child], input=pickle.dumps(hyper),
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONHASHSEED": seed})
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().split()[-3:] == ["True", "True", "1"], done.stdout
