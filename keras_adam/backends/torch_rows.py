@@ -231,7 +231,10 @@ class _Table:
     the gradients (new tensors) are checked and their addresses written;
     theta and the values' tensors must be the same tensors at the same
     addresses (a Keras variable assigned keeps its tensor: Keras's torch
-    `Variable` copies into it), else the table is made again."""
+    `Variable` copies into it), else the table is made again. Their dtypes,
+    sizes and layout are not read again (some microseconds a variable): a
+    Parameter given another view of the same memory (`p.data =
+    p.data.view(...)`) is outside what a Keras variable allows."""
 
     def __init__(self, functions, layout, kind, length, gradient, parts, addresses, sizes):
         self.functions, self.layout, self.length = functions, layout, length
