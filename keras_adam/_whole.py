@@ -291,9 +291,10 @@ class Whole:
         and step's values; its variables of two groups of equal values
         would part once an assignment changes one group's, so such a batch
         takes `apply`. Element-wise batches of one function and group run as
-        one call (`with_loop`'s `many` takes each variable as one row), and
-        each batch's `kept` (what `many` keeps: its table of addresses)
-        passes to the next step.
+        one call (`with_loop`'s `many` takes each variable as one row), but
+        those that such a call refused, which run as before; each batch's
+        `kept` (what `many` keeps: its table of addresses) passes to the
+        next step.
 
         Within `together()`, in place only. A model of many small variables
         otherwise pays their routing at every step: about 16 microseconds a
@@ -303,8 +304,9 @@ class Whole:
         if self._waiting is None or not self._in_place or not self._ran_last:
             return left
         found = {c[0]: c for c in calls}
-        ready = {}  # the batches to run: [indices, given, kept, facts, rows]
-        for key, indices, given, kept in self._ran_last:
+        ready = {}  # the batches to run: [indices, given, kept, facts, rows, the last step's]
+        for entry in self._ran_last:
+            key, indices, given, kept = entry
             if not left.issuperset(indices):
                 continue
             first = group(indices[0])
@@ -320,38 +322,57 @@ class Whole:
             # Element-wise batches (every tensor in theta's shape) of one function
             # and group, given in rows of other lengths, run as one call: the C
             # loop takes each variable as one row (`rows.c`), and a call costs
-            # some tens of microseconds besides its arithmetic.
-            elementwise = all(s == given[0] for slot in given[1] for s in slot)
+            # some tens of microseconds besides its arithmetic. Not those that
+            # a joined call refused (`alone`).
+            elementwise = not kept.get("alone") and all(
+                s == given[0] for slot in given[1] for s in slot)
             joined = (key, id(first)) if elementwise else id(kept)
             if joined in ready:
                 ready[joined][0] += indices
                 ready[joined][2] = {}  # the joined batch's own, kept from now on
+                ready[joined][5].append(entry)
             else:
-                ready[joined] = [indices, given, kept, (key, rule, bound, noise, before), rows]
-        for indices, given, kept, (key, rule, bound, noise, before), rows in ready.values():
-            if kept.get("held", (None,))[0] is not storage:  # each variable's, fixed with it
-                kept["held"] = (storage, [
-                    tuple(h for slot in self._layout(storage, i, found[i][1], True, rows)[4]
-                          for h in slot) for i in indices])
-            owned = backends.own_tensors([(found[i][1],) + held
-                                          for i, held in zip(indices, kept["held"][1])])
-            parts = [(found[i][2],) + tensors for i, tensors in zip(indices, owned)]
-            decays = {}  # rate -> variables, at the batch's lr
-            if before is not None:
-                for i in indices:
-                    rate_ = decay_rate(i)
-                    if rate_:
-                        decays.setdefault(rate_, []).append(found[i][1])
-
-            def decay(decays=decays, lr=None if before is None else before[1]):
-                for rate_, variables in decays.items():
-                    backends.decay(variables, rate_, lr)
-
-            step = (self._scalar_fields(rule[1]), self._bound(bound), noise)
-            if self._many(key, parts, given, step, storage, indices, decay if decays else None,
-                          kept):
+                ready[joined] = [indices, given, kept, (key, rule, bound, noise, before), rows,
+                                 [entry]]
+        for indices, given, kept, facts_, rows, entries in ready.values():
+            if self._again(storage, found, indices, given, kept, facts_, rows, decay_rate):
                 left.difference_update(indices)
+            elif len(entries) > 1:
+                # A joined call refused (a gradient the loop does not take): its
+                # batches run as the last step ran them, now and from now on.
+                for _, indices_, given_, kept_ in entries:
+                    kept_["alone"] = True
+                    if self._again(storage, found, indices_, given_, kept_, facts_, rows,
+                                   decay_rate):
+                        left.difference_update(indices_)
         return left
+
+    def _again(self, storage, found, indices, given, kept, facts, rows, decay_rate):
+        """Whether `again`'s batch of `indices` ran as one call of its function's
+        `many` (`facts`: its function key, rule, bound, noise and decay before
+        the step, of its first variable)."""
+        key, rule, bound, noise, before = facts
+        if kept.get("held", (None,))[0] is not storage:  # each variable's, fixed with it
+            kept["held"] = (storage, [
+                tuple(h for slot in self._layout(storage, i, found[i][1], True, rows)[4]
+                      for h in slot) for i in indices])
+        owned = backends.own_tensors([(found[i][1],) + held
+                                      for i, held in zip(indices, kept["held"][1])])
+        parts = [(found[i][2],) + tensors for i, tensors in zip(indices, owned)]
+        decays = {}  # rate -> variables, at the batch's lr
+        if before is not None:
+            for i in indices:
+                rate = decay_rate(i)
+                if rate:
+                    decays.setdefault(rate, []).append(found[i][1])
+
+        def decay():
+            for rate_, variables in decays.items():
+                backends.decay(variables, rate_, before[1])
+
+        step = (self._scalar_fields(rule[1]), self._bound(bound), noise)
+        return self._many(key, parts, given, step, storage, indices,
+                          decay if decays else None, kept)
 
     def _bound(self, bound):
         """The moment bound K as the functions take it: a Python float as a tensor

@@ -814,8 +814,9 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
     Groups of another lr and decay, a group of the optimizer's values until
     they are assigned, a decay exclusion, a schedule, a variable too large
     to be joined, a step that updates a subset, a gradient that is not
-    contiguous (its batch takes `apply`), and tensors moved to new memory
-    (the addresses kept between steps are stale) on the way."""
+    contiguous (its batch takes `apply`), a gradient of another dtype (a
+    joined call refused: its batches run alone), and tensors moved to new
+    memory (the addresses kept between steps are stale) on the way."""
     from keras_adam import _whole
 
     ran_again = []
@@ -848,7 +849,7 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
                                              # the optimizer's own values, until assigned
                                              "w0": {"beta_1": 0.9, "weight_decay": 0.05}})
         optimizer.exclude_from_weight_decay(var_names=["w1"])
-        for i in range(8):
+        for i in range(11):
             if i == 2:  # w0's group keeps its values, the others take these
                 optimizer.beta_1, optimizer.weight_decay = 0.95, 0.1
             picked = [0, 2, 3, 5] if i == 3 else range(len(shapes))
@@ -857,7 +858,14 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
             if i == 4:  # not contiguous: the C loop refuses it, `apply` takes its batch
                 grads[0] = grads[0].t().contiguous().t()
                 assert not grads[0].is_contiguous()
-            if i == 7:
+            if i in (7, 8, 9):
+                # w5's gradient in the other dtype, which the loop takes, but not
+                # in a call whose first gradient is of the variables' dtype: w5's
+                # call joined with w1's and w4's (element-wise) is refused; from
+                # the next step on, each runs alone.
+                grads[5] = keras.ops.cast(grads[5], "float32" if dtype == "bfloat16"
+                                          else "bfloat16")
+            if i == 10:
                 # Tensors moved to new memory under the same Parameters (as
                 # torch's `module.to` may), after two steps of every variable:
                 # the batches' tables kept since the last step must be made again.
@@ -869,8 +877,9 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
         return [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")) for x in values]
 
     again = run(keras_adam.AdamW)
-    # (the C loop runs on every layout here; the last step, tensors moved, too)
-    assert ran_again[-1] == len(shapes), ran_again
+    # (the C loop runs on every layout here; after the joined call refused at
+    # step 7, each of its batches alone; the last step, tensors moved, too)
+    assert ran_again[8:] == [len(shapes)] * 3, ran_again
     ran_again.clear()
     one_by_one = run(PerVariable)
     assert not any(ran_again)
