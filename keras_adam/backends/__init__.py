@@ -322,7 +322,8 @@ def compile_whole(fn, any_length=False, in_place=False, rows=False, loop=None):
             return compiled(fn)
         from keras_adam.backends import tf_rows
 
-        return tf_rows.WithLoop(compiled(fn), LoopStep(*loop[0]), loop[1])
+        step = LoopStep(*loop[0])
+        return tf_rows.WithLoop(compiled(tf_rows.in_programs(fn, step, loop[1])), step, loop[1])
     if backend == "torch":
         from keras_adam.backends import torch
         from keras_adam.backends import torch_rows

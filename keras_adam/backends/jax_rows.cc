@@ -29,11 +29,11 @@ namespace ffi = xla::ffi;
 
 extern "C" {
 int keras_adam_rows_many(int64_t count, const int64_t *sizes, int64_t length,
-                         void *const *pointers, const int32_t *keys, const int64_t *offsets,
-                         const float *s, int threads);
+                         void *const *pointers, void *const *sources, const int32_t *keys,
+                         const int64_t *offsets, const float *s, int threads);
 int keras_adam_blocks_many(int64_t count, const int64_t *sizes, int64_t length,
-                           void *const *pointers, const int32_t *keys, const int64_t *offsets,
-                           const float *s, int threads);
+                           void *const *pointers, void *const *sources, const int32_t *keys,
+                           const int64_t *offsets, const float *s, int threads);
 }
 
 static ffi::Error Step(ffi::AnyBuffer scalars, ffi::AnyBuffer keys, ffi::AnyBuffer gradient,
@@ -60,10 +60,10 @@ static ffi::Error Step(ffi::AnyBuffer scalars, ffi::AnyBuffer keys, ffi::AnyBuff
   const float *s = static_cast<const float *>(scalars.untyped_data());
   const int threads = size < ONE_THREAD_BELOW ? 1 : omp_get_max_threads();
 #if EIGHT_BIT
-  const int done = keras_adam_blocks_many(1, &size, length, pointers, key, &offset, s,
+  const int done = keras_adam_blocks_many(1, &size, length, pointers, nullptr, key, &offset, s,
                                           threads);
 #else
-  const int done = keras_adam_rows_many(1, &size, length, pointers, key, &offset, s,
+  const int done = keras_adam_rows_many(1, &size, length, pointers, nullptr, key, &offset, s,
                                         threads);
 #endif
   if (!done) return ffi::Error::Internal("keras_adam step: out of memory");

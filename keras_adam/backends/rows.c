@@ -139,9 +139,14 @@ static inline uint16_t stochastic_bf16(float x, uint32_t bits) {
   return (uint16_t)((finite ? carried : kept) >> 16);
 }
 
-/* torch.maximum: NaN if either is NaN. */
+/* torch.maximum: NaN if either is NaN. Written as three selections, each of
+   values already computed: GCC took the nested form for control flow and
+   left the whole 8-bit block loop scalar (a moment bound's 8-bit step in
+   2.3 times the time on a 2-core AMD EPYC). */
 static inline float maximum(float a, float b) {
-  return a != a ? a : (b != b ? b : (a > b ? a : b));
+  const float larger = a > b ? a : b;
+  const float unordered = b != b ? b : larger;
+  return a != a ? a : unordered;
 }
 
 #if THETA == BF16
@@ -229,11 +234,21 @@ typedef float v_max_t;
 #endif
 
 /* One row of `length` elements, the first at position `first` of its variable,
-   with its four stream keys `key`. */
+   with its four stream keys `key`: theta and the moments read from `*_in`
+   (the same addresses where the step writes in place). */
 INLINE void row_step(int64_t length, theta_t *theta, const gradient_t *gradient, m_t *m,
-                     v_t *v, v_max_t *v_max, const uint32_t *key, uint32_t first,
-                     const float *s) {
-  (void)v_max;
+                     v_t *v, v_max_t *v_max, const theta_t *theta_in, const m_t *m_in,
+                     const v_t *v_in, const v_max_t *v_max_in, const uint32_t *key,
+                     uint32_t first, const float *s) {
+  (void)v_max, (void)v_max_in;
+  if (theta_in != theta) {
+    PREFETCH(theta_in, length * sizeof(theta_t), 0);
+    PREFETCH(m_in, length * sizeof(m_t), 0);
+    PREFETCH(v_in, length * sizeof(v_t), 0);
+#if V_MAX
+    PREFETCH(v_max_in, length * sizeof(v_max_t), 0);
+#endif
+  }
   PREFETCH(theta, length * sizeof(theta_t), 1);
   PREFETCH(gradient, length * sizeof(gradient_t), 0);
   PREFETCH(m, length * sizeof(m_t), 1);
@@ -244,9 +259,9 @@ INLINE void row_step(int64_t length, theta_t *theta, const gradient_t *gradient,
 #pragma omp simd
   for (int64_t j = 0; j < length; j++) {
     const uint32_t index = first + (uint32_t)j;
-    float m_j = M_IN(m[j]), v_j = V_IN(v[j]), v_max_j = 0.0f;
+    float m_j = M_IN(m_in[j]), v_j = V_IN(v_in[j]), v_max_j = 0.0f;
 #if V_MAX
-    v_max_j = V_MAX_IN(v_max[j]);
+    v_max_j = V_MAX_IN(v_max_in[j]);
 #endif
     const float step = rule(GRADIENT_IN(gradient[j]), &m_j, &v_j, &v_max_j, s);
     m[j] = M_OUT(m_j, index, key[1]);
@@ -254,7 +269,7 @@ INLINE void row_step(int64_t length, theta_t *theta, const gradient_t *gradient,
 #if V_MAX
     v_max[j] = V_MAX_OUT(v_max_j, index, key[3]);
 #endif
-    theta[j] = new_theta(theta[j], step, index, key[0], s);
+    theta[j] = new_theta(theta_in[j], step, index, key[0], s);
   }
 }
 
@@ -268,8 +283,9 @@ void keras_adam_rows(int64_t size, int64_t length, theta_t *theta, const gradien
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t row = 0; row < rows; row++) {
     const int64_t start = row * length;
-    row_step(length, theta + start, gradient + start, m + start, v + start,
-             V_MAX ? v_max + start : v_max, (const uint32_t *)keys + 4 * row,
+    v_max_t *v_max_row = V_MAX ? v_max + start : v_max;
+    row_step(length, theta + start, gradient + start, m + start, v + start, v_max_row,
+             theta + start, m + start, v + start, v_max_row, (const uint32_t *)keys + 4 * row,
              (uint32_t)firsts[row], s);
   }
 }
@@ -278,23 +294,27 @@ void keras_adam_rows(int64_t size, int64_t length, theta_t *theta, const gradien
    sizes[k] elements and its tensors' addresses at pointers[5 k ...] (theta,
    gradient, m, v, v_max), and its four stream keys at row offsets[k] of
    `keys`; its elements are one row, each at its position in the variable
-   (its rows one after another). Returns 0, having written nothing, where
-   the units' table (8 bytes a variable) cannot be allocated; else 1. */
+   (its rows one after another). Theta and the moments are read from
+   `sources`, in the same order (its gradients' places unused), or, where it
+   is NULL, from `pointers` (in place). Returns 0, having written nothing,
+   where the units' table (8 bytes a variable) cannot be allocated; else 1. */
 int keras_adam_rows_many(int64_t count, const int64_t *sizes, int64_t length,
-                         void *const *pointers, const int32_t *keys, const int64_t *offsets,
-                         const float *s, int threads) {
+                         void *const *pointers, void *const *sources, const int32_t *keys,
+                         const int64_t *offsets, const float *s, int threads) {
   (void)length;
   int64_t *units = first_units(count, sizes, CHUNK);
   if (!units) return 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t u = 0; u < units[count]; u++) {
     const int64_t k = owner(units, count, u);
-    void *const *p = pointers + 5 * k;
+    void *const *p = pointers + 5 * k, *const *q = (sources ? sources : pointers) + 5 * k;
     const int64_t start = (u - units[k]) * CHUNK;
     const int64_t n = sizes[k] - start < CHUNK ? sizes[k] - start : CHUNK;
+    const int64_t at = V_MAX ? start : 0;
     row_step(n, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
-             (m_t *)p[2] + start, (v_t *)p[3] + start,
-             V_MAX ? (v_max_t *)p[4] + start : (v_max_t *)p[4],
+             (m_t *)p[2] + start, (v_t *)p[3] + start, (v_max_t *)p[4] + at,
+             (const theta_t *)q[0] + start, (const m_t *)q[2] + start,
+             (const v_t *)q[3] + start, (const v_max_t *)q[4] + at,
              (const uint32_t *)keys + 4 * offsets[k], (uint32_t)start, s);
   }
   free(units);
@@ -349,30 +369,67 @@ static inline float absmax(const float *values, int64_t count) {
   return nan ? NAN : largest;
 }
 
+/* A block's tensors at one place: theta, the gradient, then each slot's codes
+   and scale (keras_adam_blocks_many's order). */
+typedef struct {
+  theta_t *theta;
+  const gradient_t *gradient;
+  int8_t *m;
+  float *m_scale;
+  uint8_t *v;
+  float *v_scale;
+  uint8_t *v_max;
+  float *v_max_scale;
+} block_t;
+
+/* Variable k's block `row` of `length` elements in the pointers' table
+   (8 addresses a variable). */
+static inline block_t block_at(void *const *p, int64_t row, int64_t length) {
+  const int64_t start = row * length;
+  block_t b = {(theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
+               (int8_t *)p[2] + start, (float *)p[3] + row, (uint8_t *)p[4] + start,
+               (float *)p[5] + row, V_MAX ? (uint8_t *)p[6] + start : (uint8_t *)p[6],
+               V_MAX ? (float *)p[7] + row : (float *)p[7]};
+  return b;
+}
+
 /* One block of `length` elements (a row), the first at position `first` of its
-   variable, theta drawn from stream key `key`; m_new, v_new and v_max_new
-   hold `length` floats for the new moments before they are encoded. */
-INLINE void block_step(int64_t length, theta_t *theta, const gradient_t *gradient, int8_t *m,
-                       float *m_scale, uint8_t *v, float *v_scale, uint8_t *v_max,
-                       float *v_max_scale, uint32_t key, uint32_t first, const float *s,
-                       float *m_new, float *v_new, float *v_max_new) {
-  (void)v_max, (void)v_max_scale, (void)v_max_new;
+   variable, theta drawn from stream key `key`, written into `out` from theta
+   and the codes and scales of `in` (the same block where the step writes
+   in place) and the gradient of `out`; m_new, v_new and v_max_new hold
+   `length` floats for the new moments before they are encoded. */
+INLINE void block_step(int64_t length, block_t out, block_t in, uint32_t key, uint32_t first,
+                       const float *s, float *m_new, float *v_new, float *v_max_new) {
+  (void)v_max_new;
+  theta_t *theta = out.theta;
+  const gradient_t *gradient = out.gradient;
+  int8_t *m = out.m;
+  uint8_t *v = out.v;
+  float *m_scale = out.m_scale, *v_scale = out.v_scale;
+  if (in.theta != theta) {
+    PREFETCH(in.theta, length * sizeof(theta_t), 0);
+    PREFETCH(in.m, length, 0);
+    PREFETCH(in.v, length, 0);
+#if V_MAX
+    PREFETCH(in.v_max, length, 0);
+#endif
+  }
   PREFETCH(theta, length * sizeof(theta_t), 1);
   PREFETCH(gradient, length * sizeof(gradient_t), 0);
   PREFETCH(m, length, 1);
   PREFETCH(v, length, 1);
 #if V_MAX
-  PREFETCH(v_max, length, 1);
+  PREFETCH(out.v_max, length, 1);
 #endif
-  const float m_s = *m_scale, v_s = *v_scale;
+  const float m_s = *in.m_scale, v_s = *in.v_scale;
 #if V_MAX
-  const float v_max_s = *v_max_scale;
+  const float v_max_s = *in.v_max_scale;
 #endif
 #pragma omp simd
   for (int64_t j = 0; j < length; j++) {
-    float m_j = m_table(m[j]) * m_s, v_j = v_table(v[j]) * v_s, v_max_j = 0.0f;
+    float m_j = m_table(in.m[j]) * m_s, v_j = v_table(in.v[j]) * v_s, v_max_j = 0.0f;
 #if V_MAX
-    v_max_j = v_table(v_max[j]) * v_max_s;
+    v_max_j = v_table(in.v_max[j]) * v_max_s;
 #endif
 #if BOUND
     const float floor = m_j * m_j / s[MOMENT_BOUND];
@@ -387,7 +444,7 @@ INLINE void block_step(int64_t length, theta_t *theta, const gradient_t *gradien
 #if V_MAX
     v_max_new[j] = v_max_j;
 #endif
-    theta[j] = new_theta(theta[j], step, first + (uint32_t)j, key, s);
+    theta[j] = new_theta(in.theta[j], step, first + (uint32_t)j, key, s);
   }
   *m_scale = absmax(m_new, length);
   *v_scale = absmax(v_new, length);
@@ -398,10 +455,10 @@ INLINE void block_step(int64_t length, theta_t *theta, const gradient_t *gradien
     v[j] = v_code(v_new[j], v_inverse);
   }
 #if V_MAX
-  *v_max_scale = absmax(v_max_new, length);
-  const float v_max_inverse = inverse(*v_max_scale);
+  *out.v_max_scale = absmax(v_max_new, length);
+  const float v_max_inverse = inverse(*out.v_max_scale);
 #pragma omp simd
-  for (int64_t j = 0; j < length; j++) v_max[j] = v_code(v_max_new[j], v_max_inverse);
+  for (int64_t j = 0; j < length; j++) out.v_max[j] = v_code(v_max_new[j], v_max_inverse);
 #endif
 }
 
@@ -417,14 +474,12 @@ void keras_adam_blocks(int64_t size, int64_t length, theta_t *theta,
 #pragma omp parallel num_threads(threads)
   {
     float m_new[length], v_new[length], v_max_new[length];
+    void *const p[8] = {theta, (void *)gradient, m, m_scale, v, v_scale, v_max, v_max_scale};
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; row++) {
-      const int64_t start = row * length;
-      block_step(length, theta + start, gradient + start, m + start, m_scale + row, v + start,
-                 v_scale + row, V_MAX ? v_max + start : v_max,
-                 V_MAX ? v_max_scale + row : v_max_scale,
-                 keys ? (uint32_t)keys[4 * row] : 0u, firsts ? (uint32_t)firsts[row] : 0u, s,
-                 m_new, v_new, v_max_new);
+      const block_t block = block_at(p, row, length);
+      block_step(length, block, block, keys ? (uint32_t)keys[4 * row] : 0u,
+                 firsts ? (uint32_t)firsts[row] : 0u, s, m_new, v_new, v_max_new);
     }
   }
 }
@@ -433,10 +488,11 @@ void keras_adam_blocks(int64_t size, int64_t length, theta_t *theta,
    sizes[k] elements and its tensors' addresses at pointers[8 k ...] (theta,
    gradient, m, m's scales, v, v's scales, v_max, v_max's scales); keys and
    offsets as for keras_adam_rows_many, or keys NULL where nothing is
-   written with stochastic rounding. Returns as keras_adam_rows_many. */
+   written with stochastic rounding; `sources` as for keras_adam_rows_many.
+   Returns as keras_adam_rows_many. */
 int keras_adam_blocks_many(int64_t count, const int64_t *sizes, int64_t length,
-                           void *const *pointers, const int32_t *keys, const int64_t *offsets,
-                           const float *s, int threads) {
+                           void *const *pointers, void *const *sources, const int32_t *keys,
+                           const int64_t *offsets, const float *s, int threads) {
   int64_t *units = first_units(count, sizes, length);
   if (!units) return 0;
 #pragma omp parallel num_threads(threads)
@@ -445,14 +501,11 @@ int keras_adam_blocks_many(int64_t count, const int64_t *sizes, int64_t length,
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < units[count]; u++) {
       const int64_t k = owner(units, count, u);
-      void *const *p = pointers + 8 * k;
-      const int64_t row = u - units[k], start = row * length;
-      block_step(length, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
-                 (int8_t *)p[2] + start, (float *)p[3] + row, (uint8_t *)p[4] + start,
-                 (float *)p[5] + row, V_MAX ? (uint8_t *)p[6] + start : (uint8_t *)p[6],
-                 V_MAX ? (float *)p[7] + row : (float *)p[7],
-                 keys ? (uint32_t)keys[4 * offsets[k]] : 0u, (uint32_t)start, s, m_new,
-                 v_new, v_max_new);
+      const int64_t row = u - units[k];
+      block_step(length, block_at(pointers + 8 * k, row, length),
+                 block_at((sources ? sources : pointers) + 8 * k, row, length),
+                 keys ? (uint32_t)keys[4 * offsets[k]] : 0u, (uint32_t)(row * length), s,
+                 m_new, v_new, v_max_new);
     }
   }
   free(units);

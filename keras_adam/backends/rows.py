@@ -120,10 +120,10 @@ def directory():
     return _DIRECTORY[0]
 
 
-def run(command):
-    """Whether the compiler's `command` ran and succeeded (within two minutes)."""
+def run(command, timeout=120):
+    """Whether the compiler's `command` ran and succeeded (within `timeout` seconds)."""
     try:
-        return subprocess.run(command, capture_output=True, timeout=120).returncode == 0
+        return subprocess.run(command, capture_output=True, timeout=timeout).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 

@@ -33,8 +33,8 @@ namespace {
 using namespace tensorflow;
 
 // rows.c's keras_adam_rows_many or keras_adam_blocks_many.
-typedef int (*Loop)(int64_t, const int64_t *, int64_t, void *const *, const int32_t *,
-                    const int64_t *, const float *, int);
+typedef int (*Loop)(int64_t, const int64_t *, int64_t, void *const *, void *const *,
+                    const int32_t *, const int64_t *, const float *, int);
 
 // The loops this process registered, by layout.
 std::mutex registry_lock;
@@ -160,7 +160,8 @@ class KerasAdamStepOp : public OpKernel {
     std::unique_lock<std::mutex> alone(every_thread_lock, std::defer_lock);
     if (threads > 1) alone.lock();
     OP_REQUIRES(ctx,
-                loop(1, &sizes, length_, pointers, ctx->input(1).flat<int32>().data(), &offset,
+                loop(1, &sizes, length_, pointers, nullptr, ctx->input(1).flat<int32>().data(),
+                     &offset,
                      ctx->input(0).flat<float>().data(), threads),
                 errors::ResourceExhausted("KerasAdamStep: out of memory"));
   }
@@ -197,3 +198,4 @@ extern "C" void keras_adam_tf_register(const int64_t *layout, int64_t count, voi
   std::lock_guard<std::mutex> hold(registry_lock);
   (*registry)[std::vector<int64_t>(layout, layout + count)] = reinterpret_cast<Loop>(loop);
 }
+

@@ -25,6 +25,8 @@ loop covers; elsewhere, and without a compiler, the XLA cluster runs.
 """
 
 import ctypes
+import hashlib
+import logging
 import os
 import shutil
 import threading
@@ -39,6 +41,9 @@ from tensorflow.python.ops import control_flow_util
 from keras_adam.backends import rows
 
 _OP_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_rows.cc")
+_XLA_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_xla.cc")
+
+_log = logging.getLogger("keras_adam")
 
 # Set to False to run the XLA cluster instead (the benchmark's comparison).
 enabled = True
@@ -61,6 +66,7 @@ class WithLoop:
     def __call__(self, *args):
         return self.compiled(*args)
 
+
     def update(self, gradient, variable, held, fields, state):
         """theta and the moments of `variable` (held in `held`, `Storage.held`)
         updated in place by the op; False, having done nothing, where the op
@@ -78,6 +84,41 @@ class WithLoop:
                                 layout=[int(x) for x in layout], length=length,
                                 threads=_threads(), version=VERSION)
         return True
+
+
+def in_programs(fn, step, given):
+    """`fn` (a step function of `_whole`, `(gradient, theta, values, fields, state)`
+    -> (theta', values')) as XLA traces it: on a machine of CPUs only, the same
+    step as one custom call of the C loop of `step` (`rows.Step`) where the loop
+    covers the call (`keras_adam_xla_step` of `tf_rows.cc`), its results in
+    buffers of their own; else `fn`. `given`: as for `WithLoop`."""
+    def run(gradient, theta, values, fields, state):
+        written = [theta] + [x for slot in values for x in slot]
+        if enabled and not _accelerators() and all(_on_cpu(x) for x in written):
+            arguments = _arguments(step, given, gradient, theta, values, fields, state)
+            if arguments is not None and _registered_in_programs(arguments[0]):
+                results = _in_program(arguments, gradient, written)
+                rest = iter(results[1:])
+                return results[0], tuple(tuple(next(rest) for _ in slot) for slot in values)
+        return fn(gradient, theta, values, fields, state)
+
+    return run
+
+
+def _in_program(arguments, gradient, written):
+    """The op that XLA compiles into the custom call: the tensors `written`
+    (theta, then the moments'), stepped."""
+    layout, length, keys, scalars = arguments
+    configuration = " ".join(str(int(x)) for x in (
+        VERSION, _described(gradient)[1], length, _threads(), *layout))
+    return _XLA[0].keras_adam_step_values(scalars, keys, gradient, written,
+                                          configuration=configuration)
+
+
+def _accelerators():
+    """Whether TensorFlow sees a GPU or TPU (where programs may be compiled for
+    it: the custom call is registered for the host only)."""
+    return any(d.device_type in ("GPU", "TPU") for d in tf.config.list_logical_devices())
 
 
 def _elsewhere():
@@ -145,20 +186,58 @@ def _threads():
 
 
 _LOCK = threading.Lock()
-_OPS = []  # the op library's module and ctypes handle, or None where it failed to build
-_LOOPS = {}  # layout -> its loaded library, or None where it cannot be compiled
+_OPS = []  # the op library's module, or None where it failed to build
+_XLA = []  # the library of the op that XLA compiles, or None where it failed to build
+_LOOPS = {}  # layout -> its loop's loaded library, or None where it cannot be compiled
+_REGISTERED = {"op": set(), "xla": set()}  # the layouts whose loops each library may call
 
 
 def _registered(layout):
     """Whether `layout`'s loop is registered with the op (compiled and loaded at
     first use); False where the op or the loop cannot be compiled."""
-    if layout not in _LOOPS:
-        with _LOCK:
-            if not _OPS:
-                _OPS.append(_build_op())
-            if layout not in _LOOPS:
-                _LOOPS[layout] = None if _OPS[0] is None else _register(layout)
-    return _LOOPS[layout] is not None
+    return _registered_with("op", _OPS, _build_op, layout)
+
+
+def _registered_in_programs(layout):
+    """Whether `layout`'s loop is registered with the op that XLA's programs call
+    (`tf_xla.cc`, compiled at first use or taken from the cache); False where
+    it or the loop cannot be compiled."""
+    return _registered_with("xla", _XLA, _build_xla, layout)
+
+
+def _registered_with(kind, holder, build, layout):
+    if layout in _REGISTERED[kind]:
+        return True
+    with _LOCK:
+        if not holder:
+            holder.append(build())
+        if holder[0] is None:
+            return False
+        if layout not in _LOOPS:
+            _LOOPS[layout] = _load_loop(layout)
+        if _LOOPS[layout] is None:
+            return False
+        if layout not in _REGISTERED[kind]:
+            loop = getattr(_LOOPS[layout],
+                           "keras_adam_blocks_many" if layout[0] else "keras_adam_rows_many")
+            values = (ctypes.c_int64 * len(layout))(*[int(x) for x in layout])
+            holder[0].register(values, len(layout), ctypes.cast(loop, ctypes.c_void_p).value)
+            _REGISTERED[kind].add(layout)
+    return True
+
+
+def _load_loop(layout):
+    """`layout`'s loop compiled and loaded (kept loaded while the ops may call
+    it), or None."""
+    library = rows.build(layout, "tf")
+    if library is None:
+        return None
+    try:
+        library = ctypes.CDLL(library)
+        getattr(library, "keras_adam_blocks_many" if layout[0] else "keras_adam_rows_many")
+    except (OSError, AttributeError):
+        return None
+    return library
 
 
 def _build_op():
@@ -182,15 +261,64 @@ def _build_op():
     return module
 
 
-def _register(layout):
-    library = rows.build(layout, "tf")
+def _build_xla():
+    """The library of `tf_xla.cc`, loaded and registered with XLA; compiled once
+    per source, TensorFlow and compiler into the cache directory
+    (`cache_directory`), else into this process's directory. None where it
+    cannot be compiled or loaded."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        return None
+    include = tf.sysconfig.get_include()
+    flags = ["-O2", "-shared", "-fPIC", "-w", *tf.sysconfig.get_compile_flags(),
+             # (headers that XLA's include, which the wheel keeps apart)
+             f"-I{include}/external/highwayhash", f"-I{include}/external/farmhash_archive/src"]
+    links = [*tf.sysconfig.get_link_flags(), "-l:libtensorflow_cc.so.2"]  # (XLA's registries)
+    with open(_XLA_SOURCE, "rb") as source:
+        key = hashlib.sha256(source.read() + repr(
+            (tf.__version__, flags, links, os.path.realpath(cxx))).encode()).hexdigest()[:20]
+    library = None
+    for where in (cache_directory(), rows.directory()):
+        if where is None:
+            continue
+        library = os.path.join(where, f"tf_xla_{key}.so")
+        if os.path.exists(library):
+            break
+        _log.warning("keras_adam: compiling its XLA custom call against TensorFlow's headers "
+                     "(about a minute, once per TensorFlow version and compiler; kept in %s)",
+                     where)
+        # Written under this process's own name, then renamed: another process
+        # compiling at once never loads half a file.
+        partial = f"{library}.{os.getpid()}.partial"
+        if rows.run([cxx, *flags, _XLA_SOURCE, "-o", partial, *links], timeout=600):
+            os.replace(partial, library)
+            break
+        library = None
     if library is None:
         return None
     try:
-        library = ctypes.CDLL(library)
-        loop = getattr(library, "keras_adam_blocks_many" if layout[0] else "keras_adam_rows_many")
-    except (OSError, AttributeError):
+        module = tf.load_op_library(library)
+        loaded = ctypes.CDLL(library)
+        register, register_loop = loaded.keras_adam_xla_register, loaded.keras_adam_xla_register_loop
+    except (tf.errors.OpError, OSError, AttributeError):
         return None
-    values = (ctypes.c_int64 * len(layout))(*[int(x) for x in layout])
-    _OPS[0].register(values, len(layout), ctypes.cast(loop, ctypes.c_void_p).value)
-    return library  # (kept loaded while the op may call its loop)
+    register.restype, register.argtypes = None, []
+    register_loop.restype = None
+    register_loop.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    register()
+    module.register = register_loop
+    return module
+
+
+def cache_directory():
+    """The directory of compiled libraries kept between processes:
+    $KERAS_ADAM_CACHE_DIR, else keras_adam under $XDG_CACHE_HOME or ~/.cache;
+    None where it cannot be made."""
+    where = os.environ.get("KERAS_ADAM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "keras_adam")
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError:
+        return None
+    return where if os.access(where, os.W_OK) else None

@@ -323,7 +323,7 @@ def _call_many(table, keys, scalars, parts, before=None):
     if before is not None:
         before()
     if not table.functions[1](len(parts), table.sizes.ctypes.data, table.length,
-                              addresses.ctypes.data,
+                              addresses.ctypes.data, None,  # (in place)
                               None if keys is None else keys[0].ctypes.data,
                               offsets.ctypes.data, scalars.ctypes.data, torch.get_num_threads()):
         # No memory for its table of 8 bytes a variable. Once `before` has
@@ -365,6 +365,6 @@ def _load(library, eight_bit):
     one.restype, many.restype = None, ctypes.c_int
     integer, pointer = ctypes.c_int64, ctypes.c_void_p
     one.argtypes = [integer, integer] + [pointer] * (11 if eight_bit else 8) + [ctypes.c_int]
-    many.argtypes = [integer, pointer, integer] + [pointer] * 4 + [ctypes.c_int]
+    many.argtypes = [integer, pointer, integer] + [pointer] * 5 + [ctypes.c_int]
     keys.restype, keys.argtypes = None, [integer, integer, integer, pointer]
     return one, many, keys

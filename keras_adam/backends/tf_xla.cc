@@ -1,0 +1,187 @@
+// One variable's Adam step as rows.c's loop inside the programs that XLA
+// compiles for TensorFlow on a CPU (keras_adam/backends/tf_rows.py compiles
+// this file against TensorFlow's headers once per TensorFlow and compiler,
+// and keeps it in a cache directory: XLA's headers take about a minute).
+//
+// KerasAdamStepValues(scalars, keys, gradient, written) -> results is a pure
+// op that only XLA compiles (it has no kernel of its own): one HLO
+// custom-call of keras_adam_xla_step, whose results alias the tensors
+// written (theta, then the moments' tensors in rows.c's order), so that
+// where those are the variables' buffers, given up for their new values,
+// the step writes them in place, one pass over each row or block.
+// `scalars` (float32[10]) and `keys` (int32[4]) are those of tf_rows.cc's
+// KerasAdamStep. `configuration`: the integers version, elements, 8-bit block
+// length, threads, then the loop's layout (rows.py's macros' values),
+// separated by spaces: the custom call's opaque text.
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_join.h"
+#include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
+#include "tensorflow/compiler/tf2xla/xla_op_registry.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "xla/hlo/builder/xla_builder.h"
+#include "xla/layout_util.h"
+#include "xla/service/custom_call_status_internal.h"
+#include "xla/service/custom_call_target_registry.h"
+#include "xla/shape_util.h"
+
+namespace {
+
+// rows.c's keras_adam_rows_many or keras_adam_blocks_many.
+typedef int (*Loop)(int64_t, const int64_t *, int64_t, void *const *, void *const *,
+                    const int32_t *, const int64_t *, const float *, int);
+
+// The loops this process registered, by layout (keras_adam_xla_register_loop).
+std::mutex registry_lock;
+std::map<std::vector<int64_t>, Loop> *registry = new std::map<std::vector<int64_t>, Loop>;
+
+Loop registered(const std::vector<int64_t> &layout) {
+  std::lock_guard<std::mutex> hold(registry_lock);
+  auto found = registry->find(layout);
+  return found == registry->end() ? nullptr : found->second;
+}
+
+constexpr int64_t kVersion = 1;          // tf_rows.py's VERSION
+constexpr int64_t kOneThreadBelow = 1 << 16;  // as tf_rows.cc's op
+std::mutex every_thread_lock;            // held by a step that takes every thread
+
+// The custom call (XLA's API_VERSION_STATUS_RETURNING_UNIFIED). `in`: the
+// scalars, the keys, the gradient, then theta and the moments' tensors as
+// read; `out`: the addresses of the results' buffers (a tuple), the same
+// tensors written. XLA gives each result its argument's buffer (the aliasing
+// the op asks for); where it did not, the loop reads the arguments and writes
+// the results, whose buffers are apart.
+void Step(void *out, const void **in, const char *opaque, size_t opaque_length,
+          XlaCustomCallStatus *status) {
+  std::vector<int64_t> values;
+  const std::string text(opaque, opaque_length);
+  const char *at = text.c_str();
+  char *end = nullptr;
+  for (long long value = std::strtoll(at, &end, 10); end != at;
+       value = std::strtoll(at, &end, 10)) {
+    values.push_back(value);
+    at = end;
+  }
+  if (values.size() != 4 + 11 || values[0] != kVersion) {
+    status->message = "keras_adam_step: a program of another keras_adam (its configuration \"" +
+                      text + "\")";
+    return;
+  }
+  const int64_t size = values[1], length = values[2];
+  const std::vector<int64_t> layout(values.begin() + 4, values.end());
+  const Loop loop = registered(layout);
+  if (loop == nullptr) {
+    status->message = "keras_adam_step: keras_adam has not compiled its loop for layout [" +
+                      absl::StrJoin(layout, ",") +
+                      "] in this process: run one step of an optimizer with the same options "
+                      "here first";
+    return;
+  }
+  const bool eight_bit = layout[0] != 0;
+  int written = 1;
+  for (int slot = 3; slot < 6; slot++) written += layout[slot] == 0 ? 0 : (eight_bit ? 2 : 1);
+  // rows.c's order: theta, the gradient, then the moments' tensors.
+  void *pointers[8] = {nullptr}, *sources[8] = {nullptr};
+  void **results = static_cast<void **>(out);
+  pointers[1] = sources[1] = const_cast<void *>(in[2]);
+  for (int i = 0; i < written; i++) {
+    pointers[i == 0 ? 0 : i + 1] = results[i];
+    sources[i == 0 ? 0 : i + 1] = const_cast<void *>(in[3 + i]);
+  }
+  if (size == 0) return;
+  int64_t sizes = size, offset = 0;
+  const int threads = size < kOneThreadBelow ? 1 : static_cast<int>(values[3]);
+  // XLA runs independent calls at once: those that take every thread run
+  // one at a time, rather than each with a team of its own sharing the cores.
+  std::unique_lock<std::mutex> alone(every_thread_lock, std::defer_lock);
+  if (threads > 1) alone.lock();
+  if (!loop(1, &sizes, length, pointers, sources, static_cast<const int32_t *>(in[1]), &offset,
+            static_cast<const float *>(in[0]), threads))
+    status->message = "keras_adam_step: out of memory";
+}
+
+class KerasAdamStepValuesOp : public tensorflow::XlaOpKernel {
+ public:
+  explicit KerasAdamStepValuesOp(tensorflow::OpKernelConstruction *c) : XlaOpKernel(c) {
+    OP_REQUIRES_OK(c, c->GetAttr("configuration", &configuration_));
+  }
+
+  void Compile(tensorflow::XlaOpKernelContext *ctx) override {
+    const int n = ctx->num_inputs();
+    std::vector<xla::XlaOp> operands(n);
+    std::vector<xla::Shape> shapes(n);
+    for (int i = 0; i < n; i++) {
+      operands[i] = ctx->Input(i);
+      auto shape = ctx->InputXlaShape(i);
+      OP_REQUIRES_OK(ctx, shape.status());
+      shapes[i] = *shape;
+      xla::LayoutUtil::SetToDefaultLayout(&shapes[i]);  // (row-major, as the loop reads)
+    }
+    std::vector<xla::Shape> results(shapes.begin() + 3, shapes.end());
+    std::vector<std::pair<xla::ShapeIndex, std::pair<int64_t, xla::ShapeIndex>>> aliasing;
+    for (int i = 0; i < n - 3; i++) aliasing.push_back({{i}, {3 + i, {}}});
+    xla::XlaOp call = xla::CustomCallWithLayout(
+        ctx->builder(), "keras_adam_step", operands, xla::ShapeUtil::MakeTupleShape(results),
+        shapes, configuration_, /*has_side_effect=*/false, aliasing, /*literal=*/nullptr,
+        xla::CustomCallSchedule::SCHEDULE_NONE,
+        xla::CustomCallApiVersion::API_VERSION_STATUS_RETURNING_UNIFIED);
+    for (int i = 0; i < n - 3; i++) ctx->SetOutput(i, xla::GetTupleElement(call, i));
+  }
+
+ private:
+  std::string configuration_;
+};
+
+}  // namespace
+
+REGISTER_OP("KerasAdamStepValues")
+    .Input("scalars: float")
+    .Input("keys: int32")
+    .Input("gradient: T")
+    .Input("written: W")
+    .Output("results: W")
+    .Attr("T: {float, bfloat16}")
+    .Attr("W: list(type)")
+    .Attr("configuration: string")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext *c) {
+      for (int i = 0; i < c->num_outputs(); i++) c->set_output(i, c->input(3 + i));
+      return absl::OkStatus();
+    });
+
+REGISTER_XLA_OP(Name("KerasAdamStepValues").Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                KerasAdamStepValuesOp);
+
+// Registers Step with XLA as the host's custom call "keras_adam_step", and the
+// op's kernel for XLA's CPU device.
+extern "C" void keras_adam_xla_register() {
+  xla::CustomCallTargetRegistry::Global()->Register(
+      "keras_adam_step", reinterpret_cast<void *>(&Step), "Host");
+  // XLA's devices' kernels are made once per process from the ops registered
+  // for XLA by then: where that was done before this library was loaded (as
+  // TensorFlow does when it starts), the op's kernel is registered here.
+  tensorflow::XlaOpRegistry::RegisterCompilationKernels();
+  if (tensorflow::KernelsRegisteredForOp("KerasAdamStepValues")
+          .find(tensorflow::DEVICE_CPU_XLA_JIT) == std::string::npos) {
+    static tensorflow::kernel_factory::OpKernelRegistrar registrar(
+        tensorflow::KernelDefBuilder("KerasAdamStepValues")
+            .Device(tensorflow::DEVICE_CPU_XLA_JIT)
+            .Build(),
+        "KerasAdamStepValuesOp",
+        [](tensorflow::OpKernelConstruction *c) -> tensorflow::OpKernel * {
+          return new KerasAdamStepValuesOp(c);
+        });
+  }
+}
+
+// Registers rows.c's loop `loop` for the layout of `count` values.
+extern "C" void keras_adam_xla_register_loop(const int64_t *layout, int64_t count, void *loop) {
+  std::lock_guard<std::mutex> hold(registry_lock);
+  (*registry)[std::vector<int64_t>(layout, layout + count)] = reinterpret_cast<Loop>(loop);
+}
