@@ -10,11 +10,11 @@ in pure bfloat16: on JAX `jax.jit` of `stateless_apply` with the state donated
 (as Keras's JAX trainer runs it), on TensorFlow `optimizer.apply` in a
 tf.function with jit_compile=True. Writes every variable and optimizer
 variable after the last step (as float32), and the number of copies of
-bfloat16 tensors in each format's compiled step (`copies`; on JAX, 8-bit
-codes' too). On JAX the
-formats run as the step function XLA compiles (the C loop that runs them
-on a CPU switched off: what runs on other devices), and again with the
-loop ("c-loop/" + the format's name).
+bfloat16 tensors and of 8-bit codes in each format's compiled step
+(`copies`). The formats run as the step function XLA compiles (the C loop
+that runs them on a CPU switched off: what runs on other devices), and
+again with the loop ("c-loop/" + the format's name): on JAX and on
+TensorFlow a custom call in XLA's program.
 """
 
 import sys
@@ -59,8 +59,8 @@ def train(kwargs, dtype):
 
         step = tf.function(lambda g: optimizer.apply(g, variables), jit_compile=True)
         # The cluster's optimized HLO, as XLA compiles it for these gradients.
-        copies = _bfloat16_copies(
-            step.experimental_get_compiler_ir(grads[0])(stage="optimized_hlo"))
+        text = step.experimental_get_compiler_ir(grads[0])(stage="optimized_hlo")
+        copies = _bfloat16_copies(text) + _copies(text, ("s8", "u8"))
         for g in grads:
             step(g)
         values = [v.value for v in variables + list(optimizer.variables)]
@@ -83,14 +83,12 @@ def _copies(text, dtypes):
 
 def main(out):
     results = {}
-    runs = [("", False)]
-    if keras.backend.backend() == "jax":
-        runs.append(("c-loop/", True))
-    for prefix, loop in runs:
-        if keras.backend.backend() == "jax":
-            from keras_adam.backends import jax_rows
+    from keras_adam import _whole
+    from keras_adam.backends import use_c_loop
 
-            jax_rows.enabled = loop
+    for prefix, loop in [("", False), ("c-loop/", True)]:
+        use_c_loop(loop)
+        _whole._SHARED.clear()  # (the compiled steps, traced with the switch as it was)
         for name, (kwargs, dtype) in FORMATS.items():
             arrays, copies = train(kwargs, dtype)
             for i, x in enumerate(arrays):

@@ -1,7 +1,8 @@
 /* One Adam step over rows of tensors, as one C loop: keras_adam._whole's step
  * function for 8-bit codes and for what is written with stochastic rounding
  * (keras_adam/backends/rows.py compiles this file; torch_rows.py calls it on
- * CPU tensors, and jax_rows.cc from XLA's programs on a CPU).
+ * CPU tensors, jax_rows.cc and tf_xla.cc from XLA's programs on a CPU, and
+ * tf_rows.cc's op from TensorFlow's graphs).
  *
  * Per element, in the order of keras_adam._rule.rule and keras_adam._whole's
  * step, each operation one IEEE float32 rounding (compiled with
@@ -310,11 +311,12 @@ int keras_adam_rows_many(int64_t count, const int64_t *sizes, int64_t length,
     void *const *p = pointers + 5 * k, *const *q = (sources ? sources : pointers) + 5 * k;
     const int64_t start = (u - units[k]) * CHUNK;
     const int64_t n = sizes[k] - start < CHUNK ? sizes[k] - start : CHUNK;
-    const int64_t at = V_MAX ? start : 0;
     row_step(n, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
-             (m_t *)p[2] + start, (v_t *)p[3] + start, (v_max_t *)p[4] + at,
+             (m_t *)p[2] + start, (v_t *)p[3] + start,
+             V_MAX ? (v_max_t *)p[4] + start : (v_max_t *)p[4],
              (const theta_t *)q[0] + start, (const m_t *)q[2] + start,
-             (const v_t *)q[3] + start, (const v_max_t *)q[4] + at,
+             (const v_t *)q[3] + start,
+             V_MAX ? (const v_max_t *)q[4] + start : (const v_max_t *)q[4],
              (const uint32_t *)keys + 4 * offsets[k], (uint32_t)start, s);
   }
   free(units);

@@ -1,27 +1,36 @@
 """The whole-variable step of `keras_adam._whole`, on a CPU, as the C loop of
-`rows.c` in a TensorFlow op that updates the variables in place
-(TensorFlow without XLA around the step).
+`rows.c`: in a TensorFlow op that updates the variables in place
+(TensorFlow without XLA around the step), and as a custom call in the
+programs that XLA compiles (with XLA around the step).
 
 `_whole` compiles its step function as one XLA cluster per variable, whose
 results TensorFlow then assigns: XLA's loops recompute the decode, write
-the new moments out for the blocks' maxima, and the assignments copy; the
-8-bit step took about 6 times float32's. Here the step is one op,
-`KerasAdamStep` (`tf_rows.cc`), which locks the variables as
-ResourceApplyAdam does and runs rows.c's loop on their buffers: one pass
-over each row or block.
+the new moments out for the blocks' maxima, and copy the moments before
+overwriting them; the 8-bit step took about 6 times float32's. Without XLA
+around the step, the step is one op, `KerasAdamStep` (`tf_rows.cc`), which
+locks the variables as ResourceApplyAdam does and runs rows.c's loop on
+their buffers: one pass over each row or block. Where XLA compiles the
+step (`jit_compile=True`, and the cluster itself), the step function
+becomes one op that only XLA compiles, `KerasAdamStepValues` (`tf_xla.cc`):
+one HLO custom-call of the same loop whose results alias theta and the
+moments, so that the variables' buffers are written in place there too.
 
 The op's library is compiled once per process against TensorFlow's headers
 (`tf.sysconfig`; about 7 s), and each layout's loop once (`rows.build`,
 some tenths of a second), with `CXX` (else `g++`) and `CC` (else `gcc`).
+The custom call's library includes XLA's headers, which take about a
+minute to compile: it is compiled once per TensorFlow version and
+compiler, and kept in the cache directory (`cache_directory`).
 Each operation rounds once, as the step's operations run one by one do:
-the results are those of the step run op by op
-(tests/test_backend_tensorflow_loop.py);
-XLA's cluster fuses multiplications into additions and may differ in the
-last bit. The op runs where the step is not compiled by XLA
-(`jit_compile=True` traces the op into a cluster, where it has no kernel),
-outside Keras's StatelessScope (`stateless_apply` must not write the
-variables it reads), with every variable on a CPU, and for the layouts the
-loop covers; elsewhere, and without a compiler, the XLA cluster runs.
+the op's results are those of the step run op by op
+(tests/test_backend_tensorflow_loop.py); the custom call's moments too, and
+its weights within the ulps that XLA's rounding of the step's scalars moves
+them; XLA's cluster fuses multiplications into additions and may differ in
+the last bit. The op runs where the step is not compiled by XLA, outside
+Keras's StatelessScope (`stateless_apply` must not write the variables it
+reads); the custom call where XLA compiles it, on a machine without GPUs or
+TPUs. Both run with every variable on a CPU and for the layouts the loop
+covers; elsewhere, and without a compiler, the XLA cluster runs.
 """
 
 import ctypes
@@ -29,6 +38,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import threading
 
 import keras
@@ -45,7 +55,8 @@ _XLA_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_xla.c
 
 _log = logging.getLogger("keras_adam")
 
-# Set to False to run the XLA cluster instead (the benchmark's comparison).
+# Set to False to run the XLA cluster instead (the benchmark's comparison;
+# read when a step is traced).
 enabled = True
 
 # The op's `version` attribute: the meaning of its layout, its inputs and its
@@ -90,8 +101,8 @@ def in_programs(fn, step, given):
     """`fn` (a step function of `_whole`, `(gradient, theta, values, fields, state)`
     -> (theta', values')) as XLA traces it: on a machine of CPUs only, the same
     step as one custom call of the C loop of `step` (`rows.Step`) where the loop
-    covers the call (`keras_adam_xla_step` of `tf_rows.cc`), its results in
-    buffers of their own; else `fn`. `given`: as for `WithLoop`."""
+    covers the call (`tf_xla.cc`), its results aliasing theta's and the
+    moments' buffers; else `fn`. `given`: as for `WithLoop`."""
     def run(gradient, theta, values, fields, state):
         written = [theta] + [x for slot in values for x in slot]
         if enabled and not _accelerators() and all(_on_cpu(x) for x in written):
@@ -277,25 +288,25 @@ def _build_xla():
     with open(_XLA_SOURCE, "rb") as source:
         key = hashlib.sha256(source.read() + repr(
             (tf.__version__, flags, links, os.path.realpath(cxx))).encode()).hexdigest()[:20]
-    library = None
-    for where in (cache_directory(), rows.directory()):
-        if where is None:
-            continue
-        library = os.path.join(where, f"tf_xla_{key}.so")
-        if os.path.exists(library):
-            break
+    where = cache_directory() or rows.directory()
+    if where is None:
+        return None
+    library = os.path.join(where, f"tf_xla_{key}.so")
+    if not os.path.exists(library):
         _log.warning("keras_adam: compiling its XLA custom call against TensorFlow's headers "
                      "(about a minute, once per TensorFlow version and compiler; kept in %s)",
                      where)
-        # Written under this process's own name, then renamed: another process
+        # Written under a name of its own, then renamed: another process
         # compiling at once never loads half a file.
-        partial = f"{library}.{os.getpid()}.partial"
-        if rows.run([cxx, *flags, _XLA_SOURCE, "-o", partial, *links], timeout=600):
+        handle, partial = tempfile.mkstemp(suffix=".partial", dir=where)
+        os.close(handle)
+        try:
+            if not rows.run([cxx, *flags, _XLA_SOURCE, "-o", partial, *links], timeout=600):
+                return None
             os.replace(partial, library)
-            break
-        library = None
-    if library is None:
-        return None
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     try:
         module = tf.load_op_library(library)
         loaded = ctypes.CDLL(library)
@@ -312,13 +323,18 @@ def _build_xla():
 
 def cache_directory():
     """The directory of compiled libraries kept between processes:
-    $KERAS_ADAM_CACHE_DIR, else keras_adam under $XDG_CACHE_HOME or ~/.cache;
-    None where it cannot be made."""
+    $KERAS_ADAM_CACHE_DIR, else keras_adam under $XDG_CACHE_HOME or ~/.cache,
+    made readable by its owner only. None where it cannot be made, or where
+    it is not this user's own or others may write to it (a library loaded
+    from there runs in this process)."""
     where = os.environ.get("KERAS_ADAM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "keras_adam")
     try:
-        os.makedirs(where, exist_ok=True)
+        os.makedirs(where, mode=0o700, exist_ok=True)
+        status = os.stat(where)
     except OSError:
         return None
-    return where if os.access(where, os.W_OK) else None
+    if status.st_uid != os.getuid() or status.st_mode & 0o022:
+        return None
+    return where

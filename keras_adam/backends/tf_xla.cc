@@ -5,7 +5,7 @@
 //
 // KerasAdamStepValues(scalars, keys, gradient, written) -> results is a pure
 // op that only XLA compiles (it has no kernel of its own): one HLO
-// custom-call of keras_adam_xla_step, whose results alias the tensors
+// custom-call "keras_adam_step" (Step, below), whose results alias the tensors
 // written (theta, then the moments' tensors in rows.c's order), so that
 // where those are the variables' buffers, given up for their new values,
 // the step writes them in place, one pass over each row or block.
@@ -58,10 +58,9 @@ std::mutex every_thread_lock;            // held by a step that takes every thre
 // tensors written. XLA gives each result its argument's buffer (the aliasing
 // the op asks for); where it did not, the loop reads the arguments and writes
 // the results, whose buffers are apart.
-void Step(void *out, const void **in, const char *opaque, size_t opaque_length,
-          XlaCustomCallStatus *status) {
+// The integers of a configuration, in order.
+std::vector<int64_t> Parse(const std::string &text) {
   std::vector<int64_t> values;
-  const std::string text(opaque, opaque_length);
   const char *at = text.c_str();
   char *end = nullptr;
   for (long long value = std::strtoll(at, &end, 10); end != at;
@@ -69,19 +68,34 @@ void Step(void *out, const void **in, const char *opaque, size_t opaque_length,
     values.push_back(value);
     at = end;
   }
+  return values;
+}
+
+// XLA's failure of a custom call: the status's message (the exported
+// XlaCustomCallStatusSetFailure is not in TensorFlow's libraries' symbols).
+void Fail(XlaCustomCallStatus *status, const std::string &message) {
+  status->message = message;
+}
+
+void Step(void *out, const void **in, const char *opaque, size_t opaque_length,
+          XlaCustomCallStatus *status) {
+  const std::string text(opaque, opaque_length);
+  const std::vector<int64_t> values = Parse(text);
+  // (The op's kernel checked the configuration against the program's
+  // arguments when XLA compiled it.)
   if (values.size() != 4 + 11 || values[0] != kVersion) {
-    status->message = "keras_adam_step: a program of another keras_adam (its configuration \"" +
-                      text + "\")";
+    Fail(status, "keras_adam_step: a program of another keras_adam (its configuration \"" +
+                     text + "\")");
     return;
   }
   const int64_t size = values[1], length = values[2];
   const std::vector<int64_t> layout(values.begin() + 4, values.end());
   const Loop loop = registered(layout);
   if (loop == nullptr) {
-    status->message = "keras_adam_step: keras_adam has not compiled its loop for layout [" +
-                      absl::StrJoin(layout, ",") +
-                      "] in this process: run one step of an optimizer with the same options "
-                      "here first";
+    Fail(status, "keras_adam_step: keras_adam has not compiled its loop for layout [" +
+                     absl::StrJoin(layout, ",") +
+                     "] in this process: run one step of an optimizer with the same options "
+                     "under XLA here first");
     return;
   }
   const bool eight_bit = layout[0] != 0;
@@ -104,8 +118,13 @@ void Step(void *out, const void **in, const char *opaque, size_t opaque_length,
   if (threads > 1) alone.lock();
   if (!loop(1, &sizes, length, pointers, sources, static_cast<const int32_t *>(in[1]), &offset,
             static_cast<const float *>(in[0]), threads))
-    status->message = "keras_adam_step: out of memory";
+    Fail(status, "keras_adam_step: out of memory");
 }
+
+// The element type of rows.py's dtype code (1: float32, 2: bfloat16).
+xla::PrimitiveType Element(int64_t code) { return code == 2 ? xla::BF16 : xla::F32; }
+
+constexpr int64_t kLongestBlock = 4096;  // rows.py's LONGEST_BLOCK
 
 class KerasAdamStepValuesOp : public tensorflow::XlaOpKernel {
  public:
@@ -123,6 +142,45 @@ class KerasAdamStepValuesOp : public tensorflow::XlaOpKernel {
       OP_REQUIRES_OK(ctx, shape.status());
       shapes[i] = *shape;
       xla::LayoutUtil::SetToDefaultLayout(&shapes[i]);  // (row-major, as the loop reads)
+    }
+    // What the configuration says must be what the program gives: the loop
+    // trusts it (a graph loaded from elsewhere fails here, compiling).
+    const std::vector<int64_t> values = Parse(configuration_);
+    OP_REQUIRES(ctx, values.size() == 4 + 11 && values[0] == kVersion,
+                tensorflow::errors::FailedPrecondition(
+                    "KerasAdamStepValues: a program of another keras_adam (configuration \"",
+                    configuration_, "\"; this keras_adam's version is ", kVersion, ")"));
+    const int64_t size = values[1], length = values[2];
+    const std::vector<int64_t> layout(values.begin() + 4, values.end());
+    const bool eight_bit = layout[0] != 0;
+    std::vector<std::pair<xla::PrimitiveType, int64_t>> wanted = {
+        {xla::F32, 10}, {xla::S32, 4}, {Element(layout[2]), size}, {Element(layout[1]), size}};
+    for (int slot = 3; slot < 6; slot++) {
+      if (layout[slot] == 0) continue;
+      if (eight_bit) {
+        wanted.push_back({slot == 3 ? xla::S8 : xla::U8, size});
+        wanted.push_back({xla::F32, length > 0 ? size / length : -1});
+      } else {
+        wanted.push_back({Element(layout[slot]), size});
+      }
+    }
+    OP_REQUIRES(ctx, values[3] >= 1 && (!eight_bit || (length >= 1 && length <= kLongestBlock &&
+                                                       size % length == 0)),
+                tensorflow::errors::InvalidArgument(
+                    "KerasAdamStepValues: threads ", values[3], " and 8-bit blocks of ", length,
+                    " elements (1 to ", kLongestBlock, ", dividing ", size, ")"));
+    OP_REQUIRES(ctx, static_cast<int>(wanted.size()) == n,
+                tensorflow::errors::InvalidArgument("KerasAdamStepValues: ", n - 3,
+                                                    " tensors written; the layout has ",
+                                                    wanted.size() - 3));
+    for (int i = 0; i < n; i++) {
+      OP_REQUIRES(ctx, shapes[i].IsArray() && shapes[i].element_type() == wanted[i].first &&
+                           xla::ShapeUtil::ElementsIn(shapes[i]) == wanted[i].second,
+                  tensorflow::errors::InvalidArgument(
+                      "KerasAdamStepValues: argument ", i, " is ",
+                      xla::ShapeUtil::HumanString(shapes[i]), "; the configuration needs ",
+                      wanted[i].second, " elements of ",
+                      xla::PrimitiveType_Name(wanted[i].first)));
     }
     std::vector<xla::Shape> results(shapes.begin() + 3, shapes.end());
     std::vector<std::pair<xla::ShapeIndex, std::pair<int64_t, xla::ShapeIndex>>> aliasing;
