@@ -18,9 +18,10 @@ and given to the backend's compiler (`keras_adam.backends.compile_whole`):
 one XLA cluster on TensorFlow, with or without XLA around it; torch.compile
 on torch; on JAX the function as it is, since jax.jit compiles the whole
 training step. On a CPU the same step runs as one C loop where it covers
-the variable (`backends.rows`): torch's eager calls, JAX's programs (a
-custom call), and TensorFlow without XLA around the step (an op that
-updates the variables: `Whole._run` then assigns nothing). The caller
+the variable (`backends.rows`): torch's eager calls, JAX's and
+TensorFlow's XLA programs (a custom call), and TensorFlow without XLA
+around the step (an op that updates the variables: `Whole._run` then
+assigns nothing). The caller
 assigns theta' and values'; on torch, outside
 Keras's scopes and an outer torch.compile (`backends.whole_in_place`), the
 compiled function writes them into theta and values. For a variable of its

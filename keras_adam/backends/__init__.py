@@ -192,10 +192,10 @@ def compiled(fn):
 
 def whole_compiler():
     """How `compile_whole` compiles on this backend, in words for the plan."""
-    return {"tensorflow": "decode, rule and encode compiled as one XLA cluster (on a CPU "
-                          "without XLA around the step, one C loop where the moments are "
-                          "8-bit codes or the weights or moments are written with "
-                          "stochastic rounding)",
+    return {"tensorflow": "decode, rule and encode compiled as one XLA cluster (on a CPU, "
+                          "one C loop where the moments are 8-bit codes or the weights or "
+                          "moments are written with stochastic rounding: an op without XLA "
+                          "around the step, a custom call in XLA's program with it)",
             "torch": "decode, rule and encode compiled as one function by torch.compile "
                      "(on a CPU, one C loop where the moments are 8-bit codes or the weights "
                      "or moments are written with stochastic rounding)",
@@ -315,7 +315,8 @@ def compile_whole(fn, any_length=False, in_place=False, rows=False, loop=None):
     (`rows.c`) where it covers the call: on torch, for a function given in
     those shapes (`torch_rows`); on JAX, as a custom call in the jitted
     program (`jax_rows`); on TensorFlow, the function's `update` runs an op
-    that writes the variables themselves (`tf_rows`)."""
+    that writes the variables themselves, and the function XLA compiles
+    calls the loop as a custom call (`tf_rows`)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         if loop is None:
@@ -341,8 +342,10 @@ def compile_whole(fn, any_length=False, in_place=False, rows=False, loop=None):
 
 def use_c_loop(on):
     """Whether the memory formats' steps may take the C loop on a CPU (`rows.c`,
-    `compile_whole`'s `loop`), for the steps traced or run from now on; off,
-    they take the compiled step function (the benchmark's `--c-loop off`)."""
+    `compile_whole`'s `loop`), for the steps traced or run from now on (a
+    compiled step function already traced, which optimizers of the same
+    layouts share, keeps its choice); off, they take the compiled step
+    function (the benchmark's `--c-loop off`, set before any step)."""
     backend = keras.backend.backend()
     if backend == "torch":
         from keras_adam.backends import torch_rows as module

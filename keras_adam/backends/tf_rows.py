@@ -66,8 +66,9 @@ VERSION = 1
 
 
 class WithLoop:
-    """`compiled` (`_whole`'s step function as an XLA cluster), and `update`: the
-    same step as the C loop of `step` (`rows.Step`) on the variables
+    """`compiled` (`_whole`'s step function as an XLA cluster, on a CPU the C
+    loop's custom call inside it: `in_programs`), and `update`: the same step
+    as the C loop of `step` (`rows.Step`) in an op on the variables
     themselves. `given`: the storage's `given_shapes` of the variable
     (8-bit: its codes one block per row), or None."""
 
@@ -310,7 +311,8 @@ def _build_xla():
     try:
         module = tf.load_op_library(library)
         loaded = ctypes.CDLL(library)
-        register, register_loop = loaded.keras_adam_xla_register, loaded.keras_adam_xla_register_loop
+        register = loaded.keras_adam_xla_register
+        register_loop = loaded.keras_adam_xla_register_loop
     except (tf.errors.OpError, OSError, AttributeError):
         return None
     register.restype, register.argtypes = None, []
