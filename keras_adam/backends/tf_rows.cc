@@ -27,33 +27,18 @@
 #include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "absl/strings/str_join.h"
+#include "tf_loops.h"
 
 namespace {
 
 using namespace tensorflow;
 
-// rows.c's keras_adam_rows_many or keras_adam_blocks_many.
-typedef int (*Loop)(int64_t, const int64_t *, int64_t, void *const *, void *const *,
-                    const int32_t *, const int64_t *, const float *, int);
-
-// The loops this process registered, by layout.
-std::mutex registry_lock;
-std::map<std::vector<int64_t>, Loop> *registry = new std::map<std::vector<int64_t>, Loop>;
-
-Loop registered(const std::vector<int64_t> &layout) {
-  std::lock_guard<std::mutex> hold(registry_lock);
-  auto found = registry->find(layout);
-  return found == registry->end() ? nullptr : found->second;
-}
-
-// A variable of fewer elements is stepped by the calling thread alone (see
-// jax_rows.cc: waking OpenMP's team costs more than it saves).
-constexpr int64_t kOneThreadBelow = 1 << 16;
-
-std::mutex every_thread_lock;  // held by a step that takes every thread
-
-constexpr int64_t kVersion = 1;     // tf_rows.py's VERSION
-constexpr int64_t kLongestBlock = 4096;  // rows.py's LONGEST_BLOCK
+using keras_adam::every_thread_lock;
+using keras_adam::kLongestBlock;
+using keras_adam::kOneThreadBelow;
+using keras_adam::kVersion;
+using keras_adam::Loop;
+using keras_adam::registered;
 
 class KerasAdamStepOp : public OpKernel {
  public:
@@ -154,9 +139,6 @@ class KerasAdamStepOp : public OpKernel {
     int64_t sizes = size, offset = 0;
     if (size == 0) return;
     const int threads = size < kOneThreadBelow ? 1 : static_cast<int>(threads_);
-    // TensorFlow runs independent ops at once: the steps that take every
-    // thread run one at a time, rather than each with a team of its own
-    // sharing the cores.
     std::unique_lock<std::mutex> alone(every_thread_lock, std::defer_lock);
     if (threads > 1) alone.lock();
     OP_REQUIRES(ctx,
@@ -195,7 +177,5 @@ REGISTER_KERNEL_BUILDER(Name("KerasAdamStep").Device(tensorflow::DEVICE_CPU), Ke
 
 // Registers rows.c's loop `loop` for the layout of `count` values.
 extern "C" void keras_adam_tf_register(const int64_t *layout, int64_t count, void *loop) {
-  std::lock_guard<std::mutex> hold(registry_lock);
-  (*registry)[std::vector<int64_t>(layout, layout + count)] = reinterpret_cast<Loop>(loop);
+  keras_adam::register_loop(layout, count, loop);
 }
-

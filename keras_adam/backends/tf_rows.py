@@ -33,6 +33,7 @@ TPUs. Both run with every variable on a CPU and for the layouts the loop
 covers; elsewhere, and without a compiler, the XLA cluster runs.
 """
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -52,6 +53,7 @@ from keras_adam.backends import rows
 
 _OP_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_rows.cc")
 _XLA_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_xla.cc")
+_HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_loops.h")
 
 _log = logging.getLogger("keras_adam")
 
@@ -286,28 +288,35 @@ def _build_xla():
              # (headers that XLA's include, which the wheel keeps apart)
              f"-I{include}/external/highwayhash", f"-I{include}/external/farmhash_archive/src"]
     links = [*tf.sysconfig.get_link_flags(), "-l:libtensorflow_cc.so.2"]  # (XLA's registries)
-    with open(_XLA_SOURCE, "rb") as source:
-        key = hashlib.sha256(source.read() + repr(
-            (tf.__version__, flags, links, os.path.realpath(cxx))).encode()).hexdigest()[:20]
+    sources = b""
+    for path in (_XLA_SOURCE, _HEADER):  # (what the library is compiled from)
+        with open(path, "rb") as source:
+            sources += source.read()
+    key = hashlib.sha256(sources + repr(
+        (tf.__version__, flags, links, os.path.realpath(cxx))).encode()).hexdigest()[:20]
     where = cache_directory() or rows.directory()
     if where is None:
         return None
     library = os.path.join(where, f"tf_xla_{key}.so")
-    if not os.path.exists(library):
-        _log.warning("keras_adam: compiling its XLA custom call against TensorFlow's headers "
-                     "(about a minute, once per TensorFlow version and compiler; kept in %s)",
-                     where)
-        # Written under a name of its own, then renamed: another process
-        # compiling at once never loads half a file.
-        handle, partial = tempfile.mkstemp(suffix=".partial", dir=where)
-        os.close(handle)
-        try:
-            if not rows.run([cxx, *flags, _XLA_SOURCE, "-o", partial, *links], timeout=600):
-                return None
-            os.replace(partial, library)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+    # One process compiles while the others wait for its library (pytest's
+    # workers, a job's ranks: each would otherwise compile it at once).
+    with _exclusive(library + ".lock"):
+        if not os.path.exists(library):
+            _log.warning("keras_adam: compiling its XLA custom call against TensorFlow's "
+                         "headers (about a minute, once per TensorFlow version and compiler; "
+                         "kept in %s)", where)
+            # Written under a name of its own, then renamed: a process that
+            # does not wait never loads half a file.
+            handle, partial = tempfile.mkstemp(suffix=".partial", dir=where)
+            os.close(handle)
+            try:
+                if not rows.run([cxx, *flags, _XLA_SOURCE, "-o", partial, *links],
+                                timeout=600):
+                    return None
+                os.replace(partial, library)
+            finally:
+                if os.path.exists(partial):
+                    os.remove(partial)
     try:
         module = tf.load_op_library(library)
         loaded = ctypes.CDLL(library)
@@ -321,6 +330,21 @@ def _build_xla():
     register()
     module.register = register_loop
     return module
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+    """Held by one process at a time (an advisory lock on the file `path`; where
+    the system has none, or the file cannot be opened, nothing is held)."""
+    try:
+        import fcntl
+        lock = open(path, "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def cache_directory():

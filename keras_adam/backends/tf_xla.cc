@@ -31,33 +31,17 @@
 #include "xla/service/custom_call_status_internal.h"
 #include "xla/service/custom_call_target_registry.h"
 #include "xla/shape_util.h"
+#include "tf_loops.h"
 
 namespace {
 
-// rows.c's keras_adam_rows_many or keras_adam_blocks_many.
-typedef int (*Loop)(int64_t, const int64_t *, int64_t, void *const *, void *const *,
-                    const int32_t *, const int64_t *, const float *, int);
+using keras_adam::every_thread_lock;
+using keras_adam::kLongestBlock;
+using keras_adam::kOneThreadBelow;
+using keras_adam::kVersion;
+using keras_adam::Loop;
+using keras_adam::registered;
 
-// The loops this process registered, by layout (keras_adam_xla_register_loop).
-std::mutex registry_lock;
-std::map<std::vector<int64_t>, Loop> *registry = new std::map<std::vector<int64_t>, Loop>;
-
-Loop registered(const std::vector<int64_t> &layout) {
-  std::lock_guard<std::mutex> hold(registry_lock);
-  auto found = registry->find(layout);
-  return found == registry->end() ? nullptr : found->second;
-}
-
-constexpr int64_t kVersion = 1;          // tf_rows.py's VERSION
-constexpr int64_t kOneThreadBelow = 1 << 16;  // as tf_rows.cc's op
-std::mutex every_thread_lock;            // held by a step that takes every thread
-
-// The custom call (XLA's API_VERSION_STATUS_RETURNING_UNIFIED). `in`: the
-// scalars, the keys, the gradient, then theta and the moments' tensors as
-// read; `out`: the addresses of the results' buffers (a tuple), the same
-// tensors written. XLA gives each result its argument's buffer (the aliasing
-// the op asks for); where it did not, the loop reads the arguments and writes
-// the results, whose buffers are apart.
 // The integers of a configuration, in order.
 std::vector<int64_t> Parse(const std::string &text) {
   std::vector<int64_t> values;
@@ -112,8 +96,6 @@ void Step(void *out, const void **in, const char *opaque, size_t opaque_length,
   if (size == 0) return;
   int64_t sizes = size, offset = 0;
   const int threads = size < kOneThreadBelow ? 1 : static_cast<int>(values[3]);
-  // XLA runs independent calls at once: those that take every thread run
-  // one at a time, rather than each with a team of its own sharing the cores.
   std::unique_lock<std::mutex> alone(every_thread_lock, std::defer_lock);
   if (threads > 1) alone.lock();
   if (!loop(1, &sizes, length, pointers, sources, static_cast<const int32_t *>(in[1]), &offset,
@@ -123,8 +105,6 @@ void Step(void *out, const void **in, const char *opaque, size_t opaque_length,
 
 // The element type of rows.py's dtype code (1: float32, 2: bfloat16).
 xla::PrimitiveType Element(int64_t code) { return code == 2 ? xla::BF16 : xla::F32; }
-
-constexpr int64_t kLongestBlock = 4096;  // rows.py's LONGEST_BLOCK
 
 class KerasAdamStepValuesOp : public tensorflow::XlaOpKernel {
  public:
@@ -240,6 +220,5 @@ extern "C" void keras_adam_xla_register() {
 
 // Registers rows.c's loop `loop` for the layout of `count` values.
 extern "C" void keras_adam_xla_register_loop(const int64_t *layout, int64_t count, void *loop) {
-  std::lock_guard<std::mutex> hold(registry_lock);
-  (*registry)[std::vector<int64_t>(layout, layout + count)] = reinterpret_cast<Loop>(loop);
+  keras_adam::register_loop(layout, count, loop);
 }
