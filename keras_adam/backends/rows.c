@@ -57,19 +57,33 @@
 #define INLINE static inline __attribute__((always_inline))
 
 /* Each row's step first asks for the cache lines AHEAD bytes past its own, of
-   every tensor it reads or writes: the CPU's own prefetchers fell behind
-   (pure bfloat16, 4 variables of 4 million elements in turn: 4.7 ms a
-   variable without, 2.1 with; the same on one variable, hot in cache).
+   every tensor it reads or writes: on Intel's Xeons the CPU's own
+   prefetchers fell behind (pure bfloat16, 4 variables of 4 million
+   elements in turn: 4.7 ms a variable without, 2.1 with; the same on one
+   variable, hot in cache). On a 2-core AMD EPYC (Zen 3) the same requests
+   cost time instead, at every distance from 1 to 16 KB (4 variables of 4
+   million elements, the two loops alternating in one process: bfloat16
+   moments 1.08-1.12 times as long, 8-bit ones 1.00-1.04), so rows.py
+   compiles AHEAD 0, no request, for AMD's CPUs.
    Rows shorter than a line are asked for more than once, which costs
    little. A prefetch never faults, past a tensor's end too. */
+#ifndef AHEAD
 #define AHEAD 4096
+#endif
+#if AHEAD
 #define PREFETCH(pointer, bytes, write)                                            \
   for (int64_t line = 0; line < (int64_t)(bytes); line += 64)                    \
     __builtin_prefetch((const char *)(pointer) + AHEAD + line, (write))
+#else
+#define PREFETCH(pointer, bytes, write) ((void)(pointer), (void)(bytes))
+#endif
 
 /* The element-wise loop of several variables takes each in rows of CHUNK,
    each row's step prefetching for the next. */
 #define CHUNK 256
+
+/* The longest piece of a row that one row step takes. */
+#define PIECE ((int64_t)1 << 30)
 
 /* Several variables' work in units (rows of CHUNK, or 8-bit blocks) shared
    among the threads as one range, whatever their sizes: units[k] is
@@ -115,8 +129,17 @@ static inline uint32_t mix(uint32_t x) {
   return x;
 }
 
-static inline uint32_t random_bits(uint32_t index, uint32_t key) {
-  return mix((index ^ key) * 0x9E3779B9u);
+/* The 16 high bits of random_bits(index, key) = mix((index ^ key) * 0x9E3779B9),
+   all that stochastic rounding adds: mix's last step, x ^= x >> 16, leaves
+   them as they are, so it is left out (two vector instructions of some
+   twenty an element's stream). */
+static inline uint32_t random_high_bits(uint32_t index, uint32_t key) {
+  uint32_t x = (index ^ key) * 0x9E3779B9u;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x >> 16;
 }
 
 /* keras_adam._rounding.stream_key of streams 0 .. count - 1 at step t, with
@@ -130,12 +153,12 @@ void keras_adam_stream_keys(int64_t count, int64_t seed, int64_t t, int32_t *key
    as a cast does: infinities keep their bits, NaN is written as the quiet
    NaN 0x7FC0 (torch.compile's step may write another NaN's sign and
    payload: a NaN either way). */
-static inline uint16_t stochastic_bf16(float x, uint32_t bits) {
+static inline uint16_t stochastic_bf16(float x, uint32_t high) {
   uint32_t u;
   memcpy(&u, &x, 4);
   uint32_t finite = (u & 0x7F800000u) != 0x7F800000u;
   uint32_t nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  uint32_t carried = (u + (bits >> 16)) & 0xFFFF0000u;
+  uint32_t carried = (u + high) & 0xFFFF0000u;
   uint32_t kept = nan ? 0x7FC00000u : u;
   return (uint16_t)((finite ? carried : kept) >> 16);
 }
@@ -197,7 +220,7 @@ static inline theta_t new_theta(theta_t theta, float step, uint32_t index, uint3
 #if RATE
   step = step + old * s[DECAY_RATE] * s[LR];
 #endif
-  return stochastic_bf16(old - step, random_bits(index, key));
+  return stochastic_bf16(old - step, random_high_bits(index, key));
 #else
   (void)index, (void)key, (void)s;
   return theta - step;
@@ -209,7 +232,7 @@ static inline theta_t new_theta(theta_t theta, float step, uint32_t index, uint3
 #if M == BF16
 typedef uint16_t m_t;
 #define M_IN(x) from_bf16(x)
-#define M_OUT(x, i, key) stochastic_bf16((x), random_bits((i), (key)))
+#define M_OUT(x, i, key) stochastic_bf16((x), random_high_bits((i), (key)))
 #else
 typedef float m_t;
 #define M_IN(x) (x)
@@ -218,7 +241,7 @@ typedef float m_t;
 #if V == BF16
 typedef uint16_t v_t;
 #define V_IN(x) from_bf16(x)
-#define V_OUT(x, i, key) stochastic_bf16((x), random_bits((i), (key)))
+#define V_OUT(x, i, key) stochastic_bf16((x), random_high_bits((i), (key)))
 #else
 typedef float v_t;
 #define V_IN(x) (x)
@@ -227,7 +250,7 @@ typedef float v_t;
 #if V_MAX == BF16
 typedef uint16_t v_max_t;
 #define V_MAX_IN(x) from_bf16(x)
-#define V_MAX_OUT(x, i, key) stochastic_bf16((x), random_bits((i), (key)))
+#define V_MAX_OUT(x, i, key) stochastic_bf16((x), random_high_bits((i), (key)))
 #else
 typedef float v_max_t;
 #define V_MAX_IN(x) (x)
@@ -237,7 +260,7 @@ typedef float v_max_t;
 /* One row of `length` elements, the first at position `first` of its variable,
    with its four stream keys `key`: theta and the moments read from `*_in`
    (the same addresses where the step writes in place). */
-INLINE void row_step(int64_t length, theta_t *theta, const gradient_t *gradient, m_t *m,
+INLINE void row_step(int32_t length, theta_t *theta, const gradient_t *gradient, m_t *m,
                      v_t *v, v_max_t *v_max, const theta_t *theta_in, const m_t *m_in,
                      const v_t *v_in, const v_max_t *v_max_in, const uint32_t *key,
                      uint32_t first, const float *s) {
@@ -257,8 +280,10 @@ INLINE void row_step(int64_t length, theta_t *theta, const gradient_t *gradient,
 #if V_MAX
   PREFETCH(v_max, length * sizeof(v_max_t), 1);
 #endif
+  /* A 32-bit j: each element's position is then one 32-bit vector add, not
+     64-bit ones narrowed (some 14 instructions of 200 for 16 elements). */
 #pragma omp simd
-  for (int64_t j = 0; j < length; j++) {
+  for (int32_t j = 0; j < length; j++) {
     const uint32_t index = first + (uint32_t)j;
     float m_j = M_IN(m_in[j]), v_j = V_IN(v_in[j]), v_max_j = 0.0f;
 #if V_MAX
@@ -283,11 +308,16 @@ void keras_adam_rows(int64_t size, int64_t length, theta_t *theta, const gradien
   (void)v_max;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t row = 0; row < rows; row++) {
-    const int64_t start = row * length;
-    v_max_t *v_max_row = V_MAX ? v_max + start : v_max;
-    row_step(length, theta + start, gradient + start, m + start, v + start, v_max_row,
-             theta + start, m + start, v + start, v_max_row, (const uint32_t *)keys + 4 * row,
-             (uint32_t)firsts[row], s);
+    /* (a row of 2^30 elements or more in pieces: row_step counts in 32 bits) */
+    for (int64_t start = row * length; start < (row + 1) * length; start += PIECE) {
+      const int32_t n = (int32_t)((row + 1) * length - start < PIECE
+                                  ? (row + 1) * length - start : PIECE);
+      v_max_t *v_max_row = V_MAX ? v_max + start : v_max;
+      row_step(n, theta + start, gradient + start, m + start, v + start, v_max_row,
+               theta + start, m + start, v + start, v_max_row,
+               (const uint32_t *)keys + 4 * row,
+               (uint32_t)firsts[row] + (uint32_t)(start - row * length), s);
+    }
   }
 }
 
@@ -311,7 +341,7 @@ int keras_adam_rows_many(int64_t count, const int64_t *sizes, int64_t length,
     void *const *p = pointers + 5 * k, *const *q = (sources ? sources : pointers) + 5 * k;
     const int64_t start = (u - units[k]) * CHUNK;
     const int64_t n = sizes[k] - start < CHUNK ? sizes[k] - start : CHUNK;
-    row_step(n, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
+    row_step((int32_t)n, (theta_t *)p[0] + start, (const gradient_t *)p[1] + start,
              (m_t *)p[2] + start, (v_t *)p[3] + start,
              V_MAX ? (v_max_t *)p[4] + start : (v_max_t *)p[4],
              (const theta_t *)q[0] + start, (const m_t *)q[2] + start,
@@ -427,8 +457,8 @@ INLINE void block_step(int64_t length, block_t out, block_t in, uint32_t key, ui
 #if V_MAX
   const float v_max_s = *in.v_max_scale;
 #endif
-#pragma omp simd
-  for (int64_t j = 0; j < length; j++) {
+#pragma omp simd  /* (j in 32 bits, as in row_step; a block has at most 4096) */
+  for (int32_t j = 0; j < (int32_t)length; j++) {
     float m_j = m_table(in.m[j]) * m_s, v_j = v_table(in.v[j]) * v_s, v_max_j = 0.0f;
 #if V_MAX
     v_max_j = v_table(in.v_max[j]) * v_max_s;
