@@ -82,8 +82,10 @@
    each row's step prefetching for the next. */
 #define CHUNK 256
 
-/* The longest piece of a row that one row step takes. */
+/* The longest piece of a row that one row step takes (the tests set less). */
+#ifndef PIECE
 #define PIECE ((int64_t)1 << 30)
+#endif
 
 /* Several variables' work in units (rows of CHUNK, or 8-bit blocks) shared
    among the threads as one range, whatever their sizes: units[k] is

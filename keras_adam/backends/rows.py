@@ -148,14 +148,16 @@ def run(command, timeout=120):
         return False
 
 
-def build(layout, kind, wrapper=None):
+def build(layout, kind, wrapper=None, macros=None):
     """rows.c compiled for `layout` as a shared library named after `kind` and the
     layout; its path, or None where it cannot be compiled (no compiler, a
     failing one, no temporary directory).
 
     With `wrapper` (a C++ source and the directories of its headers), the loop
     is compiled to an object and linked with it by the C++ compiler `CXX`,
-    else `g++`.
+    else `g++`. `macros` (a list of "-DNAME=value") replaces this CPU's
+    prefetching macros (`prefetch_macros`); the tests set rows.c's tuning
+    macros so.
     """
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     where = directory()
@@ -163,8 +165,8 @@ def build(layout, kind, wrapper=None):
         return None
     name = f"{kind}_" + "_".join(str(int(x)) for x in layout)
     library = os.path.join(where, name + ".so")
-    macros = [f"-D{macro}={int(value)}" for macro, value in zip(MACROS, layout)]
-    macros += prefetch_macros()
+    macros = [f"-D{macro}={int(value)}" for macro, value in zip(MACROS, layout)] + (
+        prefetch_macros() if macros is None else list(macros))
     # -ffp-contract=off: no multiply-add fused into one rounding (the portable
     # path's bits); -fno-math-errno lets sqrtf be one vector instruction.
     flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC"]

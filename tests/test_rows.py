@@ -1,0 +1,117 @@
+"""rows.c's tuning macros change no bit: the loop compiled with and without
+prefetch requests, and with a row taken whole or in short pieces, writes the
+same bits. The oracle is the loop as the product compiles it, whose bits
+the backends' tests hold to the step run op by op (test_backend_torch.py,
+test_backend_jax.py, test_backend_tensorflow_loop.py)."""
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from keras_adam.backends import rows
+
+pytestmark = pytest.mark.backend_independent
+
+F32, BF16 = rows.F32, rows.BF16
+# (layout: rows.MACROS' values) bfloat16 moments; pure bfloat16 (weights
+# written with stochastic rounding, a decay rate, Nesterov); 8-bit codes
+# with their moment bound.
+BFLOAT16_MOMENTS = (0, F32, F32, BF16, BF16, 0, 0, 0, 0, 0, 0)
+PURE_BFLOAT16 = (0, BF16, BF16, BF16, BF16, BF16, 1, 1, 1, 0, 0)
+EIGHT_BIT = (1, F32, F32, 1, 1, 0, 0, 0, 0, 0, 1)
+# beta_1, 1 - beta_1, beta_2, 1 - beta_2, Nesterov's factor, alpha, epsilon,
+# decay rate, lr, K (rows.c's order)
+SCALARS = np.array([0.9, 0.1, 0.999, 0.001, 0.9, 1e-2, 1e-7, 0.01, 1e-2, 1e3], np.float32)
+
+
+def _loaded(layout, kind, macros):
+    path = rows.build(layout, kind, macros=macros)
+    assert path is not None, "rows.c did not compile"
+    return ctypes.CDLL(path)
+
+
+def _bfloat16(x):
+    """x's float32 bits cut to bfloat16's (uint16)."""
+    return (np.asarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _element_wise(library, layout, row_count, length):
+    """theta, m, v (and v_max) after three steps of `library`'s keras_adam_rows
+    on `row_count` rows of `length`, from the same seeded values."""
+    rng = np.random.default_rng(3)
+    size = row_count * length
+    theta_bf16 = layout[1] == BF16
+    theta = rng.normal(size=size).astype(np.float32)
+    theta = _bfloat16(theta) if theta_bf16 else theta
+    slots = [_bfloat16(np.abs(rng.normal(size=size)) * scale) if code == BF16 else None
+             for code, scale in zip(layout[3:6], (1e-2, 1e-4, 1e-4))]
+    keys = rng.integers(-2**31, 2**31, size=(row_count, 4)).astype(np.int32)
+    firsts = (np.arange(row_count) * length).astype(np.int32)
+    function = library.keras_adam_rows
+    function.restype = None
+    for _ in range(3):
+        gradient = rng.normal(size=size).astype(np.float32)
+        gradient = _bfloat16(gradient) if layout[2] == BF16 else gradient
+        function(ctypes.c_int64(size), ctypes.c_int64(length),
+                 ctypes.c_void_p(theta.ctypes.data), ctypes.c_void_p(gradient.ctypes.data),
+                 *(ctypes.c_void_p(x.ctypes.data if x is not None else None) for x in slots),
+                 ctypes.c_void_p(keys.ctypes.data), ctypes.c_void_p(firsts.ctypes.data),
+                 ctypes.c_void_p(SCALARS.ctypes.data), ctypes.c_int(2))
+    return [theta] + [x for x in slots if x is not None]
+
+
+def _blocks(library, block_count, length):
+    """theta and the codes and scales after three steps of `library`'s
+    keras_adam_blocks (8-bit m and v, float32 theta, no keys)."""
+    rng = np.random.default_rng(4)
+    size = block_count * length
+    theta = rng.normal(size=size).astype(np.float32)
+    m = rng.integers(-127, 128, size=size).astype(np.int8)
+    v = rng.integers(0, 256, size=size).astype(np.uint8)
+    m_scale = np.full(block_count, 1e-2, np.float32)
+    v_scale = np.full(block_count, 1e-4, np.float32)
+    function = library.keras_adam_blocks
+    function.restype = None
+    for _ in range(3):
+        gradient = rng.normal(size=size).astype(np.float32)
+        function(ctypes.c_int64(size), ctypes.c_int64(length),
+                 *(ctypes.c_void_p(x.ctypes.data) for x in (theta, gradient, m, m_scale, v,
+                                                            v_scale)),
+                 ctypes.c_void_p(None), ctypes.c_void_p(None), ctypes.c_void_p(None),
+                 ctypes.c_void_p(None), ctypes.c_void_p(SCALARS.ctypes.data), ctypes.c_int(2))
+    return [theta, m, m_scale, v, v_scale]
+
+
+def _assert_same_bits(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("layout", [BFLOAT16_MOMENTS, PURE_BFLOAT16],
+                         ids=["bfloat16-moments", "pure-bfloat16"])
+def test_a_row_taken_in_pieces_has_the_bits_of_a_row_taken_whole(layout):
+    """A row of 2^30 elements or more is taken in pieces (each position counted
+    in 32 bits from the row's first): pieces of 7 here, in rows of 45, must
+    give each element its own random bits and the same step."""
+    whole = _loaded(layout, "test_whole", ["-DAHEAD=0"])
+    pieces = _loaded(layout, "test_pieces", ["-DAHEAD=0", "-DPIECE=7"])
+    _assert_same_bits(_element_wise(pieces, layout, 3, 45),
+                      _element_wise(whole, layout, 3, 45))
+
+
+def test_prefetching_changes_no_bit():
+    """Prefetch requests (compiled off on AMD's CPUs, on elsewhere) only ask for
+    cache lines: both builds run on this CPU and write the same bits."""
+    for layout in (BFLOAT16_MOMENTS, PURE_BFLOAT16):
+        _assert_same_bits(
+            _element_wise(_loaded(layout, "test_ahead", ["-DAHEAD=4096"]), layout, 40, 300),
+            _element_wise(_loaded(layout, "test_no_ahead", ["-DAHEAD=0"]), layout, 40, 300))
+    _assert_same_bits(_blocks(_loaded(EIGHT_BIT, "test_ahead", ["-DAHEAD=4096"]), 60, 256),
+                      _blocks(_loaded(EIGHT_BIT, "test_no_ahead", ["-DAHEAD=0"]), 60, 256))
+
+
+def test_prefetching_is_compiled_off_for_amd_cpus_only():
+    assert rows.prefetch_macros("AuthenticAMD") == ["-DAHEAD=0"]
+    assert rows.prefetch_macros("GenuineIntel") == []
