@@ -154,15 +154,12 @@ void keras_adam_stream_keys(int64_t count, int64_t seed, int64_t t, int32_t *key
 /* keras_adam._rounding.stochastic_bfloat16. A value that is not finite is cast
    as a cast does: infinities keep their bits, NaN is written as the quiet
    NaN 0x7FC0 (torch.compile's step may write another NaN's sign and
-   payload: a NaN either way). */
+   payload: a NaN either way). An infinity needs no case of its own: its
+   low 16 bits are 0, so adding `high` (below 2^16) carries nothing. */
 static inline uint16_t stochastic_bf16(float x, uint32_t high) {
   uint32_t u;
   memcpy(&u, &x, 4);
-  uint32_t finite = (u & 0x7F800000u) != 0x7F800000u;
-  uint32_t nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  uint32_t carried = (u + high) & 0xFFFF0000u;
-  uint32_t kept = nan ? 0x7FC00000u : u;
-  return (uint16_t)((finite ? carried : kept) >> 16);
+  return (uint16_t)(x != x ? 0x7FC0u : (u + high) >> 16);
 }
 
 /* torch.maximum: NaN if either is NaN. Written as three selections, each of
