@@ -1,8 +1,10 @@
 """rows.c's tuning macros change no bit: the loop compiled with and without
 prefetch requests, and with a row taken whole or in short pieces, writes the
-same bits. The oracle is the loop as the product compiles it, whose bits
-the backends' tests hold to the step run op by op (test_backend_torch.py,
-test_backend_jax.py, test_backend_tensorflow_loop.py)."""
+same bits. The oracle is the loop with rows.c's default row pieces and
+without prefetch requests (as the product compiles it on AMD's CPUs),
+whose bits the backends' tests hold to the step run op by op
+(test_backend_torch.py, test_backend_jax.py,
+test_backend_tensorflow_loop.py)."""
 
 import ctypes
 
@@ -15,8 +17,8 @@ pytestmark = pytest.mark.backend_independent
 
 F32, BF16 = rows.F32, rows.BF16
 # (layout: rows.MACROS' values) bfloat16 moments; pure bfloat16 (weights
-# written with stochastic rounding, a decay rate, Nesterov); 8-bit codes
-# with their moment bound.
+# written with stochastic rounding, amsgrad's v_max, a decay rate,
+# Nesterov); 8-bit codes with their moment bound.
 BFLOAT16_MOMENTS = (0, F32, F32, BF16, BF16, 0, 0, 0, 0, 0, 0)
 PURE_BFLOAT16 = (0, BF16, BF16, BF16, BF16, BF16, 1, 1, 1, 0, 0)
 EIGHT_BIT = (1, F32, F32, 1, 1, 0, 0, 0, 0, 0, 1)
@@ -29,6 +31,14 @@ def _loaded(layout, kind, macros):
     path = rows.build(layout, kind, macros=macros)
     assert path is not None, "rows.c did not compile"
     return ctypes.CDLL(path)
+
+
+def _assert_compiled_apart(layout, first, second):
+    """The two sets of macros give two programs (a macro that rows.c no longer
+    reads would make the comparisons below compare a loop with itself)."""
+    paths = [rows.build(layout, "test_apart", macros=macros) for macros in (first, second)]
+    with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
+        assert a.read() != b.read(), (first, second)
 
 
 def _bfloat16(x):
@@ -95,6 +105,7 @@ def test_a_row_taken_in_pieces_has_the_bits_of_a_row_taken_whole(layout):
     """A row of 2^30 elements or more is taken in pieces (each position counted
     in 32 bits from the row's first): pieces of 7 here, in rows of 45, must
     give each element its own random bits and the same step."""
+    _assert_compiled_apart(layout, ["-DAHEAD=0"], ["-DAHEAD=0", "-DPIECE=7"])
     whole = _loaded(layout, "test_whole", ["-DAHEAD=0"])
     pieces = _loaded(layout, "test_pieces", ["-DAHEAD=0", "-DPIECE=7"])
     _assert_same_bits(_element_wise(pieces, layout, 3, 45),
@@ -104,6 +115,7 @@ def test_a_row_taken_in_pieces_has_the_bits_of_a_row_taken_whole(layout):
 def test_prefetching_changes_no_bit():
     """Prefetch requests (compiled off on AMD's CPUs, on elsewhere) only ask for
     cache lines: both builds run on this CPU and write the same bits."""
+    _assert_compiled_apart(EIGHT_BIT, ["-DAHEAD=4096"], ["-DAHEAD=0"])
     for layout in (BFLOAT16_MOMENTS, PURE_BFLOAT16):
         _assert_same_bits(
             _element_wise(_loaded(layout, "test_ahead", ["-DAHEAD=4096"]), layout, 40, 300),

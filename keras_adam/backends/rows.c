@@ -30,8 +30,8 @@
  *   k = rint(255 (v / s_b)^(1/8)), with 1 / s_b formed once per block.
  *
  * SR(x) is keras_adam._rounding.stochastic_bfloat16: the 16 high bits of the
- * element's random_bits added to x's float32 bits, the low 16 cut off (x kept
- * where it is not finite). random_bits(i) = mix((i ^ key) * 0x9E3779B9), i the
+ * element's random_bits added to x's float32 bits, the low 16 cut off (an
+ * infinity kept, NaN written as 0x7FC0). random_bits(i) = mix((i ^ key) * 0x9E3779B9), i the
  * element's position in its own variable (its row's first position plus its
  * place in the row), key its row's key for the stream (0: the variable,
  * 1-3: m, v, v_max): keras_adam._rounding.random_bits, in unsigned 32-bit
@@ -78,8 +78,8 @@
 #define PREFETCH(pointer, bytes, write) ((void)(pointer), (void)(bytes))
 #endif
 
-/* The element-wise loop of several variables takes each in rows of CHUNK,
-   each row's step prefetching for the next. */
+/* The element-wise loop of several variables takes each in rows of CHUNK
+   (each row's step prefetching for the next, where AHEAD is not 0). */
 #define CHUNK 256
 
 /* The longest piece of a row that one row step takes (the tests set less). */
@@ -307,7 +307,7 @@ void keras_adam_rows(int64_t size, int64_t length, theta_t *theta, const gradien
   (void)v_max;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t row = 0; row < rows; row++) {
-    /* (a row of 2^30 elements or more in pieces: row_step counts in 32 bits) */
+    /* (a row of over 2^30 elements in pieces: row_step counts in 32 bits) */
     for (int64_t start = row * length; start < (row + 1) * length; start += PIECE) {
       const int32_t n = (int32_t)((row + 1) * length - start < PIECE
                                   ? (row + 1) * length - start : PIECE);

@@ -164,6 +164,8 @@ def build(layout, kind, wrapper=None, macros=None):
     if compiler is None or where is None:
         return None
     name = f"{kind}_" + "_".join(str(int(x)) for x in layout)
+    if macros is not None:  # (in the name too: a library loaded is not loaded again)
+        name += "".join("_" + "".join(c for c in m if c.isalnum()) for m in macros)
     library = os.path.join(where, name + ".so")
     macros = [f"-D{macro}={int(value)}" for macro, value in zip(MACROS, layout)] + (
         prefetch_macros() if macros is None else list(macros))
