@@ -7,6 +7,7 @@ harness's; the run for the rows and parameter counts it must report.
 """
 
 import json
+import os
 
 import keras
 import pytest
@@ -375,6 +376,27 @@ def test_warmup_case_rows_come_from_its_processes(monkeypatch):
     assert "| pure bfloat16 | 31.0 | 34.0 | 32.0 | 33.0 |" in table
     assert "warmup" not in benchmark.parse_args([]).cases
     assert benchmark.parse_args(["--cases", "warmup"]).cases == ["warmup"]
+
+
+def test_warmup_children_get_empty_compile_caches(monkeypatch, tmp_path):
+    """A cold child starts with every compile cache empty: Inductor's and
+    keras_adam's own (its compiled C loops and ops), both under the
+    variant's new directory."""
+    import subprocess
+
+    from keras_adam.benchmark import warmup
+
+    seen = []
+
+    def fake_run(argv, env, **kwargs):
+        seen.append(env)
+        return subprocess.CompletedProcess(argv, 0, stdout='{"first": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(warmup.subprocess, "run", fake_run)
+    warmup._child(BACKEND, "float32", str(tmp_path), second=False)
+    env = seen[0]
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    assert os.path.dirname(env["KERAS_ADAM_CACHE_DIR"]) == str(tmp_path)
 
 
 def test_warmup_child_times_a_second_model(monkeypatch, tmp_path):

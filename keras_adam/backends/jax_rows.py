@@ -10,9 +10,10 @@ each row or block, writing theta and the moments into their own buffers
 (each result aliases its argument: with donated buffers, as Keras's
 trainer and `jax.jit(..., donate_argnums=...)` give them, no copy).
 
-The loop is compiled at first trace, once per layout and process
-(`rows.build`, about two seconds: the C++ handler includes XLA's headers),
-with `CC` (else `gcc`) and `CXX` (else `g++`). Each operation rounds once,
+The loop is compiled at first trace, once per layout and machine
+(`rows.build`, about two seconds: the C++ handler includes XLA's headers;
+kept in the cache directory, `libraries`), with `CC` (else `gcc`) and
+`CXX` (else `g++`). Each operation rounds once,
 so the results are those of the step run op by op, bit for bit
 (tests/test_backend_jax.py; XLA's compiled step fuses multiplications
 into additions and may differ in the last bit), but for NaN: a NaN

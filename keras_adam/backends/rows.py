@@ -7,9 +7,10 @@ A layout is one value per macro of `MACROS`, fixed when compiling: whether
 the moments are 8-bit codes, the dtypes of theta, the gradient and each
 moment (`F32`, `BF16`; 0 for v_max without amsgrad; 1 for an 8-bit slot),
 and `Step`'s options. The loop is compiled at first use, once per layout
-and process (some tenths of a second), with the C compiler `CC`, else
-`gcc`, for this CPU, with OpenMP and without fused multiply-adds: each
-operation rounds as the step's operations run one by one do.
+and machine (some tenths of a second; kept in the cache directory,
+`libraries`), with the C compiler `CC`, else `gcc`, for this CPU, with
+OpenMP and without fused multiply-adds: each operation rounds as the
+step's operations run one by one do.
 """
 
 import atexit
@@ -19,6 +20,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+
+from keras_adam.backends import libraries
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "rows.c")
@@ -151,7 +154,13 @@ def run(command, timeout=120):
 def build(layout, kind, wrapper=None, macros=None):
     """rows.c compiled for `layout` as a shared library named after `kind` and the
     layout; its path, or None where it cannot be compiled (no compiler, a
-    failing one, no temporary directory).
+    failing one, no directory to write to).
+
+    Compiled once per machine into the cache directory, and taken from there
+    by later processes (`libraries.compiled`, keyed by the sources, the
+    compilers, the flags and macros, and this CPU, which `-march=native`
+    compiles for); where there is none, once per process into this
+    process's directory.
 
     With `wrapper` (a C++ source and the directories of its headers), the loop
     is compiled to an object and linked with it by the C++ compiler `CXX`,
@@ -160,13 +169,12 @@ def build(layout, kind, wrapper=None, macros=None):
     macros so.
     """
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    where = directory()
-    if compiler is None or where is None:
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None or (wrapper is not None and cxx is None):
         return None
     name = f"{kind}_" + "_".join(str(int(x)) for x in layout)
     if macros is not None:  # (in the name too: a library loaded is not loaded again)
         name += "".join("_" + "".join(c for c in m if c.isalnum()) for m in macros)
-    library = os.path.join(where, name + ".so")
     macros = [f"-D{macro}={int(value)}" for macro, value in zip(MACROS, layout)] + (
         prefetch_macros() if macros is None else list(macros))
     # -ffp-contract=off: no multiply-add fused into one rounding (the portable
@@ -182,17 +190,35 @@ def build(layout, kind, wrapper=None, macros=None):
         native.append("-mprefer-vector-width=512")
     # Each set of options that a compiler may refuse (another architecture's,
     # an older compiler) is dropped in turn.
-    for target in (native, ["-march=native"], []) if len(native) > 1 else (native, []):
-        if wrapper is None:
-            done = run([compiler, *flags, *target, *macros, "-shared", SOURCE, "-o", library])
-        else:
-            source, includes = wrapper
-            cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-            loop = os.path.join(where, name + ".o")
-            done = cxx is not None and run(
-                [compiler, *flags, *target, *macros, "-c", SOURCE, "-o", loop]) and run(
-                [cxx, "-O2", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w", *macros,
-                 *(f"-I{d}" for d in includes), source, loop, "-o", library])
-        if done:
-            return library
-    return None
+    targets = (native, ["-march=native"], []) if len(native) > 1 else (native, [])
+
+    def make(library):
+        for target in targets:
+            if wrapper is None:
+                done = run([compiler, *flags, *target, *macros, "-shared", SOURCE, "-o", library])
+            else:
+                source, includes = wrapper
+                where = directory()
+                if where is None:
+                    return False
+                loop = os.path.join(where, name + ".o")
+                done = run([compiler, *flags, *target, *macros, "-c", SOURCE, "-o", loop]) and run(
+                    [cxx, "-O2", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w", *macros,
+                     *(f"-I{d}" for d in includes), source, loop, "-o", library])
+            if done:
+                return True
+        return False
+
+    try:
+        sources = libraries.contents(SOURCE)
+        if wrapper is not None:
+            sources += libraries.contents(wrapper[0]) + tuple(
+                libraries.headers(d) for d in wrapper[1])
+        identity = (sources, libraries.compiler(compiler),
+                    None if wrapper is None else libraries.compiler(cxx), flags, targets,
+                    macros, libraries.cpu())
+    except OSError:  # (a source or header unreadable: nothing to key the library by)
+        identity = None
+    if identity is not None and identity[-1] is None:
+        identity = None  # (a CPU that cannot be told: -march=native's binary is its own)
+    return libraries.compiled(name, identity, make, directory)

@@ -1,6 +1,6 @@
 // One variable's Adam step as rows.c's loop, as a TensorFlow op on a CPU
-// (keras_adam/backends/tf_rows.py compiles this file once per process
-// against TensorFlow's headers, and rows.c once per layout).
+// (keras_adam/backends/tf_rows.py compiles this file against TensorFlow's
+// headers, and rows.c per layout, once per machine: libraries.py).
 //
 // KerasAdamStep(scalars, keys, gradient, written) updates in place the
 // resource variables `written`: theta, then the moments' tensors (rows.c's

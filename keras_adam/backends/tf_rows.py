@@ -15,12 +15,12 @@ becomes one op that only XLA compiles, `KerasAdamStepValues` (`tf_xla.cc`):
 one HLO custom-call of the same loop whose results alias theta and the
 moments, so that the variables' buffers are written in place there too.
 
-The op's library is compiled once per process against TensorFlow's headers
-(`tf.sysconfig`; about 7 s), and each layout's loop once (`rows.build`,
-some tenths of a second), with `CXX` (else `g++`) and `CC` (else `gcc`).
-The custom call's library includes XLA's headers, which take about a
-minute to compile: it is compiled once per TensorFlow version and
-compiler, and kept in the cache directory (`cache_directory`).
+The op's library is compiled against TensorFlow's headers (`tf.sysconfig`;
+about 9 s), the custom call's against XLA's (about a minute), and each
+layout's loop (`rows.build`, some tenths of a second), with `CXX` (else
+`g++`) and `CC` (else `gcc`): each once per machine (per TensorFlow
+version, compiler and CPU), kept in the cache directory (`libraries`) and
+loaded from there by later processes.
 Each operation rounds once, as the step's operations run one by one do:
 the op's results are those of the step run op by op
 (tests/test_backend_tensorflow_loop.py); the custom call's moments too, and
@@ -33,13 +33,10 @@ TPUs. Both run with every variable on a CPU and for the layouts the loop
 covers; elsewhere, and without a compiler, the XLA cluster runs.
 """
 
-import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import threading
 
 import keras
@@ -49,7 +46,7 @@ import tensorflow as tf
 # being traced is compiled by XLA.
 from tensorflow.python.ops import control_flow_util
 
-from keras_adam.backends import rows
+from keras_adam.backends import libraries, rows
 
 _OP_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_rows.cc")
 _XLA_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_xla.cc")
@@ -255,14 +252,18 @@ def _load_loop(layout):
 
 
 def _build_op():
-    """The op's library (`tf.load_op_library`), compiled with TensorFlow's flags."""
-    where = rows.directory()
+    """The op's library (`tf.load_op_library`), compiled with TensorFlow's flags
+    once per TensorFlow and compiler into the cache directory (`libraries`),
+    else into this process's directory."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if where is None or cxx is None:
+    if cxx is None:
         return None
-    library = os.path.join(where, "tf_op.so")
-    if not rows.run([cxx, "-O2", "-shared", "-fPIC", "-w", *tf.sysconfig.get_compile_flags(),
-                     _OP_SOURCE, "-o", library, *tf.sysconfig.get_link_flags()]):
+    flags = ["-O2", "-shared", "-fPIC", "-w", *tf.sysconfig.get_compile_flags()]
+    links = tf.sysconfig.get_link_flags()
+    library = libraries.compiled("tf_op", _identity((_OP_SOURCE, _HEADER), flags, links, cxx),
+                                 lambda path: rows.run([cxx, *flags, _OP_SOURCE, "-o", path,
+                                                        *links]), rows.directory)
+    if library is None:
         return None
     try:
         module = tf.load_op_library(library)
@@ -278,7 +279,7 @@ def _build_op():
 def _build_xla():
     """The library of `tf_xla.cc`, loaded and registered with XLA; compiled once
     per source, TensorFlow and compiler into the cache directory
-    (`cache_directory`), else into this process's directory. None where it
+    (`libraries`), else into this process's directory. None where it
     cannot be compiled or loaded."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
@@ -288,35 +289,17 @@ def _build_xla():
              # (headers that XLA's include, which the wheel keeps apart)
              f"-I{include}/external/highwayhash", f"-I{include}/external/farmhash_archive/src"]
     links = [*tf.sysconfig.get_link_flags(), "-l:libtensorflow_cc.so.2"]  # (XLA's registries)
-    sources = b""
-    for path in (_XLA_SOURCE, _HEADER):  # (what the library is compiled from)
-        with open(path, "rb") as source:
-            sources += source.read()
-    key = hashlib.sha256(sources + repr(
-        (tf.__version__, flags, links, os.path.realpath(cxx))).encode()).hexdigest()[:20]
-    where = cache_directory() or rows.directory()
-    if where is None:
+
+    def make(path):
+        _log.warning("keras_adam: compiling its XLA custom call against TensorFlow's "
+                     "headers (about a minute, once per TensorFlow version and compiler; "
+                     "kept in %s)", os.path.dirname(path))
+        return rows.run([cxx, *flags, _XLA_SOURCE, "-o", path, *links], timeout=600)
+
+    library = libraries.compiled("tf_xla", _identity((_XLA_SOURCE, _HEADER), flags, links, cxx),
+                                 make, rows.directory)
+    if library is None:
         return None
-    library = os.path.join(where, f"tf_xla_{key}.so")
-    # One process compiles while the others wait for its library (pytest's
-    # workers, a job's ranks: each would otherwise compile it at once).
-    with _exclusive(library + ".lock"):
-        if not os.path.exists(library):
-            _log.warning("keras_adam: compiling its XLA custom call against TensorFlow's "
-                         "headers (about a minute, once per TensorFlow version and compiler; "
-                         "kept in %s)", where)
-            # Written under a name of its own, then renamed: a process that
-            # does not wait never loads half a file.
-            handle, partial = tempfile.mkstemp(suffix=".partial", dir=where)
-            os.close(handle)
-            try:
-                if not rows.run([cxx, *flags, _XLA_SOURCE, "-o", partial, *links],
-                                timeout=600):
-                    return None
-                os.replace(partial, library)
-            finally:
-                if os.path.exists(partial):
-                    os.remove(partial)
     try:
         module = tf.load_op_library(library)
         loaded = ctypes.CDLL(library)
@@ -332,35 +315,12 @@ def _build_xla():
     return module
 
 
-@contextlib.contextmanager
-def _exclusive(path):
-    """Held by one process at a time (an advisory lock on the file `path`; where
-    the system has none, or the file cannot be opened, nothing is held)."""
+def _identity(sources, flags, links, cxx):
+    """What a library compiled against TensorFlow's headers depends on
+    (`libraries.key`): its sources, TensorFlow's version and build, the
+    flags and the compiler; None where a source cannot be read."""
     try:
-        import fcntl
-        lock = open(path, "a")
-    except (ImportError, OSError):
-        yield
-        return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def cache_directory():
-    """The directory of compiled libraries kept between processes:
-    $KERAS_ADAM_CACHE_DIR, else keras_adam under $XDG_CACHE_HOME or ~/.cache,
-    made readable by its owner only. None where it cannot be made, or where
-    it is not this user's own or others may write to it (a library loaded
-    from there runs in this process)."""
-    where = os.environ.get("KERAS_ADAM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "keras_adam")
-    try:
-        os.makedirs(where, mode=0o700, exist_ok=True)
-        status = os.stat(where)
+        return (libraries.contents(*sources), tf.__version__, tf.version.GIT_VERSION,
+                flags, links, libraries.compiler(cxx))
     except OSError:
         return None
-    if status.st_uid != os.getuid() or status.st_mode & 0o022:
-        return None
-    return where

@@ -1,7 +1,8 @@
 // One variable's Adam step as rows.c's loop inside the programs that XLA
 // compiles for TensorFlow on a CPU (keras_adam/backends/tf_rows.py compiles
 // this file against TensorFlow's headers once per TensorFlow and compiler,
-// and keeps it in a cache directory: XLA's headers take about a minute).
+// and keeps it in the cache directory, libraries.py: XLA's headers take
+// about a minute).
 //
 // KerasAdamStepValues(scalars, keys, gradient, written) -> results is a pure
 // op that only XLA compiles (it has no kernel of its own): one HLO

@@ -14,7 +14,8 @@ vectorises whole, runs at 0.95-1.2 times float32's with bfloat16 moments
 or weights, and 2.3-3.2 with 8-bit moments, whose codec is bound by its
 arithmetic (three AVX-512 CPUs, docs/precision.md).
 
-The loop is compiled at first use (`rows.build`), with the C compiler `CC`,
+The loop is compiled at first use (`rows.build`; once per layout and
+machine, kept in the cache directory), with the C compiler `CC`,
 else `gcc` (GCC's OpenMP runtime is the one torch loads, and runs its
 threads), without fused multiply-adds, so the results are the compiled
 step's, bit for bit

@@ -2,15 +2,17 @@
 
 keras_adam compiles a whole variable's step on first use where its moments
 are 8-bit codes or 16 bits, or where a 16-bit variable is written with
-stochastic rounding (`keras_adam._whole`): torch.compile on torch (Dynamo
-traces the function; Inductor writes C++, compiles it and caches it on
-disk), an XLA cluster on TensorFlow, on JAX the jitted training step. What
+stochastic rounding (`keras_adam._whole`): on a CPU, its C loop (and on
+TensorFlow the op that runs it), kept in keras_adam's cache directory;
+else torch.compile on torch (Dynamo traces the function; Inductor writes
+C++, compiles it and caches it on disk), an XLA cluster on TensorFlow, on
+JAX the jitted training step. What
 a user waits for is the first epoch. For float32 and each of
 `fit.FORMATS`, the fit case's Transformer runs epochs of `fit.STEPS` steps
 in fresh processes:
 
   cold    the first epoch of a new process, with empty compile caches (a new
-          TORCHINDUCTOR_CACHE_DIR)
+          TORCHINDUCTOR_CACHE_DIR and KERAS_ADAM_CACHE_DIR)
   warm    the first epoch of a new process, with the caches the cold one
           left (a script run again)
   second  in the cold process, the first epoch of a second model of the
@@ -55,7 +57,8 @@ def run(backend, progress=print):
 
 
 def _child(backend, variant, cache, second):
-    env = {**os.environ, "KERAS_BACKEND": backend, "TORCHINDUCTOR_CACHE_DIR": cache}
+    env = {**os.environ, "KERAS_BACKEND": backend, "TORCHINDUCTOR_CACHE_DIR": cache,
+           "KERAS_ADAM_CACHE_DIR": os.path.join(cache, "keras_adam")}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = [sys.executable, "-m", "keras_adam.benchmark.warmup", "--variant", variant]
     done = subprocess.run(argv + (["--second"] if second else []), env=env,
