@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 # pytest-xdist's workers share the machine's cores. Give each its share of
 # OpenMP threads before torch loads: oversubscribed, OpenMP's spinning
@@ -31,6 +33,19 @@ def _full_float32_matmuls():
 
 
 _full_float32_matmuls()
+
+
+def pytest_configure(config):
+    # keras_adam keeps what it compiles (its C loops, TensorFlow's op and XLA
+    # custom call) in a cache directory, by default under ~/.cache. The tests
+    # build libraries of their own (other macros, an edited source), so a run
+    # keeps them in a directory of its own, which its pytest-xdist workers and
+    # the processes they start inherit, removed at the end. A
+    # KERAS_ADAM_CACHE_DIR set for the run is used as it is (a developer's
+    # persistent one: TensorFlow's XLA library takes about a minute).
+    if "KERAS_ADAM_CACHE_DIR" not in os.environ and not os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["KERAS_ADAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="keras_adam_tests_")
+        config.add_cleanup(lambda: shutil.rmtree(os.environ.pop("KERAS_ADAM_CACHE_DIR"), True))
 
 
 def pytest_report_header(config):

@@ -112,9 +112,13 @@ def test_stale_libraries_are_removed_and_nothing_else(cache):
     calls = []
     libraries.compiled("new", "x", _maker(calls), _no_fallback)  # (compiling prunes)
     left = set(os.listdir(cache))
-    assert not left & {"keras_adam_old_0123.so", "keras_adam_old_0123.so.lock",
-                       "keras_adam_abandoned.partial"}
+    assert not left & {"keras_adam_old_0123.so", "keras_adam_abandoned.partial"}
     assert {"keras_adam_recent_4567.so", "users_own.so", "keras_adam_notes.txt"} <= left
+    # A lock goes once its library is gone and it is stale itself (taking it
+    # to remove the library marked it used).
+    later = set(libraries.prune(str(cache), now=time.time() + 31 * DAY))
+    assert "keras_adam_old_0123.so.lock" in later
+    assert {"users_own.so", "keras_adam_notes.txt"} <= set(os.listdir(cache))
 
 
 def test_a_library_loaded_is_kept(cache):
@@ -127,18 +131,21 @@ def test_a_library_loaded_is_kept(cache):
     assert libraries.prune(str(cache)) == []
 
 
-def _compile_slowly(where, out):
+def _compile_slowly(where, out, barrier):
     os.environ["KERAS_ADAM_CACHE_DIR"] = where
 
     def make(path):
         with open(out, "a") as f:
             f.write("compiled\n")
-        time.sleep(0.5)
+        time.sleep(1.0)
         with open(path, "wb") as f:
             f.write(b"library")
         return True
 
-    libraries.compiled("raced", "x", make, _no_fallback)
+    barrier.wait(60)  # (both ask at once, however long each took to start)
+    path = libraries.compiled("raced", "x", make, _no_fallback)
+    with open(out, "a") as f:
+        f.write(f"got {path}\n")
 
 
 def test_processes_that_ask_at_once_compile_once(cache, tmp_path):
@@ -146,14 +153,137 @@ def test_processes_that_ask_at_once_compile_once(cache, tmp_path):
     # library together: one compiles while the other waits, then loads it.
     out = tmp_path / "made.txt"
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_compile_slowly, args=(str(cache), str(out)))
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_compile_slowly, args=(str(cache), str(out), barrier))
                for _ in range(2)]
     for w in workers:
         w.start()
     for w in workers:
-        w.join(60)
+        w.join(120)
         assert w.exitcode == 0
-    assert out.read_text() == "compiled\n"
+    lines = out.read_text().splitlines()
+    assert lines.count("compiled") == 1, lines
+    got = {line for line in lines if line.startswith("got ")}
+    assert len(got) == 1 and "None" not in got.pop(), lines
+
+
+def test_a_directory_that_fails_while_writing_falls_back(cache, tmp_path, monkeypatch):
+    # A cache directory that cannot take a file (read-only, full) or has no
+    # locks: the library is compiled into the process's own directory, or,
+    # without locks, into the cache all the same.
+    import fcntl
+    import tempfile
+
+    own = tmp_path / "own"
+    own.mkdir()
+    calls = []
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "mkstemp", refuse)
+        path = libraries.compiled("loop", "x", _maker(calls), lambda: str(own))
+    assert path == str(own / "loop.so") and len(calls) == 1
+
+    def no_locks(*args):
+        raise OSError(37, "No locks available")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fcntl, "flock", no_locks)
+        path = libraries.compiled("loop", "y", _maker(calls), _no_fallback)
+    assert os.path.dirname(path) == str(cache) and len(calls) == 2
+
+
+def test_a_compiler_that_fails_on_a_full_disk_tries_the_process_directory(
+        cache, tmp_path, monkeypatch):
+    own = tmp_path / "own"
+    own.mkdir()
+    calls = []
+    failing = _maker(calls, succeed=False)
+    # Room on the disk: the compiler's failure is its own, not tried again.
+    assert libraries.compiled("loop", "x", failing, _no_fallback) is None
+    assert len(calls) == 1
+    usage = shutil.disk_usage(cache)
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: usage._replace(free=1 << 20))
+    assert libraries.compiled("loop", "x", failing, lambda: str(own)) is None
+    assert calls[-1] == str(own / "loop.so") and len(calls) == 3
+
+
+def test_a_library_that_fails_to_load_is_forgotten(cache, tmp_path):
+    calls = []
+    path = libraries.compiled("broken", "x", _maker(calls), _no_fallback)
+    elsewhere = tmp_path / "keras_adam_elsewhere.so"
+    elsewhere.write_bytes(b"x")
+    libraries.forget(str(elsewhere))  # (not the cache's: left alone)
+    assert elsewhere.exists()
+    libraries.forget(path)
+    assert not os.path.exists(path)
+    assert libraries.compiled("broken", "x", _maker(calls), _no_fallback) == path
+    assert len(calls) == 2
+
+
+def test_a_library_another_process_holds_is_not_pruned(cache):
+    import fcntl
+
+    calls = []
+    path = libraries.compiled("held", "x", _maker(calls), _no_fallback)
+    _age(path, 40)
+    # Another open file description of the lock conflicts as another
+    # process's would.
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert libraries.prune(str(cache)) == []
+        assert os.path.exists(path)
+    _age(path + ".lock", 40)
+    _age(path, 40)
+    # Free and stale: the library goes; its lock, stale, went with it or
+    # goes at the next pruning, once the library is gone.
+    removed = set(libraries.prune(str(cache))) | set(libraries.prune(str(cache), now=time.time()
+                                                                     + 41 * DAY))
+    assert os.path.basename(path) in removed and not os.path.exists(path)
+    assert not os.path.exists(path + ".lock")
+
+
+def test_a_directory_others_could_write_to_is_refused(tmp_path, monkeypatch):
+    # Writable by others above it, without the sticky bit: someone else could
+    # rename it and put their own in its place.
+    parent = tmp_path / "open"
+    parent.mkdir()
+    os.chmod(parent, 0o777)
+    monkeypatch.setenv("KERAS_ADAM_CACHE_DIR", str(parent / "cache"))
+    assert libraries.directory() is None
+    os.chmod(parent, 0o1777)  # (as /tmp)
+    assert libraries.directory() == str(parent / "cache")
+    # Another user's directory.
+    uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+    assert libraries.directory() is None
+
+
+def test_a_link_to_the_directory_gives_its_real_path(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.setenv("KERAS_ADAM_CACHE_DIR", str(tmp_path / "link"))
+    assert libraries.directory() == str(real)
+
+
+def test_the_environment_and_the_compiler_are_in_the_key(cache, tmp_path, monkeypatch):
+    calls = []
+    plain = libraries.compiled("loop", "x", _maker(calls), _no_fallback)
+    monkeypatch.setenv("CPATH", str(tmp_path))
+    assert libraries.compiled("loop", "x", _maker(calls), _no_fallback) != plain
+    # A wrapper (as ccache) that stays the same file while the compiler it
+    # runs reports another version.
+    wrapper = tmp_path / "cc"
+    for version in ("12.2.0", "13.1.0"):
+        wrapper.write_text(f"#!/bin/sh\necho {version}\n")
+        os.chmod(wrapper, 0o755)
+        os.utime(wrapper, ns=(0, 0))
+        libraries._reported.cache_clear()  # (a new process)
+        calls.append(libraries.compiler(str(wrapper)))
+    assert calls[-2][:3] == calls[-1][:3] and calls[-2] != calls[-1]
 
 
 def test_the_cpu_is_told_by_its_model_and_flags():

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from keras_adam.backends import rows
+from keras_adam.backends import libraries, rows
 
 _HANDLER = __file__.rsplit(".", 1)[0] + ".cc"
 
@@ -122,10 +122,14 @@ def _register(layout):
     if library is None:
         return None
     try:
-        library = ctypes.CDLL(library)
-        name = "keras_adam_step_" + "_".join(str(int(x)) for x in layout)
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(library.keras_adam_step),
-                                    platform="cpu")
-    except (OSError, AttributeError, ValueError, RuntimeError):
+        loaded = ctypes.CDLL(library)
+        step = loaded.keras_adam_step
+    except (OSError, AttributeError):
+        libraries.forget(library)  # (the next process compiles it again)
         return None
-    return name, library  # (the library kept loaded while its target is registered)
+    name = "keras_adam_step_" + "_".join(str(int(x)) for x in layout)
+    try:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(step), platform="cpu")
+    except (ValueError, RuntimeError):
+        return None
+    return name, loaded  # (the library kept loaded while its target is registered)

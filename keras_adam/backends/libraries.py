@@ -1,29 +1,36 @@
 """Compiled libraries kept between processes: the cache directory, each
-library's key, one compiler at a time, and stale libraries removed.
+library's key, one process compiling a library while others wait for it,
+and stale libraries removed.
 
 keras_adam compiles C and C++ at first use: rows.c's loop per layout (some
 tenths of a second; about two seconds with JAX's FFI handler, whose
 headers are large), TensorFlow's op (about 9 s against TensorFlow's
 headers) and TensorFlow's XLA custom call (about a minute against XLA's).
 Each is compiled once per machine into the cache directory and loaded from
-there by later processes, under a name that holds a hash of everything the
-binary depends on (`key`): the sources and headers read, the compiler (its
-path, size and time), its flags and macros, the framework's version, and,
-for a loop compiled for this CPU (`-march=native`), the CPU's model and
-feature flags. Anything else gives another name, so a library is never
-loaded for what it was not compiled for; nothing is ever overwritten.
+there by later processes, under a name that holds a hash of what the
+binary is made from (`key`): the sources and headers read, the compiler
+(its file, and the version and target it reports), its flags and macros,
+the variables that steer GCC's search paths (`ENVIRONMENT`), the
+framework's version, and, for a loop compiled for this CPU
+(`-march=native`), the CPU's model and feature flags. Any of those
+changed gives another name; nothing is ever overwritten.
 
 A library loaded is marked used (its modification time), and each time a
 library is compiled into the directory, those unused for `STALE_DAYS`
 days are removed (a machine that moved on to another framework version,
-or an edited source, leaves its old ones behind).
+or an edited source, leaves its old ones behind); one that fails to load
+is removed at once (`forget`), so the next process compiles it again.
 """
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
 import os
+import shutil
+import stat
+import subprocess
 import tempfile
 import time
 
@@ -34,26 +41,42 @@ STALE_DAYS = 30
 # What this module writes, the only files `prune` removes: names that begin
 # with PREFIX and end with one of these (libraries, their locks, partial files).
 PREFIX = "keras_adam_"
+# Less free space than this where a compiler failed, and the library is
+# compiled into the process's directory instead (a full disk or home).
+_ROOM = 256 << 20
 _SUFFIXES = (".so", ".so.lock", ".partial")
 
 
 def directory():
     """The directory of compiled libraries kept between processes:
-    $KERAS_ADAM_CACHE_DIR, else keras_adam under $XDG_CACHE_HOME or ~/.cache,
-    made readable by its owner only. None where it cannot be made, or where
-    it is not this user's own or others may write to it (a library loaded
-    from there runs in this process)."""
+    $KERAS_ADAM_CACHE_DIR, else keras_adam under $XDG_CACHE_HOME or ~/.cache
+    (created readable by its owner only), as its real path. None where it
+    cannot be made or written, or where another user could put a library
+    there (a library loaded from there runs in this process): it must be
+    this user's own and writable by them alone, and each directory above it
+    this user's or root's, and writable by others only where it has the
+    sticky bit (as /tmp: no one may then rename what is not theirs)."""
     where = os.environ.get("KERAS_ADAM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "keras_adam")
     try:
         os.makedirs(where, mode=0o700, exist_ok=True)
+        where = os.path.realpath(where)
         status = os.stat(where)
+        if status.st_uid != os.getuid() or status.st_mode & 0o022 or \
+                not os.access(where, os.W_OK | os.X_OK):
+            return None
+        above = os.path.dirname(where)
+        while True:
+            status = os.stat(above)
+            if status.st_uid not in (0, os.getuid()) or (
+                    status.st_mode & 0o022 and not status.st_mode & stat.S_ISVTX):
+                return None
+            if os.path.dirname(above) == above:
+                return where
+            above = os.path.dirname(above)
     except OSError:
         return None
-    if status.st_uid != os.getuid() or status.st_mode & 0o022:
-        return None
-    return where
 
 
 def key(*parts):
@@ -100,10 +123,24 @@ def headers(include):
 
 def compiler(path):
     """What identifies the compiler at `path`: its real path, size and
-    modification time (an upgrade in place changes the last two)."""
+    modification time, and the version and target it reports (a wrapper
+    such as ccache stays the same file when the compiler behind it is
+    upgraded)."""
     real = os.path.realpath(path)
     status = os.stat(real)
-    return real, status.st_size, status.st_mtime_ns
+    return (real, status.st_size, status.st_mtime_ns) + _reported(path, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _reported(path, _time):
+    """`path -dumpfullversion -dumpmachine`'s output, or "" (asked once per
+    process and compiler file)."""
+    try:
+        done = subprocess.run([path, "-dumpfullversion", "-dumpmachine"], capture_output=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ("",)
+    return (done.stdout.decode(errors="replace"),)
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,72 +162,126 @@ def cpu():
     return tuple(sorted(fields.items())) or None
 
 
+# The environment variables that change what GCC compiles or links: part of
+# every library's key.
+ENVIRONMENT = ("CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH", "LIBRARY_PATH",
+               "GCC_EXEC_PREFIX", "COMPILER_PATH")
+
+
 def compiled(name, identity, make, fallback):
     """The path of the library `name` compiled by `make(path)` (which writes it
     at `path` and says whether it did), or None where it could not be.
 
     In the cache directory (`directory`) it is
-    `keras_adam_<name>_<key(identity)>.so`,
-    compiled by one process while the others wait (an advisory lock), and
-    taken from there where it exists. Without a cache directory, or with
-    `identity` None (what the binary depends on cannot be told), it is
-    compiled into `fallback()`, a directory of this process's (or None).
+    `keras_adam_<name>_<key>.so`, the key of `identity` and `ENVIRONMENT`'s
+    values, compiled by one process while the others that want it wait (an
+    advisory lock), and taken from there where it exists. Without a cache
+    directory, with `identity` None (what the binary depends on cannot be
+    told), or where the directory fails while a library is written into it
+    (full, read-only, no locks), it is compiled into `fallback()`, a
+    directory of this process's (or None). A `make` that fails, or writes
+    nothing, gives None (its compiler would fail there too), but where the
+    cache directory's file system has less than `_ROOM` bytes free.
     """
     where = None if identity is None else directory()
+    if where is not None:
+        try:
+            return _cached(where, name, (identity, [os.environ.get(v) for v in ENVIRONMENT]),
+                           make)
+        except OSError:
+            pass
+    where = fallback()
     if where is None:
-        where = fallback()
-        if where is None:
-            return None
-        library = os.path.join(where, name + ".so")
-        return library if make(library) else None
+        return None
+    library = os.path.join(where, name + ".so")
+    return library if make(library) and _written(library) else None
+
+
+def _cached(where, name, identity, make):
     library = os.path.join(where, f"{PREFIX}{name}_{key(identity)}.so")
-    made = False
     with _exclusive(library + ".lock"):
-        if os.path.exists(library):
+        if _written(library):
             _used(library)
             return library
         # Written under a name of its own, then renamed: a process that
         # does not wait never loads half a file.
-        try:
-            handle, partial = tempfile.mkstemp(suffix=".partial", prefix=PREFIX, dir=where)
-        except OSError:
-            return None
+        handle, partial = tempfile.mkstemp(suffix=".partial", prefix=PREFIX, dir=where)
         os.close(handle)
         try:
-            if make(partial):
-                os.replace(partial, library)
-                made = True
+            if not (make(partial) and _written(partial)):
+                if shutil.disk_usage(where).free < _ROOM:
+                    raise OSError(errno.ENOSPC, "no room for a library", where)
+                return None
+            with open(partial, "rb") as written:
+                os.fsync(written.fileno())  # (on disk before its name: a crash leaves no stub)
+            os.replace(partial, library)
         finally:
-            if os.path.exists(partial):
+            with contextlib.suppress(OSError):
                 os.remove(partial)
-    if not made:
-        return None
     prune(where)
     return library
 
 
-def _used(library):
-    """Marks `library` as used now (its modification time), which `prune` reads."""
+def _written(path):
+    """Whether `path` is a file with something in it."""
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
+        return False
+
+
+def forget(library):
+    """Removes `library` from the cache directory where it is there (one that
+    failed to load: the next process that wants it compiles it again)."""
+    where = directory()
+    if where is None or os.path.dirname(library) != where or \
+            not os.path.basename(library).startswith(PREFIX):
+        return
+    with contextlib.suppress(OSError), _exclusive(library + ".lock"):
+        os.remove(library)
+
+
+def _used(path):
+    """Marks `path` as used now (its modification time), which `prune` reads."""
     with contextlib.suppress(OSError):
-        os.utime(library)
+        os.utime(path)
 
 
 def prune(where, days=STALE_DAYS, now=None):
-    """Removes from `where` the libraries (with their locks) and partial files
-    of this module's (`PREFIX`) not used for `days` days; returns their names.
-    Nothing else in the directory is touched: it may be one the user named."""
+    """Removes from `where` the libraries, locks and partial files of this
+    module's (`PREFIX`) not used for `days` days; returns their names.
+    Nothing else in the directory is touched: it may be one the user named.
+
+    A library is removed under its lock, and only where no other process
+    holds it (one that is loading it has just marked it used); a lock only
+    where its library is gone."""
     now = time.time() if now is None else now
     removed = []
     try:
         names = os.listdir(where)
     except OSError:
         return removed
+
+    def stale(path):
+        return now - os.stat(path).st_mtime > days * 86400
+
     for entry in names:
         if not (entry.startswith(PREFIX) and entry.endswith(_SUFFIXES)):
             continue
         path = os.path.join(where, entry)
         try:
-            if now - os.stat(path).st_mtime > days * 86400:
+            if not stale(path):
+                continue
+            if entry.endswith(".so"):
+                with _exclusive(path + ".lock", wait=False) as held:
+                    if held and stale(path):
+                        os.remove(path)
+                        removed.append(entry)
+            elif entry.endswith(".so.lock"):
+                if not os.path.exists(path[:-len(".lock")]):
+                    os.remove(path)
+                    removed.append(entry)
+            else:
                 os.remove(path)
                 removed.append(entry)
         except OSError:
@@ -202,17 +293,27 @@ def prune(where, days=STALE_DAYS, now=None):
 
 
 @contextlib.contextmanager
-def _exclusive(path):
-    """Held by one process at a time (an advisory lock on the file `path`; where
-    the system has none, or the file cannot be opened, nothing is held)."""
+def _exclusive(path, wait=True):
+    """An advisory lock on the file `path`, held by one process at a time;
+    yields whether the caller may go on. Without `wait`, False at once where
+    another process holds it. Where the system has no such locks, or the
+    file cannot be opened or locked, the caller goes on without (at worst
+    two processes compile the same library, and the second's rename
+    replaces the first's with the same bytes)."""
     try:
         import fcntl
         lock = open(path, "a")
     except (ImportError, OSError):
-        yield
+        yield True
         return
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        # (its time: a lock file lives as long as its library)
-        _used(path)
-        yield
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:  # (held elsewhere: only without `wait`)
+            yield False
+            return
+        except OSError:  # (no locks on this file system)
+            yield True
+            return
+        _used(path)  # (a lock file lives as long as its library)
+        yield True

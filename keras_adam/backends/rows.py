@@ -191,6 +191,7 @@ def build(layout, kind, wrapper=None, macros=None):
     # Each set of options that a compiler may refuse (another architecture's,
     # an older compiler) is dropped in turn.
     targets = (native, ["-march=native"], []) if len(native) > 1 else (native, [])
+    linked = ["-O2", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w"]  # (with `wrapper`)
 
     def make(library):
         for target in targets:
@@ -203,8 +204,8 @@ def build(layout, kind, wrapper=None, macros=None):
                     return False
                 loop = os.path.join(where, name + ".o")
                 done = run([compiler, *flags, *target, *macros, "-c", SOURCE, "-o", loop]) and run(
-                    [cxx, "-O2", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w", *macros,
-                     *(f"-I{d}" for d in includes), source, loop, "-o", library])
+                    [cxx, *linked, *macros, *(f"-I{d}" for d in includes), source, loop, "-o",
+                     library])
             if done:
                 return True
         return False
@@ -214,9 +215,9 @@ def build(layout, kind, wrapper=None, macros=None):
         if wrapper is not None:
             sources += libraries.contents(wrapper[0]) + tuple(
                 libraries.headers(d) for d in wrapper[1])
-        identity = (sources, libraries.compiler(compiler),
-                    None if wrapper is None else libraries.compiler(cxx), flags, targets,
-                    macros, libraries.cpu())
+        identity = (sources, libraries.compiler(compiler), flags, targets, macros,
+                    None if wrapper is None else (libraries.compiler(cxx), linked, wrapper[1]),
+                    libraries.cpu())
     except OSError:  # (a source or header unreadable: nothing to key the library by)
         identity = None
     if identity is not None and identity[-1] is None:

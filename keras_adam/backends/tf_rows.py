@@ -244,11 +244,12 @@ def _load_loop(layout):
     if library is None:
         return None
     try:
-        library = ctypes.CDLL(library)
-        getattr(library, "keras_adam_blocks_many" if layout[0] else "keras_adam_rows_many")
+        loaded = ctypes.CDLL(library)
+        getattr(loaded, "keras_adam_blocks_many" if layout[0] else "keras_adam_rows_many")
     except (OSError, AttributeError):
+        libraries.forget(library)  # (the next process compiles it again)
         return None
-    return library
+    return loaded
 
 
 def _build_op():
@@ -269,6 +270,7 @@ def _build_op():
         module = tf.load_op_library(library)
         registry = ctypes.CDLL(library).keras_adam_tf_register
     except (tf.errors.OpError, OSError, AttributeError):
+        libraries.forget(library)  # (the next process compiles it again)
         return None
     registry.restype = None
     registry.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -306,6 +308,7 @@ def _build_xla():
         register = loaded.keras_adam_xla_register
         register_loop = loaded.keras_adam_xla_register_loop
     except (tf.errors.OpError, OSError, AttributeError):
+        libraries.forget(library)  # (the next process compiles it again)
         return None
     register.restype, register.argtypes = None, []
     register_loop.restype = None

@@ -35,7 +35,7 @@ import threading
 import numpy as np
 import torch
 
-from keras_adam.backends import rows
+from keras_adam.backends import libraries, rows
 
 
 # Set to False to run the compiled step instead (the benchmark's comparison).
@@ -358,10 +358,11 @@ def _load(library, eight_bit):
         return None
     name = "keras_adam_blocks" if eight_bit else "keras_adam_rows"
     try:
-        library = ctypes.CDLL(library)
-        one, many = getattr(library, name), getattr(library, name + "_many")
-        keys = library.keras_adam_stream_keys  # (the keys of `many`'s streams)
+        loaded = ctypes.CDLL(library)
+        one, many = getattr(loaded, name), getattr(loaded, name + "_many")
+        keys = loaded.keras_adam_stream_keys  # (the keys of `many`'s streams)
     except (OSError, AttributeError):
+        libraries.forget(library)  # (the next process compiles it again)
         return None
     one.restype, many.restype = None, ctypes.c_int
     integer, pointer = ctypes.c_int64, ctypes.c_void_p
