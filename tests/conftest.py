@@ -44,8 +44,9 @@ def pytest_configure(config):
     # KERAS_ADAM_CACHE_DIR set for the run is used as it is (a developer's
     # persistent one: TensorFlow's XLA library takes about a minute).
     if "KERAS_ADAM_CACHE_DIR" not in os.environ and not os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ["KERAS_ADAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="keras_adam_tests_")
-        config.add_cleanup(lambda: shutil.rmtree(os.environ.pop("KERAS_ADAM_CACHE_DIR"), True))
+        where = tempfile.mkdtemp(prefix="keras_adam_tests_")
+        os.environ["KERAS_ADAM_CACHE_DIR"] = where
+        config.add_cleanup(lambda: shutil.rmtree(where, True))
 
 
 def pytest_report_header(config):

@@ -65,12 +65,18 @@ def test_the_key_tells_every_part_apart():
     assert libraries.key(b"x", ("y", 2)) == libraries.key(b"x", ("y", 2))
 
 
-def test_a_failed_compile_leaves_nothing_and_is_tried_again(cache):
+def test_a_failed_compile_leaves_nothing_and_is_tried_again(cache, tmp_path):
+    # A compiler that fails in the cache directory is tried once in the
+    # process's own (a quota the cache's file system does not show); failing
+    # there too, it gives None, and the next call tries again.
+    own = tmp_path / "own"
+    own.mkdir()
     calls = []
-    assert libraries.compiled("loop", "x", _maker(calls, succeed=False), _no_fallback) is None
+    assert libraries.compiled("loop", "x", _maker(calls, succeed=False), lambda: str(own)) is None
+    assert len(calls) == 2 and os.path.dirname(calls[1]) == str(own)
     assert not [f for f in os.listdir(cache) if f.endswith((".so", ".partial"))]
     assert libraries.compiled("loop", "x", _maker(calls), _no_fallback) is not None
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def test_without_a_directory_of_the_users_own_each_process_compiles(tmp_path, monkeypatch):
@@ -86,7 +92,9 @@ def test_without_a_directory_of_the_users_own_each_process_compiles(tmp_path, mo
     calls = []
     for _ in range(2):
         path = libraries.compiled("loop", "x", _maker(calls), lambda: str(own))
-        assert path == str(own / "loop.so")
+        # (keyed there too: a process that builds a name twice loads each)
+        assert os.path.dirname(path) == str(own)
+        assert os.path.basename(path).startswith("loop_") and path.endswith(".so")
     assert len(calls) == 2 and os.listdir(shared) == []
 
 
@@ -184,7 +192,7 @@ def test_a_directory_that_fails_while_writing_falls_back(cache, tmp_path, monkey
     with monkeypatch.context() as patch:
         patch.setattr(tempfile, "mkstemp", refuse)
         path = libraries.compiled("loop", "x", _maker(calls), lambda: str(own))
-    assert path == str(own / "loop.so") and len(calls) == 1
+    assert os.path.dirname(path) == str(own) and len(calls) == 1
 
     def no_locks(*args):
         raise OSError(37, "No locks available")
@@ -195,19 +203,36 @@ def test_a_directory_that_fails_while_writing_falls_back(cache, tmp_path, monkey
     assert os.path.dirname(path) == str(cache) and len(calls) == 2
 
 
-def test_a_compiler_that_fails_on_a_full_disk_tries_the_process_directory(
-        cache, tmp_path, monkeypatch):
+def test_a_compiler_that_fails_in_the_cache_tries_the_process_directory(cache, tmp_path):
+    # A full disk or quota where the cache is: the compiler fails there and
+    # succeeds in the process's own directory.
     own = tmp_path / "own"
     own.mkdir()
     calls = []
-    failing = _maker(calls, succeed=False)
-    # Room on the disk: the compiler's failure is its own, not tried again.
-    assert libraries.compiled("loop", "x", failing, _no_fallback) is None
-    assert len(calls) == 1
-    usage = shutil.disk_usage(cache)
-    monkeypatch.setattr(shutil, "disk_usage", lambda where: usage._replace(free=1 << 20))
-    assert libraries.compiled("loop", "x", failing, lambda: str(own)) is None
-    assert calls[-1] == str(own / "loop.so") and len(calls) == 3
+
+    def make(path):
+        calls.append(path)
+        if os.path.dirname(path) == str(cache):
+            return False
+        with open(path, "wb") as f:
+            f.write(b"library")
+        return True
+
+    path = libraries.compiled("loop", "x", make, lambda: str(own))
+    assert os.path.dirname(path) == str(own) and len(calls) == 2
+
+
+def test_a_noexec_file_system_is_not_used(cache, monkeypatch):
+    # Its libraries would compile and never load.
+    real = os.statvfs
+
+    def noexec(path):
+        found = real(path)
+        return os.statvfs_result(found[:8] + (found.f_flag | os.ST_NOEXEC,) + found[9:])
+
+    assert libraries.directory() == str(cache)
+    monkeypatch.setattr(os, "statvfs", noexec)
+    assert libraries.directory() is None
 
 
 def test_a_library_that_fails_to_load_is_forgotten(cache, tmp_path):
@@ -221,6 +246,12 @@ def test_a_library_that_fails_to_load_is_forgotten(cache, tmp_path):
     assert not os.path.exists(path)
     assert libraries.compiled("broken", "x", _maker(calls), _no_fallback) == path
     assert len(calls) == 2
+    # Compiled again by another process meanwhile: that file is left.
+    os.remove(path)
+    with open(path, "wb") as f:
+        f.write(b"another process's")
+    libraries.forget(path)
+    assert os.path.exists(path)
 
 
 def test_a_library_another_process_holds_is_not_pruned(cache):
@@ -255,6 +286,13 @@ def test_a_directory_others_could_write_to_is_refused(tmp_path, monkeypatch):
     assert libraries.directory() is None
     os.chmod(parent, 0o1777)  # (as /tmp)
     assert libraries.directory() == str(parent / "cache")
+    # Writable by its group: this user's own group (a umask of 002), or not.
+    os.chmod(parent, 0o775)
+    os.chown(parent, -1, os.getgid())
+    assert libraries.directory() == str(parent / "cache")
+    gid = os.getgid()
+    monkeypatch.setattr(os, "getgid", lambda: gid + 1)
+    assert libraries.directory() is None
     # Another user's directory.
     uid = os.getuid()
     monkeypatch.setattr(os, "getuid", lambda: uid + 1)
@@ -284,6 +322,14 @@ def test_the_environment_and_the_compiler_are_in_the_key(cache, tmp_path, monkey
         libraries._reported.cache_clear()  # (a new process)
         calls.append(libraries.compiler(str(wrapper)))
     assert calls[-2][:3] == calls[-1][:3] and calls[-2] != calls[-1]
+    # One that refuses GCC's question is asked for `--version`.
+    for version in ("1.0", "2.0"):
+        wrapper.write_text('#!/bin/sh\n[ "$1" = --version ] || exit 1\n'
+                           f"echo {version}\n")
+        os.utime(wrapper, ns=(0, 0))
+        libraries._reported.cache_clear()
+        calls.append(libraries.compiler(str(wrapper)))
+    assert calls[-2] != calls[-1] and "2.0\n" in calls[-1]
 
 
 def test_the_cpu_is_told_by_its_model_and_flags():

@@ -10,8 +10,9 @@ Each is compiled once per machine into the cache directory and loaded from
 there by later processes, under a name that holds a hash of what the
 binary is made from (`key`): the sources and headers read, the compiler
 (its file, and the version and target it reports), its flags and macros,
-the variables that steer GCC's search paths (`ENVIRONMENT`), the
-framework's version, and, for a loop compiled for this CPU
+the variables that steer GCC's search paths (`ENVIRONMENT`),
+TensorFlow's version (JAX's handler: its FFI headers' contents), and, for
+a loop compiled for this CPU
 (`-march=native`), the CPU's model and feature flags. Any of those
 changed gives another name; nothing is ever overwritten.
 
@@ -23,12 +24,10 @@ is removed at once (`forget`), so the next process compiles it again.
 """
 
 import contextlib
-import errno
 import functools
 import hashlib
 import logging
 import os
-import shutil
 import stat
 import subprocess
 import tempfile
@@ -41,9 +40,6 @@ STALE_DAYS = 30
 # What this module writes, the only files `prune` removes: names that begin
 # with PREFIX and end with one of these (libraries, their locks, partial files).
 PREFIX = "keras_adam_"
-# Less free space than this where a compiler failed, and the library is
-# compiled into the process's directory instead (a full disk or home).
-_ROOM = 256 << 20
 _SUFFIXES = (".so", ".so.lock", ".partial")
 
 
@@ -51,11 +47,14 @@ def directory():
     """The directory of compiled libraries kept between processes:
     $KERAS_ADAM_CACHE_DIR, else keras_adam under $XDG_CACHE_HOME or ~/.cache
     (created readable by its owner only), as its real path. None where it
-    cannot be made or written, or where another user could put a library
-    there (a library loaded from there runs in this process): it must be
-    this user's own and writable by them alone, and each directory above it
-    this user's or root's, and writable by others only where it has the
-    sticky bit (as /tmp: no one may then rename what is not theirs)."""
+    cannot be made or written, on a file system that runs no programs
+    (mounted noexec), or where another user could put a library there (a
+    library loaded from there runs in this process): it must be this
+    user's own and writable by them alone, and each directory above it this
+    user's or root's, writable by its group only where that is this user's
+    own group (as a umask of 002 makes ~/.cache), and by others only where
+    it has the sticky bit (as /tmp: no one may then rename what is not
+    theirs)."""
     where = os.environ.get("KERAS_ADAM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "keras_adam")
@@ -64,13 +63,16 @@ def directory():
         where = os.path.realpath(where)
         status = os.stat(where)
         if status.st_uid != os.getuid() or status.st_mode & 0o022 or \
-                not os.access(where, os.W_OK | os.X_OK):
+                not os.access(where, os.W_OK | os.X_OK) or \
+                os.statvfs(where).f_flag & getattr(os, "ST_NOEXEC", 0):
             return None
         above = os.path.dirname(where)
         while True:
             status = os.stat(above)
+            shared = status.st_mode & 0o002 or (
+                status.st_mode & 0o020 and status.st_gid != os.getgid())
             if status.st_uid not in (0, os.getuid()) or (
-                    status.st_mode & 0o022 and not status.st_mode & stat.S_ISVTX):
+                    shared and not status.st_mode & stat.S_ISVTX):
                 return None
             if os.path.dirname(above) == above:
                 return where
@@ -133,14 +135,19 @@ def compiler(path):
 
 @functools.lru_cache(maxsize=None)
 def _reported(path, _time):
-    """`path -dumpfullversion -dumpmachine`'s output, or "" (asked once per
-    process and compiler file)."""
-    try:
-        done = subprocess.run([path, "-dumpfullversion", "-dumpmachine"], capture_output=True,
-                              timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return ("",)
-    return (done.stdout.decode(errors="replace"),)
+    """What the compiler at `path` says it is: its exit status and output for
+    `-dumpfullversion -dumpmachine` (GCC's, Clang's), else for `--version`
+    (asked once per process and compiler file)."""
+    said = ()
+    for question in (["-dumpfullversion", "-dumpmachine"], ["--version"]):
+        try:
+            done = subprocess.run([path, *question], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as error:
+            return said + (type(error).__name__,)
+        said += (done.returncode, done.stdout.decode(errors="replace"))
+        if done.returncode == 0 and done.stdout.strip():
+            break
+    return said
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,23 +184,23 @@ def compiled(name, identity, make, fallback):
     values, compiled by one process while the others that want it wait (an
     advisory lock), and taken from there where it exists. Without a cache
     directory, with `identity` None (what the binary depends on cannot be
-    told), or where the directory fails while a library is written into it
-    (full, read-only, no locks), it is compiled into `fallback()`, a
-    directory of this process's (or None). A `make` that fails, or writes
-    nothing, gives None (its compiler would fail there too), but where the
-    cache directory's file system has less than `_ROOM` bytes free.
+    told), or where compiling into the directory fails (a full disk or
+    quota, a read-only file system, a failing compiler), it is compiled
+    into `fallback()`, a directory of this process's (or None), under the
+    same key where there is one.
     """
-    where = None if identity is None else directory()
-    if where is not None:
-        try:
-            return _cached(where, name, (identity, [os.environ.get(v) for v in ENVIRONMENT]),
-                           make)
-        except OSError:
-            pass
+    if identity is not None:
+        identity = (identity, [os.environ.get(v) for v in ENVIRONMENT])
+        where = directory()
+        if where is not None:
+            with contextlib.suppress(OSError):
+                library = _cached(where, name, identity, make)
+                if library is not None:
+                    return library
     where = fallback()
     if where is None:
         return None
-    library = os.path.join(where, name + ".so")
+    library = os.path.join(where, name + ("" if identity is None else f"_{key(identity)}") + ".so")
     return library if make(library) and _written(library) else None
 
 
@@ -202,15 +209,13 @@ def _cached(where, name, identity, make):
     with _exclusive(library + ".lock"):
         if _written(library):
             _used(library)
-            return library
+            return _given(library)
         # Written under a name of its own, then renamed: a process that
         # does not wait never loads half a file.
         handle, partial = tempfile.mkstemp(suffix=".partial", prefix=PREFIX, dir=where)
         os.close(handle)
         try:
             if not (make(partial) and _written(partial)):
-                if shutil.disk_usage(where).free < _ROOM:
-                    raise OSError(errno.ENOSPC, "no room for a library", where)
                 return None
             with open(partial, "rb") as written:
                 os.fsync(written.fileno())  # (on disk before its name: a crash leaves no stub)
@@ -219,7 +224,22 @@ def _cached(where, name, identity, make):
             with contextlib.suppress(OSError):
                 os.remove(partial)
     prune(where)
+    return _given(library)
+
+
+# Each cached library this process was given: its file (device, inode, size
+# and time: an inode freed may be reused), which `forget` removes only where
+# the path still names it.
+_GIVEN = {}
+
+
+def _given(library):
+    _GIVEN[library] = _file(os.stat(library))
     return library
+
+
+def _file(status):
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _written(path):
@@ -231,14 +251,15 @@ def _written(path):
 
 
 def forget(library):
-    """Removes `library` from the cache directory where it is there (one that
-    failed to load: the next process that wants it compiles it again)."""
-    where = directory()
-    if where is None or os.path.dirname(library) != where or \
-            not os.path.basename(library).startswith(PREFIX):
+    """Removes `library`, given by `compiled` from the cache directory, where it
+    is still the file given (one that failed to load: the next process that
+    wants it compiles it again; one compiled again meanwhile is left)."""
+    given = _GIVEN.pop(library, None)
+    if given is None:
         return
     with contextlib.suppress(OSError), _exclusive(library + ".lock"):
-        os.remove(library)
+        if _file(os.stat(library)) == given:
+            os.remove(library)
 
 
 def _used(path):
@@ -296,24 +317,22 @@ def prune(where, days=STALE_DAYS, now=None):
 def _exclusive(path, wait=True):
     """An advisory lock on the file `path`, held by one process at a time;
     yields whether the caller may go on. Without `wait`, False at once where
-    another process holds it. Where the system has no such locks, or the
-    file cannot be opened or locked, the caller goes on without (at worst
-    two processes compile the same library, and the second's rename
-    replaces the first's with the same bytes)."""
+    another process holds it, or where it cannot be held. With `wait`, where
+    the system has no such locks, or the file cannot be opened or locked,
+    the caller goes on without (at worst two processes compile the same
+    library, and the second's rename replaces the first's with the same
+    bytes)."""
     try:
         import fcntl
         lock = open(path, "a")
     except (ImportError, OSError):
-        yield True
+        yield wait
         return
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:  # (held elsewhere: only without `wait`)
-            yield False
-            return
-        except OSError:  # (no locks on this file system)
-            yield True
+        except OSError:  # (held elsewhere, without `wait`; no locks on this file system)
+            yield wait
             return
         _used(path)  # (a lock file lives as long as its library)
         yield True
