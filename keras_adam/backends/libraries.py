@@ -100,8 +100,8 @@ def _encoded(part):
 
 
 def contents(*paths):
-    """The bytes of the files at `paths`, one after another, each with its
-    length (`key` then tells which file changed nothing from which did)."""
+    """The bytes of the files at `paths`, a tuple of one per file (`key` hashes
+    each with its length, so the files' bounds count too)."""
     found = []
     for path in paths:
         with open(path, "rb") as f:

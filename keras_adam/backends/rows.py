@@ -151,6 +151,11 @@ def run(command, timeout=120):
         return False
 
 
+def cxx():
+    """The C++ compiler: `CXX`, else `g++`, else `c++` (its path), or None."""
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
 def build(layout, kind, wrapper=None, macros=None):
     """rows.c compiled for `layout` as a shared library named after `kind` and the
     layout; its path, or None where it cannot be compiled (no compiler, a
@@ -169,8 +174,8 @@ def build(layout, kind, wrapper=None, macros=None):
     macros so.
     """
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None or (wrapper is not None and cxx is None):
+    linker = cxx()
+    if compiler is None or (wrapper is not None and linker is None):
         return None
     name = f"{kind}_" + "_".join(str(int(x)) for x in layout)
     if macros is not None:  # (in the name too: a library loaded is not loaded again)
@@ -204,7 +209,7 @@ def build(layout, kind, wrapper=None, macros=None):
                     return False
                 loop = os.path.join(where, name + ".o")
                 done = run([compiler, *flags, *target, *macros, "-c", SOURCE, "-o", loop]) and run(
-                    [cxx, *linked, *macros, *(f"-I{d}" for d in includes), source, loop, "-o",
+                    [linker, *linked, *macros, *(f"-I{d}" for d in includes), source, loop, "-o",
                      library])
             if done:
                 return True
@@ -216,7 +221,7 @@ def build(layout, kind, wrapper=None, macros=None):
             sources += libraries.contents(wrapper[0]) + tuple(
                 libraries.headers(d) for d in wrapper[1])
         identity = (sources, libraries.compiler(compiler), flags, targets, macros,
-                    None if wrapper is None else (libraries.compiler(cxx), linked, wrapper[1]),
+                    None if wrapper is None else (libraries.compiler(linker), linked, wrapper[1]),
                     libraries.cpu())
     except OSError:  # (a source or header unreadable: nothing to key the library by)
         identity = None

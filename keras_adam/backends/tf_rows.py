@@ -36,7 +36,6 @@ covers; elsewhere, and without a compiler, the XLA cluster runs.
 import ctypes
 import logging
 import os
-import shutil
 import threading
 
 import keras
@@ -256,7 +255,7 @@ def _build_op():
     """The op's library (`tf.load_op_library`), compiled with TensorFlow's flags
     once per TensorFlow and compiler into the cache directory (`libraries`),
     else into this process's directory."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    cxx = rows.cxx()
     if cxx is None:
         return None
     flags = ["-O2", "-shared", "-fPIC", "-w", *tf.sysconfig.get_compile_flags()]
@@ -283,7 +282,7 @@ def _build_xla():
     per source, TensorFlow and compiler into the cache directory
     (`libraries`), else into this process's directory. None where it
     cannot be compiled or loaded."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    cxx = rows.cxx()
     if cxx is None:
         return None
     include = tf.sysconfig.get_include()
