@@ -9,6 +9,7 @@ being built, so a tensor is never reused across tf.cond branches or traces.
 """
 
 from keras_adam import _rule
+from keras_adam import backends
 
 
 class Step:
@@ -52,9 +53,12 @@ class Step:
 
     def scalars(self, hyper, dtype):
         """The `_rule.Scalars` for `hyper` in `dtype`, computed once per step."""
-        return self.memo(
-            ("scalars", hyper, dtype), lambda: _rule.step_scalars(hyper, self.t, self.lr, dtype)
-        )
+        return self.memo(("scalars", hyper, dtype), lambda: self._scalars(hyper, dtype))
+
+    def _scalars(self, hyper, dtype):
+        # The backend's own where it has a faster way to the same bits (torch, eager).
+        fast = backends.step_scalars(hyper, self, dtype)
+        return _rule.step_scalars(hyper, self.t, self.lr, dtype) if fast is None else fast
 
     def moment_bound(self, hyper):
         """K with m^2 <= K v after this step's predecessors (`_rule.moment_bound`), or None."""

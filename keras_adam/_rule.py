@@ -189,8 +189,8 @@ def bias_factors(t, beta_1, beta_2, bias_correction, dtype):
         return one, one, one
     wide = wide_dtype(dtype)
     t = ops.cast(t, wide)
-    log_beta_1 = ops.convert_to_tensor(_log(beta_1), dtype=wide)
-    log_beta_2 = ops.convert_to_tensor(_log(beta_2), dtype=wide)
+    log_beta_1 = ops.convert_to_tensor(log_beta(beta_1), dtype=wide)
+    log_beta_2 = ops.convert_to_tensor(log_beta(beta_2), dtype=wide)
     c1 = -ops.expm1(t * log_beta_1)
     c2 = -ops.expm1(t * log_beta_2)
     c1_next = -ops.expm1((t + 1.0) * log_beta_1)
@@ -201,10 +201,11 @@ def bias_factors_float(t, beta_1, beta_2, bias_correction):
     """(c1, c2) as Python floats for an integer step `t`: `bias_factors` on the host."""
     if not bias_correction:
         return 1.0, 1.0
-    return -math.expm1(t * _log(beta_1)), -math.expm1(t * _log(beta_2))
+    return -math.expm1(t * log_beta(beta_1)), -math.expm1(t * log_beta(beta_2))
 
 
-def _log(beta):
+def log_beta(beta):
+    """ln(beta) in double precision, for 1 - beta^t = -expm1(t ln(beta))."""
     # beta = 0 gives ln(0) = -inf, so beta^t = exp(-inf) = 0 and c = 1, as
     # 1 - 0^t should be for t >= 1.
     return math.log(beta) if beta > 0.0 else -math.inf

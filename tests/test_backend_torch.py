@@ -174,6 +174,73 @@ def test_the_decay_factor_has_the_bits_of_keras_tensor_formula():
                 torch.testing.assert_close(params[0], want[0], rtol=0, atol=0)
 
 
+
+# Steps where the bias factors change fastest (1..300), then spread over the
+# float32 range of t, past 2^24, where t itself rounds.
+SCALAR_STEPS = [*range(1, 301), *np.unique(np.geomspace(301, 2**31, 200).astype(np.int64)),
+                2**24 + 1, 2**24 + 3]
+SCALAR_OPTIONS = [
+    *[dict(nesterov=n, bias_correction=b, epsilon_placement=p)
+      for n in (False, True) for b in (True, False) for p in ("hat", "paper")],
+    dict(beta_1=0.5, beta_2=0.95, nesterov=True, epsilon_placement="paper"),
+    dict(beta_1=0.0, beta_2=0.0, epsilon=1e-2, nesterov=True),  # ln(0) = -inf
+    dict(beta_1=0.99, beta_2=0.9999, epsilon=0.0, epsilon_placement="paper"),
+]
+
+
+@pytest.mark.parametrize("options", SCALAR_OPTIONS,
+                         ids=["-".join(f"{k}={v}" for k, v in o.items()) for o in SCALAR_OPTIONS])
+def test_the_step_scalars_have_the_bits_of_the_rules_ops(options):
+    # The fast path forms the step's scalars from t and lr read as numbers
+    # (backends/torch.py `step_scalars`). Oracle: `_rule.step_scalars`, the
+    # same formulas through Keras's ops on torch tensors. Exact equality for
+    # every field: the fast path must make the same float32 roundings and
+    # call the same expm1 and sqrt kernels.
+    import dataclasses
+
+    from keras_adam import _per_step
+    from keras_adam import _rule
+
+    hyper = _rule.Hyper(**{"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "amsgrad": False,
+                           "nesterov": False, "bias_correction": True,
+                           "epsilon_placement": "hat", **options})
+    iterations = keras.Variable(0, dtype="int64", trainable=False)
+    rng = np.random.default_rng(4)
+    for lr_value in [1e-3, 0.1234567, 3.0, *rng.uniform(1e-6, 1.0, 2)]:
+        lr = keras.Variable(lr_value, dtype="float32", trainable=False)
+        for t in SCALAR_STEPS:
+            iterations.assign(t - 1)
+            fast = _per_step.Step(iterations, lr).scalars(hyper, "float32")
+            want = _rule.step_scalars(hyper, iterations + 1, lr, "float32")
+            for field in dataclasses.fields(want):
+                a, b = getattr(fast, field.name), getattr(want, field.name)
+                if b is None:
+                    assert a is None, field.name
+                    continue
+                assert a.dtype == b.dtype and a.device == b.device and a.shape == (), field.name
+                assert a.numpy().tobytes() == b.numpy().tobytes(), (
+                    f"{field.name} at t={t}, lr={lr_value}: {a.item()!r} != {b.item()!r}")
+
+
+def test_the_step_scalars_take_keras_ops_where_the_numbers_do_not_serve(monkeypatch):
+    # float64 (the fast path is float32 only) and under torch.compile the
+    # scalars come from `_rule.step_scalars`; in float32 eagerly, not.
+    from keras_adam import _per_step
+    from keras_adam import _rule
+    from keras_adam.backends import torch as torch_path
+
+    calls = []
+    original = _rule.step_scalars
+    monkeypatch.setattr(_rule, "step_scalars", lambda *a: calls.append(a[-1]) or original(*a))
+    hyper = _rule.Hyper(0.9, 0.999, 1e-7, False, False, True, "hat")
+    iterations = keras.Variable(4, dtype="int64", trainable=False)
+    _per_step.Step(iterations, 1e-3).scalars(hyper, "float32")
+    assert calls == []
+    _per_step.Step(iterations, 1e-3).scalars(hyper, "float64")
+    assert calls == ["float64"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch_path.step_scalars(hyper, _per_step.Step(iterations, 1e-3), "float32") is None
+
 def test_without_a_compiler_the_whole_step_falls_back_with_one_warning(monkeypatch):
     """8-bit moments' whole-variable step (keras_adam/_whole.py) is compiled by
     torch.compile (where the C loop of the rows does not take it: switched off
@@ -410,6 +477,10 @@ def test_a_schedule_after_a_constant_learning_rate_takes_the_same_graph(monkeypa
 
     # The compiled function's graphs, not the rows' C loop that CPU tensors take.
     monkeypatch.setattr(torch_rows, "enabled", False)
+    # The step's scalars through Keras's ops, as off the CPU, where the learning
+    # rate is the variable's Parameter (on a CPU they are made as plain
+    # tensors from numbers: `backends.torch.step_scalars`).
+    monkeypatch.setattr(backends, "step_scalars", lambda *args: None)
     shapes = [(64, 32), (300,)]
 
     def train(learning_rate):

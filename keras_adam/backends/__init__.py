@@ -141,6 +141,17 @@ def variable_reason(variable, storage):
     return storage.in_place_reason(variable)
 
 
+def step_scalars(hyper, step, dtype):
+    """`_rule.step_scalars` of `step` (a `keras_adam._per_step.Step`) in `dtype`,
+    bit for bit, where the backend computes them faster from the step's
+    numbers (torch, eager, on a CPU: `torch.step_scalars`); None elsewhere."""
+    if keras.backend.backend() != "torch":
+        return None
+    from keras_adam.backends import torch
+
+    return torch.step_scalars(hyper, step, dtype)
+
+
 def makes_sparse_gradients():
     """Whether this backend gives row-sparse gradients (tf.IndexedSlices) at all."""
     return keras.backend.backend() == "tensorflow"

@@ -31,6 +31,7 @@ import warnings
 
 import numpy as np
 import torch
+from keras import ops
 from torch._dynamo import config as dynamo_config
 from torch.fx.experimental import _config as shape_config
 
@@ -188,6 +189,67 @@ def _numbers(step):
     """(t, lr) of `step` as Python numbers, read once per step (each `.item()`
     costs some microseconds, asked by every kernel call and decay)."""
     return step.memo("torch: t, lr", lambda: (int(_number(step.iterations)) + 1, _number(step.lr)))
+
+
+def step_scalars(hyper, step, dtype):
+    """`_rule.step_scalars(hyper, step.t, step.lr, dtype)`, bit for bit, from t and
+    lr read as numbers once per step: in float32, on a CPU, outside
+    torch.compile; None elsewhere.
+
+    Through Keras's ops the scalars are some twenty dispatches on 0-d tensors,
+    about 0.12 ms of every step: as long as the C loop's arithmetic on a
+    model of 700,000 parameters. Here every correctly rounded operation
+    (a product, quotient or sum of two float32 values, a negation, a double
+    rounded to float32) is NumPy's float32 arithmetic, which rounds as
+    torch's does; expm1 and sqrt are torch's own kernels, one call each,
+    since torch computes them with its own approximations (its float32
+    sqrt is not correctly rounded on AVX-512 CPUs: one result in five is an
+    ulp off). The fields are 0-d float32 CPU tensors of their own, as Keras
+    makes them. tests/test_backend_torch.py compares every field's bits
+    with `_rule.step_scalars`'s over a grid of steps, rates and options.
+    """
+    if dtype != "float32" or torch.compiler.is_compiling() or not _on_cpu(step):
+        return None
+    t, lr = _numbers(step)
+    f32 = np.float32
+    beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon = (
+        f32(x) for x in (hyper.beta_1, 1.0 - hyper.beta_1, hyper.beta_2, 1.0 - hyper.beta_2,
+                         hyper.epsilon))
+    with np.errstate(all="ignore"):  # inf and NaN as torch's give them, without warnings
+        if hyper.bias_correction:
+            # c = 1 - beta^t = -expm1(t ln(beta)), as `_rule.bias_factors`: t rounded
+            # to float32, ln(beta) taken in double and rounded.
+            t = f32(t)
+            log_beta_1, log_beta_2 = f32(_rule.log_beta(hyper.beta_1)), f32(
+                _rule.log_beta(hyper.beta_2))
+            exponents = np.array([t * log_beta_1, t * log_beta_2, (t + f32(1.0)) * log_beta_1])
+            c1, c2, c1_next = (-torch.expm1(torch.from_numpy(exponents))).numpy()
+        else:
+            c1 = c2 = c1_next = f32(1.0)
+        lr = f32(lr)
+        # `_rule.fold_step_size`, in its order of operations.
+        sqrt_c2 = torch.sqrt(torch.from_numpy(np.array([c2]))).numpy()[0]
+        alpha = lr * sqrt_c2 / c1
+        if hyper.epsilon_placement == "paper":
+            epsilon = epsilon * sqrt_c2
+        nesterov_momentum = beta_1 * c1 / c1_next if hyper.nesterov else None
+    values = (lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, c1, c2,
+              nesterov_momentum, alpha, epsilon)
+    return _rule.Scalars(*(None if x is None else torch.scalar_tensor(float(x),
+                                                                      dtype=torch.float32)
+                           for x in values))
+
+
+def _on_cpu(step):
+    """Whether `step`'s counter and learning rate, and the tensors Keras makes now,
+    are on the CPU: there, `step_scalars` makes the tensors `_rule.step_scalars`
+    would make."""
+    for x in (step.iterations, step.lr):
+        x = getattr(x, "value", x)  # a Keras variable's tensor
+        if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+            return False
+    # Keras's device for new tensors (a device scope, else an accelerator if any).
+    return ops.convert_to_tensor(0.0).device.type == "cpu"
 
 
 def _decay_factor(weight_decay, lr, params, lr_number=None):
