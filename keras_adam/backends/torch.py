@@ -208,20 +208,19 @@ def step_scalars(hyper, step, dtype):
     makes them. tests/test_backend_torch.py compares every field's bits
     with `_rule.step_scalars`'s over a grid of steps, rates and options.
     """
-    if dtype != "float32" or torch.compiler.is_compiling() or not _on_cpu(step):
+    if dtype != "float32" or torch.compiler.is_compiling():
         return None
-    t, lr = _numbers(step)
+    numbers = step.memo("torch: t, lr on the CPU", lambda: _cpu_numbers(step))
+    if numbers is None:
+        return None
+    t, lr = numbers
     f32 = np.float32
-    beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon = (
-        f32(x) for x in (hyper.beta_1, 1.0 - hyper.beta_1, hyper.beta_2, 1.0 - hyper.beta_2,
-                         hyper.epsilon))
+    beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon, log_beta_1, log_beta_2 = \
+        _constants(hyper)
     with np.errstate(all="ignore"):  # inf and NaN as torch's give them, without warnings
         if hyper.bias_correction:
-            # c = 1 - beta^t = -expm1(t ln(beta)), as `_rule.bias_factors`: t rounded
-            # to float32, ln(beta) taken in double and rounded.
+            # c = 1 - beta^t = -expm1(t ln(beta)), as `_rule.bias_factors` forms it.
             t = f32(t)
-            log_beta_1, log_beta_2 = f32(_rule.log_beta(hyper.beta_1)), f32(
-                _rule.log_beta(hyper.beta_2))
             exponents = np.array([t * log_beta_1, t * log_beta_2, (t + f32(1.0)) * log_beta_1])
             c1, c2, c1_next = (-torch.expm1(torch.from_numpy(exponents))).numpy()
         else:
@@ -240,16 +239,28 @@ def step_scalars(hyper, step, dtype):
                            for x in values))
 
 
-def _on_cpu(step):
-    """Whether `step`'s counter and learning rate, and the tensors Keras makes now,
-    are on the CPU: there, `step_scalars` makes the tensors `_rule.step_scalars`
-    would make."""
-    for x in (step.iterations, step.lr):
-        x = getattr(x, "value", x)  # a Keras variable's tensor
-        if isinstance(x, torch.Tensor) and x.device.type != "cpu":
-            return False
+@functools.lru_cache(maxsize=64)
+def _constants(hyper):
+    """`hyper`'s float32 constants as `_rule.step_scalars` rounds them: beta_1,
+    1 - beta_1, beta_2, 1 - beta_2 and epsilon (each formed in double), and
+    ln(beta_1), ln(beta_2) (`_rule.log_beta`)."""
+    return tuple(np.float32(x) for x in (
+        hyper.beta_1, 1.0 - hyper.beta_1, hyper.beta_2, 1.0 - hyper.beta_2, hyper.epsilon,
+        _rule.log_beta(hyper.beta_1), _rule.log_beta(hyper.beta_2)))
+
+
+def _cpu_numbers(step):
+    """(t, lr) of `step` as Python numbers where its counter and learning rate, and
+    the tensors Keras makes now, are on the CPU (there `step_scalars` makes
+    the tensors `_rule.step_scalars` would make); else None."""
+    values = [getattr(x, "value", x) for x in (step.iterations, step.lr)]  # a variable's tensor
+    if any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in values):
+        return None
     # Keras's device for new tensors (a device scope, else an accelerator if any).
-    return ops.convert_to_tensor(0.0).device.type == "cpu"
+    if ops.convert_to_tensor(0.0).device.type != "cpu":
+        return None
+    iterations, lr = (x.item() if isinstance(x, torch.Tensor) else x for x in values)
+    return int(iterations) + 1, float(lr)
 
 
 def _decay_factor(weight_decay, lr, params, lr_number=None):
