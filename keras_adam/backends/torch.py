@@ -191,29 +191,47 @@ def _numbers(step):
     return step.memo("torch: t, lr", lambda: (int(_number(step.iterations)) + 1, _number(step.lr)))
 
 
+def _on_cpu(step):
+    """Whether `step`'s counter and learning rate, and the tensors Keras makes now,
+    are on the CPU (asked once per step): there, `step_scalars` makes the
+    tensors `_rule.step_scalars` would make."""
+    def ask():
+        values = [getattr(x, "value", x) for x in (step.iterations, step.lr)]  # a variable's
+        if any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in values):
+            return False
+        # Keras's device for new tensors: a device scope, else an accelerator if any.
+        return ops.convert_to_tensor(0.0).device.type == "cpu"
+
+    return step.memo("torch: on the CPU", ask)
+
+
 def step_scalars(hyper, step, dtype):
     """`_rule.step_scalars(hyper, step.t, step.lr, dtype)`, bit for bit, from t and
     lr read as numbers once per step: in float32, on a CPU, outside
     torch.compile; None elsewhere.
 
-    Through Keras's ops the scalars are some twenty dispatches on 0-d tensors,
-    about 0.12 ms of every step: as long as the C loop's arithmetic on a
-    model of 700,000 parameters. Here every correctly rounded operation
-    (a product, quotient or sum of two float32 values, a negation, a double
-    rounded to float32) is NumPy's float32 arithmetic, which rounds as
-    torch's does; expm1 and sqrt are torch's own kernels, one call each,
-    since torch computes them with its own approximations (its float32
-    sqrt is not correctly rounded on AVX-512 CPUs: one result in five is an
-    ulp off). The fields are 0-d float32 CPU tensors of their own, as Keras
-    makes them. tests/test_backend_torch.py compares every field's bits
-    with `_rule.step_scalars`'s over a grid of steps, rates and options.
+        c1 = -expm1(t ln(beta_1)),  c2 = -expm1(t ln(beta_2)),
+        c1_next = -expm1((t + 1) ln(beta_1))
+        alpha = lr * sqrt(c2) / c1,  epsilon' = epsilon * sqrt(c2) ("paper")
+        nesterov_momentum = beta_1 * c1 / c1_next
+
+    Through Keras's ops these are some twenty dispatches on 0-d tensors at
+    every step, as long as the C loop's arithmetic on a small model. Here
+    every correctly rounded operation (a product, quotient or sum of two
+    float32 values, a negation, a double rounded to float32) is NumPy's
+    float32 arithmetic, which rounds as torch's does; expm1 and sqrt are
+    torch's own kernels, since torch computes them with its own
+    approximations (its float32 sqrt is not correctly rounded on AVX-512
+    CPUs: one result in five is an ulp off). The fields are 0-d float32 CPU
+    tensors of their own, as Keras makes them. tests/test_backend_torch.py
+    compares every field's bits with `_rule.step_scalars`'s over a grid of
+    steps, rates and options.
     """
     if dtype != "float32" or torch.compiler.is_compiling():
         return None
-    numbers = step.memo("torch: t, lr on the CPU", lambda: _cpu_numbers(step))
-    if numbers is None:
+    if not _on_cpu(step):
         return None
-    t, lr = numbers
+    t, lr = _numbers(step)
     f32 = np.float32
     beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon, log_beta_1, log_beta_2 = \
         _constants(hyper)
@@ -222,6 +240,9 @@ def step_scalars(hyper, step, dtype):
             # c = 1 - beta^t = -expm1(t ln(beta)), as `_rule.bias_factors` forms it.
             t = f32(t)
             exponents = np.array([t * log_beta_1, t * log_beta_2, (t + f32(1.0)) * log_beta_1])
+            # One call for the three, where Keras's ops make three on 0-d tensors:
+            # the same bits while torch's kernel gives each element the same
+            # result whatever the tensor's length (the test checks it).
             c1, c2, c1_next = (-torch.expm1(torch.from_numpy(exponents))).numpy()
         else:
             c1 = c2 = c1_next = f32(1.0)
@@ -234,9 +255,8 @@ def step_scalars(hyper, step, dtype):
         nesterov_momentum = beta_1 * c1 / c1_next if hyper.nesterov else None
     values = (lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, c1, c2,
               nesterov_momentum, alpha, epsilon)
-    return _rule.Scalars(*(None if x is None else torch.scalar_tensor(float(x),
-                                                                      dtype=torch.float32)
-                           for x in values))
+    return _rule.Scalars(*(None if x is None else torch.scalar_tensor(
+        float(x), dtype=torch.float32, device="cpu") for x in values))
 
 
 @functools.lru_cache(maxsize=64)
@@ -247,20 +267,6 @@ def _constants(hyper):
     return tuple(np.float32(x) for x in (
         hyper.beta_1, 1.0 - hyper.beta_1, hyper.beta_2, 1.0 - hyper.beta_2, hyper.epsilon,
         _rule.log_beta(hyper.beta_1), _rule.log_beta(hyper.beta_2)))
-
-
-def _cpu_numbers(step):
-    """(t, lr) of `step` as Python numbers where its counter and learning rate, and
-    the tensors Keras makes now, are on the CPU (there `step_scalars` makes
-    the tensors `_rule.step_scalars` would make); else None."""
-    values = [getattr(x, "value", x) for x in (step.iterations, step.lr)]  # a variable's tensor
-    if any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in values):
-        return None
-    # Keras's device for new tensors (a device scope, else an accelerator if any).
-    if ops.convert_to_tensor(0.0).device.type != "cpu":
-        return None
-    iterations, lr = (x.item() if isinstance(x, torch.Tensor) else x for x in values)
-    return int(iterations) + 1, float(lr)
 
 
 def _decay_factor(weight_decay, lr, params, lr_number=None):
