@@ -31,7 +31,6 @@ import warnings
 
 import numpy as np
 import torch
-from keras import ops
 from torch._dynamo import config as dynamo_config
 from torch.fx.experimental import _config as shape_config
 
@@ -188,21 +187,39 @@ def decay(variables, weight_decay, lr):
 def _numbers(step):
     """(t, lr) of `step` as Python numbers, read once per step (each `.item()`
     costs some microseconds, asked by every kernel call and decay)."""
-    return step.memo("torch: t, lr", lambda: (int(_number(step.iterations)) + 1, _number(step.lr)))
+    def read():
+        iterations, lr = (_number(x) for x in _values(step))
+        return int(iterations) + 1, lr
+
+    return step.memo("torch: t, lr", read)
 
 
 def _on_cpu(step):
     """Whether `step`'s counter and learning rate, and the tensors Keras makes now,
     are on the CPU (asked once per step): there, `step_scalars` makes the
     tensors `_rule.step_scalars` would make."""
-    def ask():
-        values = [getattr(x, "value", x) for x in (step.iterations, step.lr)]  # a variable's
-        if any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in values):
-            return False
-        # Keras's device for new tensors: a device scope, else an accelerator if any.
-        return ops.convert_to_tensor(0.0).device.type == "cpu"
+    return step.memo("torch: on the CPU", lambda: _keras_device().type == "cpu" and not any(
+        isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in _values(step)))
 
-    return step.memo("torch: on the CPU", ask)
+
+def _values(step):
+    # The step's counter and learning rate, a variable's tensor read once per step.
+    return step.memo("torch: values", lambda: [getattr(x, "value", x)
+                                               for x in (step.iterations, step.lr)])
+
+
+def _keras_device():
+    """The device Keras makes new tensors on: a device scope's, else its default
+    (an accelerator where one is found).
+
+    Keras 3.15 has no public accessor (asking it to make a tensor costs
+    several microseconds a step); this module alone reads it, and
+    tests/test_backend_torch.py's test of the scalars' fallbacks (under a
+    "meta" device scope) fails if it moves.
+    """
+    from keras.src.backend.torch import core
+
+    return torch.device(core.get_device())
 
 
 def step_scalars(hyper, step, dtype):
@@ -256,7 +273,10 @@ def step_scalars(hyper, step, dtype):
     values = (lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, c1, c2,
               nesterov_momentum, alpha, epsilon)
     return _rule.Scalars(*(None if x is None else torch.scalar_tensor(
-        float(x), dtype=torch.float32, device="cpu") for x in values))
+        float(x), dtype=torch.float32, device=_CPU) for x in values))
+
+
+_CPU = torch.device("cpu")
 
 
 @functools.lru_cache(maxsize=64)
