@@ -37,7 +37,12 @@ class Step:
         """
         if self._parent is not None:
             return self._parent.t
-        return self.memo("t", lambda: self.iterations + 1)
+        return self.memo("t", self._count)
+
+    def _count(self):
+        # The backend's own where it makes the same tensor faster (torch, eager).
+        fast = backends.step_count(self)
+        return self.iterations + 1 if fast is None else fast
 
     def scaled(self, multiplier):
         """This step with lr * multiplier (a group's `learning_rate_multiplier`), made

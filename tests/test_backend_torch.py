@@ -238,6 +238,27 @@ def test_the_step_scalars_have_the_bits_of_the_rules_ops(options):
                         f"{field.name} at t={t}, lr={lr}: {a.item()!r} != {b.item()!r}")
 
 
+def test_the_step_count_is_the_tensor_keras_makes():
+    # t = iterations + 1, made from the counter read as a number on a CPU
+    # (backends/torch.py `step_count`). Oracle: Keras's operator on the
+    # counter variable: the same value, dtype, device and shape.
+    from keras_adam import _per_step
+    from keras_adam import backends
+
+    with keras.device("cpu"):
+        for dtype in ("int64", "int32"):
+            counter = keras.Variable(0, dtype=dtype, trainable=False)
+            for value in (0, 1, 41, 2**31 - 2):
+                counter.assign(value)
+                step = _per_step.Step(counter, 1e-3)
+                assert backends.step_count(step) is not None
+                got, want = step.t, counter + 1
+                assert (got.dtype, got.device, got.shape) == (want.dtype, want.device, want.shape)
+                assert int(got) == int(want) == value + 1
+    with keras.device("meta"):
+        assert backends.step_count(_per_step.Step(counter, 1e-3)) is None
+
+
 def test_the_step_scalars_take_keras_ops_where_the_numbers_do_not_serve(monkeypatch):
     # In float64 (the fast path is float32 only), under torch.compile and off
     # the CPU (variables there, or Keras making tensors elsewhere: "meta"

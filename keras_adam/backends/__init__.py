@@ -152,6 +152,17 @@ def step_scalars(hyper, step, dtype):
     return torch.step_scalars(hyper, step, dtype)
 
 
+def step_count(step):
+    """`step.iterations + 1` (a `keras_adam._per_step.Step`'s t) as Keras makes it,
+    where the backend makes the same tensor faster from the counter read as a
+    number (torch, eager, on a CPU: `torch.step_count`); None elsewhere."""
+    if keras.backend.backend() != "torch":
+        return None
+    from keras_adam.backends import torch
+
+    return torch.step_count(step)
+
+
 def makes_sparse_gradients():
     """Whether this backend gives row-sparse gradients (tf.IndexedSlices) at all."""
     return keras.backend.backend() == "tensorflow"

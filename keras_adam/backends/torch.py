@@ -279,6 +279,20 @@ def step_scalars(hyper, step, dtype):
 _CPU = torch.device("cpu")
 
 
+def step_count(step):
+    """`step.iterations + 1` as Keras's operator makes it (a 0-d tensor of the
+    counter's dtype on the CPU), from the counter read as a number: on a CPU,
+    outside torch.compile; None elsewhere. The random streams of stochastic
+    rounding take it at every step; Keras's operator is a dispatch of some
+    microseconds more."""
+    if torch.compiler.is_compiling() or not _on_cpu(step):
+        return None
+    counter = _values(step)[0]
+    if not isinstance(counter, torch.Tensor) or counter.dtype not in (torch.int32, torch.int64):
+        return None
+    return torch.tensor(_numbers(step)[0], dtype=counter.dtype, device=_CPU)
+
+
 @functools.lru_cache(maxsize=64)
 def _constants(hyper):
     """`hyper`'s float32 constants as `_rule.step_scalars` rounds them: beta_1,
