@@ -174,7 +174,6 @@ def test_the_decay_factor_has_the_bits_of_keras_tensor_formula():
                 torch.testing.assert_close(params[0], want[0], rtol=0, atol=0)
 
 
-
 # Steps where the bias factors change fastest (1..200), then spread over the
 # float32 range of t, past 2^24, where t itself rounds.
 SCALAR_STEPS = [*range(1, 201), *np.unique(np.geomspace(201, 2**31, 150).astype(np.int64)),
@@ -255,6 +254,11 @@ def test_the_step_count_is_the_tensor_keras_makes():
                 got, want = step.t, counter + 1
                 assert (got.dtype, got.device, got.shape) == (want.dtype, want.device, want.shape)
                 assert int(got) == int(want) == value + 1
+        # At the counter's largest value Keras's operator wraps around: left to it.
+        counter.assign(2**31 - 1)
+        step = _per_step.Step(counter, 1e-3)
+        assert backends.step_count(step) is None
+        assert int(step.t) == int(counter + 1)
     with keras.device("meta"):
         assert backends.step_count(_per_step.Step(counter, 1e-3)) is None
 

@@ -290,7 +290,10 @@ def step_count(step):
     counter = _values(step)[0]
     if not isinstance(counter, torch.Tensor) or counter.dtype not in (torch.int32, torch.int64):
         return None
-    return torch.tensor(_numbers(step)[0], dtype=counter.dtype, device=_CPU)
+    t = _numbers(step)[0]
+    if t > torch.iinfo(counter.dtype).max:  # Keras's operator wraps around there
+        return None
+    return torch.tensor(t, dtype=counter.dtype, device=_CPU)
 
 
 @functools.lru_cache(maxsize=64)
