@@ -258,6 +258,7 @@ def test_the_step_count_is_the_tensor_keras_makes():
         counter.assign(2**31 - 1)
         step = _per_step.Step(counter, 1e-3)
         assert backends.step_count(step) is None
+        assert backends.step_scalars(_scalar_hyper(), step, "float32") is None
         assert int(step.t) == int(counter + 1)
     with keras.device("meta"):
         assert backends.step_count(_per_step.Step(counter, 1e-3)) is None

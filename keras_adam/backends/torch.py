@@ -244,11 +244,11 @@ def step_scalars(hyper, step, dtype):
     compares every field's bits with `_rule.step_scalars`'s over a grid of
     steps, rates and options.
     """
-    if dtype != "float32" or torch.compiler.is_compiling():
-        return None
-    if not _on_cpu(step):
+    if dtype != "float32" or torch.compiler.is_compiling() or not _on_cpu(step):
         return None
     t, lr = _numbers(step)
+    if _wraps(step, t):
+        return None
     f32 = np.float32
     beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon, log_beta_1, log_beta_2 = \
         _constants(hyper)
@@ -291,9 +291,15 @@ def step_count(step):
     if not isinstance(counter, torch.Tensor) or counter.dtype not in (torch.int32, torch.int64):
         return None
     t = _numbers(step)[0]
-    if t > torch.iinfo(counter.dtype).max:  # Keras's operator wraps around there
-        return None
-    return torch.tensor(t, dtype=counter.dtype, device=_CPU)
+    return None if _wraps(step, t) else torch.tensor(t, dtype=counter.dtype, device=_CPU)
+
+
+def _wraps(step, t):
+    # Whether Keras's `iterations + 1` wraps around in the counter's dtype (at its
+    # largest value): left to Keras's operator, whose result the rule then takes.
+    counter = _values(step)[0]
+    return (isinstance(counter, torch.Tensor) and not counter.dtype.is_floating_point
+            and t > torch.iinfo(counter.dtype).max)
 
 
 @functools.lru_cache(maxsize=64)
