@@ -44,6 +44,12 @@ class Step:
         fast = backends.step_count(self)
         return self.iterations + 1 if fast is None else fast
 
+    def number(self):
+        """t as a Python int, where the backend reads the counter as a number
+        (torch, eager, on a CPU); else None. A C loop takes t so (its random
+        streams' keys), without a tensor made and read back."""
+        return self.memo("t number", lambda: backends.step_number(self))
+
     def scaled(self, multiplier):
         """This step with lr * multiplier (a group's `learning_rate_multiplier`), made
         once per step; t is this step's."""
@@ -64,6 +70,14 @@ class Step:
         # The backend's own where it has a faster way to the same bits (torch, eager).
         fast = backends.step_scalars(hyper, self, dtype)
         return _rule.step_scalars(hyper, self.t, self.lr, dtype) if fast is None else fast
+
+    def scalar_numbers(self, hyper, dtype):
+        """The fields of `scalars(hyper, dtype)` as numbers (NumPy float32, None
+        for a field that is None), computed once per step, where the backend
+        forms them so (torch, eager, on a CPU); else None. A C loop takes
+        them so, without tensors made and read back."""
+        return self.memo(("scalar numbers", hyper, dtype),
+                         lambda: backends.step_numbers(hyper, self, dtype))
 
     def moment_bound(self, hyper):
         """K with m^2 <= K v after this step's predecessors (`_rule.moment_bound`), or None."""

@@ -84,6 +84,10 @@ def applies(storage, variable):
     return None
 
 
+# `_rule.Scalars`' fields in their order, as the compiled functions take them.
+_SCALAR_NAMES = tuple(f.name for f in dataclasses.fields(_rule.Scalars))
+
+
 class Whole:
     """The compiled functions of one optimizer, made on first use per layout and `Hyper`."""
 
@@ -285,7 +289,8 @@ class Whole:
         group (`group(index)`: the same options whatever is assigned since),
         and its first variable's function key and given shapes are the last
         step's: its variables share their step's values, which
-        `facts(index)` gives as `apply` takes them (`rule`, `state`), with
+        `facts(index)` gives as `apply` takes them (`rule`, `state`; or the
+        rule's scalars and t as numbers, which the C loop takes), with
         the decoupled decay before the step ((rate, lr), or None:
         `decay_rate(index)` gives each variable's, which `many` applies once
         it has checked the tensors). A batch of `together` is one function
@@ -371,7 +376,12 @@ class Whole:
             for rate_, variables in decays.items():
                 backends.decay(variables, rate_, before[1])
 
-        step = (self._scalar_fields(rule[1]), self._bound(bound), noise)
+        # The scalars as `facts` gives them: numbers where the backend forms them
+        # so (a C loop takes them as they are), else a `_rule.Scalars`.
+        scalars = rule[1]
+        if not isinstance(scalars, tuple):
+            scalars, bound = self._scalar_fields(scalars), self._bound(bound)
+        step = (scalars, bound, noise)
         return self._many(key, parts, given, step, storage, indices,
                           decay if decays else None, kept)
 
@@ -450,8 +460,8 @@ class Whole:
         # that optimizers share would compile again for the next optimizer's
         # schedule (a plain tensor).
         if self._fields is None or self._fields[0] is not scalars:
-            self._fields = (scalars, tuple(backends.plain(getattr(scalars, f.name))
-                                           for f in dataclasses.fields(scalars)))
+            self._fields = (scalars, backends.plain(
+                getattr(scalars, name) for name in _SCALAR_NAMES))
         return self._fields[1]
 
     def _all_keys(self, storage, noise, table=False):

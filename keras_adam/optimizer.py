@@ -311,7 +311,7 @@ class Adam(Optimizer):
             left = self._whole.again(
                 self._storage, [(i, v, _sparse.densify(g)) for g, v, i, method in items
                                 if method == _plan.WHOLE],
-                lambda i: self._whole_facts(i, hyper, step), self._decay_rate,
+                lambda i: self._whole_facts(i, hyper, step, numbers=True), self._decay_rate,
                 self._groups.__getitem__)
             for g, v, i, method in items:
                 if i in left or method != _plan.WHOLE:
@@ -330,27 +330,37 @@ class Adam(Optimizer):
         return self._per_step.get(
             ("step", backends.trace_key()), lambda: Step(self.iterations, learning_rate))
 
-    def _facts(self, index, hyper, step):
+    def _facts(self, index, hyper, step, numbers=False):
         """Model variable `index`'s group's (Hyper, Step) at `step`, its compute dtype,
         its rounding's (seed, t) or None, this step's Scalars and moment bound
         K (or None), how its 16-bit moments are written, and its decay rate
-        (or None)."""
+        (or None).
+
+        With `numbers`, for a C loop: t and the Scalars' fields as numbers
+        where the backend forms them so (`Step.number`,
+        `Step.scalar_numbers`), else as tensors."""
         hyper, step = self._groups[index].settings(hyper, step)
         storage = self._storage
         _, rounding, dtype, _ = storage.step_dtypes(index)  # dtype: the portable path's
-        noise = None if rounding == "nearest" else (self._rounding_seed, step.t)
+        scalars = step.scalar_numbers(hyper, dtype) if numbers else None
+        if scalars is None:
+            scalars, t = step.scalars(hyper, dtype), step.t
+        else:  # (both numbers, or neither: the backend reads t as one for the fields)
+            t = step.number()
+        noise = None if rounding == "nearest" else (self._rounding_seed, t)
         bound = step.moment_bound(hyper) if storage.needs_bound else None
-        return (hyper, step, dtype, noise, step.scalars(hyper, dtype), bound,
-                storage.moment_noise(index, noise, step.t), self._decay_rate(index))
+        return (hyper, step, dtype, noise, scalars, bound,
+                storage.moment_noise(index, noise, t), self._decay_rate(index))
 
-    def _whole_facts(self, index, hyper, step):
+    def _whole_facts(self, index, hyper, step, numbers=False):
         """What `_whole.apply` takes for model variable `index` besides its tensors:
         the rule's (Hyper, Scalars) and (moment bound, moments' noise, decay
         rate in the step); and the decoupled decay before the step, (rate, lr),
         none where the rate is None or 0, or None. A variable written by a
         rounding decays in its step, from the step's theta; the others before
-        it, computed as Keras's own."""
-        hyper, step, _, noise, scalars, bound, moment_noise, rate = self._facts(index, hyper, step)
+        it, computed as Keras's own. `numbers`: as `_facts`."""
+        hyper, step, _, noise, scalars, bound, moment_noise, rate = self._facts(
+            index, hyper, step, numbers)
         inside = rate if noise is not None else None
         before = (rate, step.lr) if noise is None else None
         return (hyper, scalars), (bound, moment_noise, inside or None), before

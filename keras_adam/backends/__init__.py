@@ -141,15 +141,37 @@ def variable_reason(variable, storage):
     return storage.in_place_reason(variable)
 
 
+def step_numbers(hyper, step, dtype):
+    """The fields of `_rule.step_scalars` of `step` (a `keras_adam._per_step.Step`)
+    in `dtype` as numbers (NumPy float32; None for a field that is None),
+    bit for bit, where the backend computes them from the step's numbers
+    (torch, eager, on a CPU: `torch.step_numbers`); None elsewhere."""
+    if keras.backend.backend() != "torch":
+        return None
+    from keras_adam.backends import torch
+
+    return torch.step_numbers(hyper, step, dtype)
+
+
 def step_scalars(hyper, step, dtype):
-    """`_rule.step_scalars` of `step` (a `keras_adam._per_step.Step`) in `dtype`,
-    bit for bit, where the backend computes them faster from the step's
-    numbers (torch, eager, on a CPU: `torch.step_scalars`); None elsewhere."""
+    """`_rule.step_scalars` of `step` in `dtype`, bit for bit, made from
+    `step_numbers` where there are some (`torch.step_scalars`); None elsewhere."""
     if keras.backend.backend() != "torch":
         return None
     from keras_adam.backends import torch
 
     return torch.step_scalars(hyper, step, dtype)
+
+
+def step_number(step):
+    """`step.iterations + 1` (a `keras_adam._per_step.Step`'s t) as a Python int,
+    where the backend reads the counter as a number (torch, eager, on a CPU:
+    `torch.step_number`); None elsewhere."""
+    if keras.backend.backend() != "torch":
+        return None
+    from keras_adam.backends import torch
+
+    return torch.step_number(step)
 
 
 def step_count(step):
@@ -390,15 +412,15 @@ def own_tensors(groups):
     return [tuple(map(own, group)) for group in groups]
 
 
-def plain(x):
-    """`x` (a tensor or None) as a plain tensor: on torch a Parameter is detached
-    (the same memory, so it reads the variable's value at each call), since
-    a compiled function guards on its inputs' types."""
-    if keras.backend.backend() != "torch" or x is None:
-        return x
+def plain(values):
+    """`values` (tensors or None) as a tuple of plain tensors: on torch a Parameter
+    is detached (the same memory, so it reads the variable's value at each
+    call), since a compiled function guards on its inputs' types."""
+    if keras.backend.backend() != "torch":
+        return tuple(values)
     from keras_adam.backends import torch
 
-    return torch.plain(x)
+    return tuple(map(torch.plain, values))
 
 
 def plain_update_loop():

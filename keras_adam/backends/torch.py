@@ -29,10 +29,15 @@ import threading
 import types
 import warnings
 
+import keras
 import numpy as np
 import torch
 from torch._dynamo import config as dynamo_config
 from torch.fx.experimental import _config as shape_config
+# Keras's private modules that `_keras_device` and `_keras_scope_active` read.
+from keras.src.backend.common import stateless_scope as _keras_stateless_scope
+from keras.src.backend.common import variables as _keras_variables
+from keras.src.backend.torch import core as _keras_torch_core
 
 from keras_adam import _rule
 
@@ -199,13 +204,19 @@ def _on_cpu(step):
     are on the CPU (asked once per step): there, `step_scalars` makes the
     tensors `_rule.step_scalars` would make."""
     return step.memo("torch: on the CPU", lambda: _keras_device().type == "cpu" and not any(
-        isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in _values(step)))
+        isinstance(x, torch.Tensor) and not x.is_cpu for x in _values(step)))
 
 
 def _values(step):
-    # The step's counter and learning rate, a variable's tensor read once per step.
-    return step.memo("torch: values", lambda: [getattr(x, "value", x)
-                                               for x in (step.iterations, step.lr)])
+    # The step's counter and learning rate, a variable's tensor read once per step:
+    # outside Keras's scopes its own tensor (`value` asks them, some
+    # microseconds a read), within one what `value` gives there.
+    def read():
+        direct = not _keras_scope_active()
+        return [own_tensor(x) if direct and isinstance(x, keras.Variable)
+                else getattr(x, "value", x) for x in (step.iterations, step.lr)]
+
+    return step.memo("torch: values", read)
 
 
 def _keras_device():
@@ -217,13 +228,17 @@ def _keras_device():
     tests/test_backend_torch.py's test of the scalars' fallbacks (under a
     "meta" device scope) fails if it moves.
     """
-    from keras.src.backend.torch import core
-
-    return torch.device(core.get_device())
+    return _device(_keras_torch_core.get_device())
 
 
-def step_scalars(hyper, step, dtype):
-    """`_rule.step_scalars(hyper, step.t, step.lr, dtype)`, bit for bit, from t and
+@functools.lru_cache(maxsize=16)
+def _device(name):
+    return torch.device(name)
+
+
+def step_numbers(hyper, step, dtype):
+    """The fields of `_rule.step_scalars(hyper, step.t, step.lr, dtype)` as NumPy
+    float32 numbers (None where a field is None), bit for bit, from t and
     lr read as numbers once per step: in float32, on a CPU, outside
     torch.compile; None elsewhere.
 
@@ -239,16 +254,17 @@ def step_scalars(hyper, step, dtype):
     float32 arithmetic, which rounds as torch's does; expm1 and sqrt are
     torch's own kernels, since torch computes them with its own
     approximations (its float32 sqrt is not correctly rounded on AVX-512
-    CPUs: one result in five is an ulp off). The fields are 0-d float32 CPU
-    tensors of their own, as Keras makes them. tests/test_backend_torch.py
-    compares every field's bits with `_rule.step_scalars`'s over a grid of
-    steps, rates and options.
+    CPUs: one result in five is an ulp off). The C loop takes these numbers
+    as they are (`keras_adam._whole.Whole.again`); `step_scalars` makes
+    them tensors. tests/test_backend_torch.py compares every field's bits
+    with `_rule.step_scalars`'s over a grid of steps, rates and options.
     """
-    if dtype != "float32" or torch.compiler.is_compiling() or not _on_cpu(step):
+    if dtype != "float32" or torch.compiler.is_compiling():
         return None
-    t, lr = _numbers(step)
-    if _wraps(step, t):
+    t = step.number()
+    if t is None:
         return None
+    lr = _numbers(step)[1]
     f32 = np.float32
     beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, epsilon, log_beta_1, log_beta_2 = \
         _constants(hyper)
@@ -270,13 +286,59 @@ def step_scalars(hyper, step, dtype):
         if hyper.epsilon_placement == "paper":
             epsilon = epsilon * sqrt_c2
         nesterov_momentum = beta_1 * c1 / c1_next if hyper.nesterov else None
-    values = (lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, c1, c2,
-              nesterov_momentum, alpha, epsilon)
-    return _rule.Scalars(*(None if x is None else torch.scalar_tensor(
-        float(x), dtype=torch.float32, device=_CPU) for x in values))
+    return (lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, c1, c2,
+            nesterov_momentum, alpha, epsilon)
+
+
+def step_scalars(hyper, step, dtype):
+    """`_rule.step_scalars(hyper, step.t, step.lr, dtype)`, bit for bit, made from
+    `step.scalar_numbers` (`step_numbers`) where there are some; None
+    elsewhere. The fields are 0-d float32 CPU tensors, as Keras makes them,
+    one per value: a value the last steps had (beta_1 at every step; alpha
+    once c1 and c2 reach 1) is the same tensor again (`_scalar_tensors`)."""
+    numbers = step.scalar_numbers(hyper, dtype)
+    return None if numbers is None else _rule.Scalars(*_scalar_tensors(numbers))
+
+
+def step_number(step):
+    """t = iterations + 1 of `step` as a Python int, read once per step: on a CPU,
+    outside torch.compile, where Keras's `iterations + 1` does not wrap
+    around (`_wraps`); None elsewhere."""
+    if torch.compiler.is_compiling() or not _on_cpu(step):
+        return None
+    t = _numbers(step)[0]
+    return None if _wraps(step, t) else t
 
 
 _CPU = torch.device("cpu")
+# 0-d float32 CPU tensors by field and value's bits (-0.0 and 0.0 apart, each
+# NaN its own): most of a step's scalars are the last step's values (beta_1,
+# beta_2 and their complements at every step; lr, c1, c2 and alpha once the
+# bias factors reach 1 or the schedule holds), and a tensor made costs more
+# than a dict lookup. Nothing writes them (the rule's ops and the compiled
+# functions read their scalars). Per field: two fields of one value (lr and
+# 1 - beta_2, both 0.001) are two tensors, since a compiled function taking
+# one tensor twice would be compiled again for it.
+_TENSORS = {}
+_TENSORS_KEPT = 256
+
+
+def _scalar_tensors(values):
+    """0-d float32 CPU tensors of `values` (NumPy float32 values, or None: None)."""
+    bits = np.array([0.0 if x is None else x for x in values], np.float32).view(np.uint32)
+    tensors = []
+    for key in enumerate(bits.tolist()):
+        if values[key[0]] is None:
+            tensors.append(None)
+            continue
+        tensor = _TENSORS.get(key)
+        if tensor is None:
+            if len(_TENSORS) >= _TENSORS_KEPT:  # a schedule's values, each step new
+                _TENSORS.clear()
+            tensor = _TENSORS[key] = torch.scalar_tensor(
+                float(values[key[0]]), dtype=torch.float32, device=_CPU)
+        tensors.append(tensor)
+    return tensors
 
 
 def step_count(step):
@@ -285,13 +347,11 @@ def step_count(step):
     outside torch.compile; None elsewhere. The random streams of stochastic
     rounding take it at every step; Keras's operator is a dispatch of some
     microseconds more."""
-    if torch.compiler.is_compiling() or not _on_cpu(step):
-        return None
-    counter = _values(step)[0]
+    t = step.number()
+    counter = _values(step)[0] if t is not None else None
     if not isinstance(counter, torch.Tensor) or counter.dtype not in (torch.int32, torch.int64):
         return None
-    t = _numbers(step)[0]
-    return None if _wraps(step, t) else torch.tensor(t, dtype=counter.dtype, device=_CPU)
+    return torch.tensor(t, dtype=counter.dtype, device=_CPU)
 
 
 def _wraps(step, t):
@@ -441,7 +501,7 @@ own_tensor = operator.attrgetter("_value")
 
 
 def plain(x):
-    """`keras_adam.backends.plain`."""
+    """`x` (a tensor or None) as `keras_adam.backends.plain` gives it."""
     return x.detach() if isinstance(x, torch.nn.Parameter) else x
 
 
@@ -473,10 +533,8 @@ def _keras_scope_active():
     touches them. tests/test_backend_torch.py fails if they move: it runs
     the kernel under `stateless_apply` and after a variable's assignment.
     """
-    from keras.src.backend.common import stateless_scope
-    from keras.src.backend.common import variables
-
-    return stateless_scope.in_stateless_scope() or variables.get_autocast_scope() is not None
+    return (_keras_stateless_scope.in_stateless_scope()
+            or _keras_variables.get_autocast_scope() is not None)
 
 
 def opaque(fn, name):

@@ -143,13 +143,28 @@ def _streams_cover(streams, count):
     """Whether `streams` (seed, t, the count of streams, each variable's position)
     hold `count` variables' streams: seed and t integers or 0-d CPU tensors,
     and an int64 array of positions under count / 4."""
+    global _COVERED
     seed, t, streams_count, positions = streams
     values = [getattr(x, "value", x) for x in (seed, t)]  # a Keras variable's tensor
-    return (all(isinstance(x, int) or (isinstance(x, torch.Tensor) and x.numel() == 1
-                                       and x.is_cpu) for x in values)
-            and streams_count % 4 == 0 and positions.dtype == np.int64
-            and positions.shape == (count,) and 0 <= positions.min()
-            and positions.max() < streams_count // 4)
+    if not all(isinstance(x, int) or (isinstance(x, torch.Tensor) and x.numel() == 1
+                                      and x.is_cpu) for x in values):
+        return False
+    # The positions are the same array at every step (`_whole`'s, per set of
+    # variables, never written): checked once (NumPy's min and max cost
+    # microseconds a call).
+    if _COVERED[0] is positions and _COVERED[1:] == (count, streams_count):
+        return True
+    covered = (streams_count % 4 == 0 and positions.dtype == np.int64
+               and positions.shape == (count,) and 0 <= positions.min()
+               and positions.max() < streams_count // 4)
+    if covered:
+        _COVERED = (positions, count, streams_count)
+    return covered
+
+
+# The positions `_streams_cover` found covered last, with their count and the
+# count of streams: one tuple read and replaced whole.
+_COVERED = (None, None, None)
 
 
 def _integer(x):
@@ -189,7 +204,7 @@ def _scalars(fields, rate, bound):
         return last[3]
     values = rows.scalars(fields, rate, bound)
     if any(isinstance(x, torch.Tensor) and (x.dtype != torch.float32 or x.numel() != 1
-                                            or x.device.type != "cpu") for x in values):
+                                            or not x.is_cpu) for x in values):
         return None
     # float32, as the step's `ops.cast(rate, dtype)` rounds the rate.
     array = np.array([float(x) for x in values], dtype=np.float32)
