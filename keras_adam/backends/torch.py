@@ -270,24 +270,59 @@ def step_numbers(hyper, step, dtype):
         _constants(hyper)
     with np.errstate(all="ignore"):  # inf and NaN as torch's give them, without warnings
         if hyper.bias_correction:
-            # c = 1 - beta^t = -expm1(t ln(beta)), as `_rule.bias_factors` forms it.
-            t = f32(t)
-            exponents = np.array([t * log_beta_1, t * log_beta_2, (t + f32(1.0)) * log_beta_1])
-            # One call for the three, where Keras's ops make three on 0-d tensors:
-            # the same bits while torch's kernel gives each element the same
-            # result whatever the tensor's length (the test checks it).
-            c1, c2, c1_next = (-torch.expm1(torch.from_numpy(exponents))).numpy()
+            c1, c2, c1_next, sqrt_c2 = _bias_factors(log_beta_1, log_beta_2, t)
         else:
             c1 = c2 = c1_next = f32(1.0)
+            sqrt_c2 = _square_roots(np.array([c2]))[0]
         lr = f32(lr)
         # `_rule.fold_step_size`, in its order of operations.
-        sqrt_c2 = torch.sqrt(torch.from_numpy(np.array([c2]))).numpy()[0]
         alpha = lr * sqrt_c2 / c1
         if hyper.epsilon_placement == "paper":
             epsilon = epsilon * sqrt_c2
         nesterov_momentum = beta_1 * c1 / c1_next if hyper.nesterov else None
     return (lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, c1, c2,
             nesterov_momentum, alpha, epsilon)
+
+
+# Steps whose bias factors one call of torch's kernels computes: 3 x 5 = 15
+# exponents. torch's element-wise CPU loops run fewer elements than two
+# vectors' worth (16 floats or more, on every CPU torch vectorises for)
+# through the code a 0-d tensor takes, or every element through one vector
+# code whatever the length: each factor has the bits of Keras's op on its
+# own 0-d tensor (the test compares them, over blocks and across them).
+_BIAS_STEPS = 5
+# ln(beta_1), ln(beta_2) -> (first step, c1, c2, c1_next, sqrt(c2) of the
+# block's steps); each entry replaced whole (another thread may read it).
+_BIAS = {}
+
+
+def _bias_factors(log_beta_1, log_beta_2, t):
+    """(c1, c2, c1_next, sqrt(c2)) at step `t` as `_rule.bias_factors` and
+    `_rule.fold_step_size` form them (NumPy float32), from a block of
+    `_BIAS_STEPS` steps computed at once:
+
+        c = 1 - beta^t = -expm1(t ln(beta)),  c1_next: c1 at t + 1
+
+    Each call of torch's kernels costs some microseconds at every step
+    otherwise (twice the arithmetic of a small model's C loop)."""
+    key = (float(log_beta_1), float(log_beta_2))
+    block = _BIAS.get(key)
+    if block is None or not 0 <= t - block[0] < _BIAS_STEPS:
+        f32 = np.float32
+        steps = np.array([f32(t + i) for i in range(_BIAS_STEPS)])  # each t rounded alone
+        exponents = np.concatenate([steps * log_beta_1, steps * log_beta_2,
+                                    (steps + f32(1.0)) * log_beta_1])
+        c1, c2, c1_next = np.split(-torch.expm1(torch.from_numpy(exponents)).numpy(), 3)
+        block = _BIAS[key] = (t, c1, c2, c1_next, _square_roots(c2))
+        if len(_BIAS) > 64:  # (a group's betas each)
+            _BIAS.clear()
+    i = t - block[0]
+    return block[1][i], block[2][i], block[3][i], block[4][i]
+
+
+def _square_roots(x):
+    """sqrt of each of the float32 array `x` (fewer than 16), by torch's kernel."""
+    return torch.sqrt(torch.from_numpy(x)).numpy()
 
 
 def step_scalars(hyper, step, dtype):
@@ -359,7 +394,12 @@ def _wraps(step, t):
     # largest value): left to Keras's operator, whose result the rule then takes.
     counter = _values(step)[0]
     return (isinstance(counter, torch.Tensor) and not counter.dtype.is_floating_point
-            and t > torch.iinfo(counter.dtype).max)
+            and t > _largest(counter.dtype))
+
+
+@functools.lru_cache(maxsize=16)
+def _largest(dtype):
+    return torch.iinfo(dtype).max
 
 
 @functools.lru_cache(maxsize=64)
