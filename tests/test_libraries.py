@@ -203,6 +203,28 @@ def test_a_directory_that_fails_while_writing_falls_back(cache, tmp_path, monkey
     assert os.path.dirname(path) == str(cache) and len(calls) == 2
 
 
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_a_library_the_cache_cannot_keep_is_moved_not_compiled_again(
+        cache, tmp_path, monkeypatch, failing):
+    # Compiled into the cache directory, which then fails to keep it (a full
+    # disk at fsync, a rename refused): the compiled file moves to the
+    # process's own directory, compiled once; nothing is left in the cache.
+    own = tmp_path / "own"
+    own.mkdir()
+    calls = []
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, failing, refuse)
+    path = libraries.compiled("loop", "x", _maker(calls), lambda: str(own))
+    assert len(calls) == 1 and os.path.dirname(calls[0]) == str(cache)
+    assert os.path.dirname(path) == str(own)
+    with open(path, "rb") as f:
+        assert f.read() == b"library 1"
+    assert not [n for n in os.listdir(cache) if n.endswith((".so", ".partial"))]
+
+
 def test_a_compiler_that_fails_in_the_cache_tries_the_process_directory(cache, tmp_path):
     # A full disk or quota where the cache is: the compiler fails there and
     # succeeds in the process's own directory.

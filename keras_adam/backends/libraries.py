@@ -28,6 +28,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -187,14 +188,15 @@ def compiled(name, identity, make, fallback):
     told), or where compiling into the directory fails (a full disk or
     quota, a read-only file system, a failing compiler), it is compiled
     into `fallback()`, a directory of this process's (or None), under the
-    same key where there is one.
+    same key where there is one; one compiled there that the directory
+    then cannot keep (its fsync or rename failing) is moved there instead.
     """
     if identity is not None:
         identity = (identity, [os.environ.get(v) for v in ENVIRONMENT])
         where = directory()
         if where is not None:
             with contextlib.suppress(OSError):
-                library = _cached(where, name, identity, make)
+                library = _cached(where, name, identity, make, fallback)
                 if library is not None:
                     return library
     where = fallback()
@@ -204,7 +206,7 @@ def compiled(name, identity, make, fallback):
     return library if make(library) and _written(library) else None
 
 
-def _cached(where, name, identity, make):
+def _cached(where, name, identity, make, fallback):
     library = os.path.join(where, f"{PREFIX}{name}_{key(identity)}.so")
     with _exclusive(library + ".lock"):
         if _written(library):
@@ -217,14 +219,33 @@ def _cached(where, name, identity, make):
         try:
             if not (make(partial) and _written(partial)):
                 return None
-            with open(partial, "rb") as written:
-                os.fsync(written.fileno())  # (on disk before its name: a crash leaves no stub)
-            os.replace(partial, library)
+            try:
+                with open(partial, "rb") as written:
+                    os.fsync(written.fileno())  # (on disk before its name: a crash leaves no stub)
+                os.replace(partial, library)
+            except OSError:
+                # Compiled, but the directory keeps no more (a full disk at
+                # fsync, a rename refused): moved to this process's own
+                # directory, not compiled a second time (up to a minute).
+                return _moved(partial, fallback, f"{name}_{key(identity)}.so")
         finally:
             with contextlib.suppress(OSError):
                 os.remove(partial)
     prune(where)
     return _given(library)
+
+
+def _moved(partial, fallback, name):
+    """`partial`, a library compiled, moved to `name` in `fallback()` (a rename,
+    or a copy from another file system); OSError where it cannot be."""
+    where = fallback()
+    if where is None:
+        raise OSError("no directory of this process's own")
+    library = os.path.join(where, name)
+    shutil.move(partial, library)
+    if not _written(library):
+        raise OSError(f"{library} is empty")
+    return library
 
 
 # Each cached library this process was given: its file (device, inode, size
