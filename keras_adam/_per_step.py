@@ -46,8 +46,9 @@ class Step:
 
     def number(self):
         """t as a Python int, where the backend reads the counter as a number
-        (torch, eager, on a CPU); else None. A C loop takes t so (its random
-        streams' keys), without a tensor made and read back."""
+        (torch, eager, on a CPU, below the counter's largest value, where
+        Keras's `iterations + 1` wraps around); else None. A C loop takes t
+        so (its random streams' keys), without a tensor made and read back."""
         return self.memo("t number", lambda: backends.step_number(self))
 
     def scaled(self, multiplier):
@@ -74,8 +75,9 @@ class Step:
     def scalar_numbers(self, hyper, dtype):
         """The fields of `scalars(hyper, dtype)` as numbers (NumPy float32, None
         for a field that is None), computed once per step, where the backend
-        forms them so (torch, eager, on a CPU); else None. A C loop takes
-        them so, without tensors made and read back."""
+        forms them so (torch, eager, on a CPU, in float32, where `number`
+        gives t); else None. A C loop takes them so, without tensors made
+        and read back."""
         return self.memo(("scalar numbers", hyper, dtype),
                          lambda: backends.step_numbers(hyper, self, dtype))
 

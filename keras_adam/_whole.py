@@ -379,7 +379,7 @@ class Whole:
         # The scalars as `facts` gives them: numbers where the backend forms them
         # so (a C loop takes them as they are), else a `_rule.Scalars`.
         scalars = rule[1]
-        if not isinstance(scalars, tuple):
+        if isinstance(scalars, _rule.Scalars):
             scalars, bound = self._scalar_fields(scalars), self._bound(bound)
         step = (scalars, bound, noise)
         return self._many(key, parts, given, step, storage, indices,

@@ -264,6 +264,38 @@ def test_the_step_count_is_the_tensor_keras_makes():
         assert backends.step_count(_per_step.Step(counter, 1e-3)) is None
 
 
+def test_the_step_number_is_the_counter_a_stateless_scope_gives():
+    # t read as a number (`Step.number`): the variable's own tensor outside
+    # Keras's scopes, the scope's value within one (as `stateless_apply`
+    # runs). Oracle: the value the scope maps the counter to, plus one.
+    from keras_adam import _per_step
+
+    with keras.device("cpu"):
+        counter = keras.Variable(4, dtype="int64", trainable=False)
+        with keras.StatelessScope(state_mapping=[(counter, torch.tensor(41))]):
+            step = _per_step.Step(counter, 1e-3)
+            assert step.number() == 42 == int(step.t)
+        assert _per_step.Step(counter, 1e-3).number() == 5
+
+
+def test_the_streams_positions_are_checked_once_per_batch():
+    # `many` checks a batch's streams' positions (int64, each under the count of
+    # streams / 4, one per variable) once, then remembers the array in the
+    # batch's `kept`. Oracle: the rule itself, on arrays that break it.
+    from keras_adam.backends import torch_rows
+
+    positions, kept = np.array([0, 1, 2], np.int64), {}
+    assert torch_rows._streams_cover((0, 1, 12, positions), 3, kept)
+    assert kept["covered"][0] is positions
+    # The same array against another count of variables or of streams: refused.
+    assert not torch_rows._streams_cover((0, 1, 12, positions), 2, kept)
+    assert not torch_rows._streams_cover((0, 1, 8, positions), 3, kept)
+    assert torch_rows._streams_cover((0, 1, 12, positions), 3, kept)
+    # Positions past the streams, or of another dtype: refused.
+    assert not torch_rows._streams_cover((0, 1, 12, np.array([0, 1, 3], np.int64)), 3, {})
+    assert not torch_rows._streams_cover((0, 1, 12, np.array([0, 1, 2], np.int32)), 3, {})
+
+
 def test_the_step_scalars_take_keras_ops_where_the_numbers_do_not_serve(monkeypatch):
     # In float64 (the fast path is float32 only), under torch.compile and off
     # the CPU (variables there, or Keras making tensors elsewhere: "meta"
@@ -928,10 +960,19 @@ def test_without_a_c_compiler_the_rows_take_the_compiled_step(monkeypatch, compi
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("moment_dtype,dtype", [
-    ("bfloat16", "float32"), ("8bit", "float32"), ("bfloat16", "bfloat16"), ("8bit", "bfloat16")])
+# The rule's options that change the step's scalars: nesterov's momentum
+# factor, epsilon' (placement "paper") and, with amsgrad, a third moment.
+_OTHER_RULE = {"nesterov": True, "epsilon_placement": "paper", "amsgrad": True}
+
+
+@pytest.mark.parametrize("moment_dtype,dtype,options", [
+    ("bfloat16", "float32", {}), ("8bit", "float32", {}), ("bfloat16", "bfloat16", {}),
+    ("8bit", "bfloat16", {}), ("bfloat16", "float32", _OTHER_RULE),
+    ("8bit", "float32", _OTHER_RULE)], ids=[
+        "bfloat16-float32", "8bit-float32", "bfloat16-bfloat16", "8bit-bfloat16",
+        "bfloat16-float32-nesterov-paper-amsgrad", "8bit-float32-nesterov-paper-amsgrad"])
 def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
-        monkeypatch, moment_dtype, dtype):
+        monkeypatch, moment_dtype, dtype, options):
     """From the second step, the whole steps that the last one ran by the C loop's
     `many` run again without each variable's routing (`Whole.again`). The
     oracle: the same optimizer as a subclass that defines `update_step`,
@@ -941,18 +982,25 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
     to be joined, a step that updates a subset, a gradient that is not
     contiguous (its batch takes `apply`), a gradient of another dtype (a
     joined call refused: its batches run alone), and tensors moved to new
-    memory (the addresses kept between steps are stale) on the way."""
+    memory (the addresses kept between steps are stale) on the way. The
+    steps run again take the step's scalars as numbers
+    (`Step.scalar_numbers`), the others as tensors."""
     from keras_adam import _whole
 
-    ran_again = []
-    real_again = _whole.Whole.again
+    ran_again, given_scalars = [], []
+    real_again, real_batch = _whole.Whole.again, _whole.Whole._again
 
     def counting_again(self, storage, calls, *rest):
         left = real_again(self, storage, calls, *rest)
         ran_again.append(len(calls) - len(left))
         return left
 
+    def recording_batch(self, storage, found, indices, given, kept, facts, *rest):
+        given_scalars.append(type(facts[1][1]))
+        return real_batch(self, storage, found, indices, given, kept, facts, *rest)
+
     monkeypatch.setattr(_whole.Whole, "again", counting_again)
+    monkeypatch.setattr(_whole.Whole, "_again", recording_batch)
 
     class PerVariable(keras_adam.AdamW):
         def update_step(self, gradient, variable, learning_rate):
@@ -969,7 +1017,7 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
         eight_bit = {"min_8bit_size": 1} if moment_dtype == "8bit" else {}
         schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, 1, 0.9)
         optimizer = cls(learning_rate=schedule, weight_decay=0.05, moment_dtype=moment_dtype,
-                        **eight_bit, groups={"w2": {"learning_rate_multiplier": 0.5},
+                        **eight_bit, **options, groups={"w2": {"learning_rate_multiplier": 0.5},
                                              "w3": {"weight_decay": 0.2},
                                              # the optimizer's own values, until assigned
                                              "w0": {"beta_1": 0.9, "weight_decay": 0.05}})
@@ -1005,6 +1053,7 @@ def test_steps_run_again_by_the_c_loop_have_the_bits_of_keras_update_loop(
     # (the C loop runs on every layout here; after the joined call refused at
     # step 7, each of its batches alone; the last step, tensors moved, too)
     assert ran_again[8:] == [len(shapes)] * 3, ran_again
+    assert given_scalars and set(given_scalars) == {tuple}, given_scalars
     ran_again.clear()
     one_by_one = run(PerVariable)
     assert not any(ran_again)

@@ -145,7 +145,7 @@ def step_numbers(hyper, step, dtype):
     """The fields of `_rule.step_scalars` of `step` (a `keras_adam._per_step.Step`)
     in `dtype` as numbers (NumPy float32; None for a field that is None),
     bit for bit, where the backend computes them from the step's numbers
-    (torch, eager, on a CPU: `torch.step_numbers`); None elsewhere."""
+    (torch, eager, on a CPU, float32: `torch.step_numbers`); None elsewhere."""
     if keras.backend.backend() != "torch":
         return None
     from keras_adam.backends import torch
@@ -165,8 +165,9 @@ def step_scalars(hyper, step, dtype):
 
 def step_number(step):
     """`step.iterations + 1` (a `keras_adam._per_step.Step`'s t) as a Python int,
-    where the backend reads the counter as a number (torch, eager, on a CPU:
-    `torch.step_number`); None elsewhere."""
+    where the backend reads the counter as a number (torch, eager, on a CPU,
+    where Keras's `iterations + 1` does not wrap around: `torch.step_number`);
+    None elsewhere."""
     if keras.backend.backend() != "torch":
         return None
     from keras_adam.backends import torch

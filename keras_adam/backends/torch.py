@@ -270,10 +270,10 @@ def step_numbers(hyper, step, dtype):
         _constants(hyper)
     with np.errstate(all="ignore"):  # inf and NaN as torch's give them, without warnings
         if hyper.bias_correction:
-            c1, c2, c1_next, sqrt_c2 = _bias_factors(log_beta_1, log_beta_2, t)
+            c1, c2, c1_next = _bias_factors(log_beta_1, log_beta_2, t)
         else:
             c1 = c2 = c1_next = f32(1.0)
-            sqrt_c2 = _square_roots(np.array([c2]))[0]
+        sqrt_c2 = _square_root(c2)
         lr = f32(lr)
         # `_rule.fold_step_size`, in its order of operations.
         alpha = lr * sqrt_c2 / c1
@@ -284,45 +284,61 @@ def step_numbers(hyper, step, dtype):
             nesterov_momentum, alpha, epsilon)
 
 
-# Steps whose bias factors one call of torch's kernels computes: 3 x 5 = 15
-# exponents. torch's element-wise CPU loops run fewer elements than two
-# vectors' worth (16 floats or more, on every CPU torch vectorises for)
-# through the code a 0-d tensor takes, or every element through one vector
-# code whatever the length: each factor has the bits of Keras's op on its
-# own 0-d tensor (the test compares them, over blocks and across them).
+# Steps whose bias factors one call of torch's expm1 computes: 3 x 5 = 15
+# exponents. On a CPU torch computes expm1 lane by lane with one vector code
+# (Sleef's), the tail of a tensor too, so that each element's result does
+# not depend on the tensor's length or the element's place: each factor has
+# the bits of Keras's op on its own 0-d tensor (the test compares them, over
+# blocks and across them).
 _BIAS_STEPS = 5
-# ln(beta_1), ln(beta_2) -> (first step, c1, c2, c1_next, sqrt(c2) of the
-# block's steps); each entry replaced whole (another thread may read it).
+# (ln(beta_1), ln(beta_2), first step) -> (c1, c2, c1_next of the block's
+# steps). Blocks begin at multiples of `_BIAS_STEPS`: optimizers of the same
+# betas at other steps keep their own.
 _BIAS = {}
+_BIAS_KEPT = 64
 
 
 def _bias_factors(log_beta_1, log_beta_2, t):
-    """(c1, c2, c1_next, sqrt(c2)) at step `t` as `_rule.bias_factors` and
-    `_rule.fold_step_size` form them (NumPy float32), from a block of
-    `_BIAS_STEPS` steps computed at once:
+    """(c1, c2, c1_next) at step `t` as `_rule.bias_factors` forms them (NumPy
+    float32), from a block of `_BIAS_STEPS` steps computed at once:
 
         c = 1 - beta^t = -expm1(t ln(beta)),  c1_next: c1 at t + 1
 
-    Each call of torch's kernels costs some microseconds at every step
-    otherwise (twice the arithmetic of a small model's C loop)."""
-    key = (float(log_beta_1), float(log_beta_2))
+    A call of torch's kernel costs some microseconds, at every step
+    otherwise (as much as a small model's C loop takes for a variable)."""
+    first = t - t % _BIAS_STEPS
+    key = (float(log_beta_1), float(log_beta_2), first)
     block = _BIAS.get(key)
-    if block is None or not 0 <= t - block[0] < _BIAS_STEPS:
+    if block is None:
         f32 = np.float32
-        steps = np.array([f32(t + i) for i in range(_BIAS_STEPS)])  # each t rounded alone
+        steps = np.array([f32(first + i) for i in range(_BIAS_STEPS)])  # each rounded alone
         exponents = np.concatenate([steps * log_beta_1, steps * log_beta_2,
                                     (steps + f32(1.0)) * log_beta_1])
-        c1, c2, c1_next = np.split(-torch.expm1(torch.from_numpy(exponents)).numpy(), 3)
-        block = _BIAS[key] = (t, c1, c2, c1_next, _square_roots(c2))
-        if len(_BIAS) > 64:  # (a group's betas each)
+        if len(_BIAS) >= _BIAS_KEPT:  # (each optimizer's and group's betas)
             _BIAS.clear()
-    i = t - block[0]
-    return block[1][i], block[2][i], block[3][i], block[4][i]
+        block = _BIAS[key] = np.split(-torch.expm1(torch.from_numpy(exponents)).numpy(), 3)
+    i = t - first
+    return block[0][i], block[1][i], block[2][i]
 
 
-def _square_roots(x):
-    """sqrt of each of the float32 array `x` (fewer than 16), by torch's kernel."""
-    return torch.sqrt(torch.from_numpy(x)).numpy()
+# sqrt(c2) by c2's bits: c2 reaches 1 after some thousands of steps (at once
+# without bias correction), and a call of torch's kernel costs microseconds.
+_ROOTS = {}
+_ROOTS_KEPT = 256
+
+
+def _square_root(x):
+    """sqrt of the NumPy float32 `x` by torch's kernel, on a tensor of one element
+    as Keras's op on a 0-d tensor takes it (torch's float32 sqrt is MKL's
+    vector routine on x86, not correctly rounded: its bits are taken, not
+    reasoned about)."""
+    key = int(x.view(np.uint32))
+    root = _ROOTS.get(key)
+    if root is None:
+        if len(_ROOTS) >= _ROOTS_KEPT:
+            _ROOTS.clear()
+        root = _ROOTS[key] = torch.sqrt(torch.from_numpy(np.array([x]))).numpy()[0]
+    return root
 
 
 def step_scalars(hyper, step, dtype):

@@ -55,15 +55,18 @@ def with_loop(compiled, step, in_place):
     theta, the values' tensors one after another) in any shapes, `given`
     the first's shapes in `keras_adam._whole`'s layout (8-bit: the blocks'
     length, which all share; element-wise, the others may be given in rows
-    of another length), and
-    `state` (bound, streams) has as streams, where random bits are drawn,
-    (seed, t, the count of streams, each variable's position: its streams
-    are 4 position .. 4 position + 3), whose keys the loop's library works
-    out (`_rounding.stream_key`). It returns False, having done nothing,
-    where the loop does not cover them; else `before` (a function, or None)
-    runs once their tensors are checked, before the loop writes them.
+    of another length), `fields` the step's scalars (tensors, or numbers
+    where the step gives them so: `_scalars`), and `state` (bound,
+    streams) has as streams, where random bits are drawn, (seed, t, the
+    count of streams, each variable's position: its streams are
+    4 position .. 4 position + 3; t a tensor or an int), whose keys the
+    loop's library works out (`_rounding.stream_key`). It returns False,
+    having done nothing, where the loop does not cover them; else `before`
+    (a function, or None) runs once their tensors are checked, before the
+    loop writes them.
     `kept`, a dict the caller keeps per batch of variables, holds their
-    tensors' addresses between steps (`_Table`).
+    tensors' addresses between steps (`_Table`) and their streams' positions
+    found covered (`_streams_cover`).
     """
     def run(gradient, theta, values, fields, state):
         if enabled and not torch.compiler.is_compiling():
@@ -78,7 +81,7 @@ def with_loop(compiled, step, in_place):
         if not (enabled and in_place) or torch.compiler.is_compiling():
             return False
         bound, streams = state
-        if streams is not None and not _streams_cover(streams, len(parts)):
+        if streams is not None and not _streams_cover(streams, len(parts), kept):
             return False
         table = None if kept is None else kept.get("table")
         if table is None or not table.holds(parts, bound, streams):
@@ -139,32 +142,29 @@ def _keys_cover(keys, rows):
             and firsts.is_contiguous())
 
 
-def _streams_cover(streams, count):
+def _streams_cover(streams, count, kept=None):
     """Whether `streams` (seed, t, the count of streams, each variable's position)
     hold `count` variables' streams: seed and t integers or 0-d CPU tensors,
-    and an int64 array of positions under count / 4."""
-    global _COVERED
+    and an int64 array of positions under count / 4. `kept` (`many`'s, per
+    batch) remembers the positions found covered."""
     seed, t, streams_count, positions = streams
     values = [getattr(x, "value", x) for x in (seed, t)]  # a Keras variable's tensor
     if not all(isinstance(x, int) or (isinstance(x, torch.Tensor) and x.numel() == 1
                                       and x.is_cpu) for x in values):
         return False
     # The positions are the same array at every step (`_whole`'s, per set of
-    # variables, never written): checked once (NumPy's min and max cost
-    # microseconds a call).
-    if _COVERED[0] is positions and _COVERED[1:] == (count, streams_count):
+    # variables, never written): checked once per batch (NumPy's min and max
+    # cost microseconds a call).
+    checked = (positions, count, streams_count)
+    last = None if kept is None else kept.get("covered")
+    if last is not None and last[0] is positions and last[1:] == checked[1:]:
         return True
     covered = (streams_count % 4 == 0 and positions.dtype == np.int64
                and positions.shape == (count,) and 0 <= positions.min()
                and positions.max() < streams_count // 4)
-    if covered:
-        _COVERED = (positions, count, streams_count)
+    if covered and kept is not None:
+        kept["covered"] = checked
     return covered
-
-
-# The positions `_streams_cover` found covered last, with their count and the
-# count of streams: one tuple read and replaced whole.
-_COVERED = (None, None, None)
 
 
 def _integer(x):
@@ -195,9 +195,10 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _scalars(fields, rate, bound):
-    """The step's `_rule.Scalars` fields (0-d float32 CPU tensors), the decay rate
-    and the moment bound K as the loop's float32 array, read once per step
-    (each `.item()` costs microseconds)."""
+    """The step's `_rule.Scalars` fields (0-d float32 CPU tensors, or numbers:
+    `keras_adam._per_step.Step.scalar_numbers`), the decay rate and the
+    moment bound K (a tensor or a Python float) as the loop's float32 array,
+    read once per step (each `.item()` costs microseconds)."""
     global _LAST
     last = _LAST
     if last[0] is fields and last[1] == rate and last[2] is bound:
