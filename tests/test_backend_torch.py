@@ -4,6 +4,7 @@ Skips only where the torch backend is not the active one.
 """
 
 import math
+import os
 
 import keras
 import numpy as np
@@ -957,6 +958,48 @@ def test_without_a_c_compiler_the_rows_take_the_compiled_step(monkeypatch, compi
         monkeypatch.setenv("CC", "false")
     got = run()
     assert torch_rows._FUNCTIONS and set(torch_rows._FUNCTIONS.values()) == {None}
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_damaged_loop_in_the_cache_is_compiled_again_in_the_process(tmp_path, monkeypatch):
+    """A library of the C loop found damaged in the cache directory (cut short, or
+    overwritten) fails to load: it is removed, compiled afresh and loaded,
+    and the step runs the loop in this very process. Oracle: the loop's
+    bits against the compiled function's (`torch_rows.enabled` off)."""
+    from keras_adam import _whole
+    from keras_adam.backends import rows
+    from keras_adam.backends import torch_rows
+
+    monkeypatch.setenv("KERAS_ADAM_CACHE_DIR", str(tmp_path / "cache"))
+
+    def run():
+        monkeypatch.setattr(_whole, "_SHARED", {})
+        monkeypatch.setattr(torch_rows, "_FUNCTIONS", {})
+        rng = np.random.default_rng(3)
+        variables = [keras.Variable(rng.normal(size=(40, 30)), dtype="float32")]
+        optimizer = keras_adam.Adam(learning_rate=1e-2, moment_dtype="bfloat16")
+        for _ in range(3):
+            optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=(40, 30)), "float32")],
+                            variables)
+        return variables[0].numpy()
+
+    monkeypatch.setattr(torch_rows, "enabled", False)
+    want = run()
+    monkeypatch.setattr(torch_rows, "enabled", True)
+    # The step's layout, asked for without loading anything (a library loaded
+    # in this process and then damaged on disk would be damaged in memory).
+    layouts = []
+    with monkeypatch.context() as patch:
+        patch.setattr(torch_rows, "_function", lambda layout: layouts.append(layout))
+        run()
+    assert layouts
+    library = rows.build(layouts[0], "torch")  # (compiled into the cache, not loaded)
+    assert os.path.dirname(library) == str(tmp_path / "cache")
+    with open(library, "r+b") as f:
+        f.truncate(100)  # (cut short)
+    got = run()
+    assert torch_rows._FUNCTIONS and None not in torch_rows._FUNCTIONS.values()
+    assert os.path.getsize(library) > 100  # (compiled again in its place)
     np.testing.assert_array_equal(got, want)
 
 

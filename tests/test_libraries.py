@@ -276,6 +276,43 @@ def test_a_library_that_fails_to_load_is_forgotten(cache, tmp_path):
     assert os.path.exists(path)
 
 
+def test_a_library_that_fails_to_load_is_compiled_again_once(cache, tmp_path):
+    # `loaded`: a library from the cache that fails to load (damaged there) is
+    # forgotten, compiled afresh and loaded; one that fails again, or one of
+    # the process's own directory (compiling again would change nothing), is
+    # given up. Oracle: the calls of `make` and of the loader.
+    calls, loads = [], []
+
+    def load(path):
+        with open(path, "rb") as f:
+            content = f.read()
+        loads.append(content)
+        if content == b"library 1":  # (the first one compiled: damaged)
+            raise OSError("invalid ELF header")
+        return content
+
+    build = lambda: libraries.compiled("loop", "x", _maker(calls), _no_fallback)  # noqa: E731
+    build()
+    assert libraries.loaded(build, load, (OSError,)) == b"library 2"
+    assert len(calls) == 2 and loads == [b"library 1", b"library 2"]
+
+    def refuse(path):
+        loads.append(path)
+        raise OSError("invalid ELF header")
+
+    loads.clear()
+    assert libraries.loaded(build, refuse, (OSError,)) is None
+    assert len(loads) == 2 and len(calls) == 3  # (once more, not forever)
+    own = tmp_path / "own"
+    own.mkdir()
+    loads.clear()
+    assert libraries.loaded(lambda: libraries.compiled("loop", None, _maker(calls),
+                                                        lambda: str(own)),
+                            refuse, (OSError,)) is None
+    assert len(loads) == 1 and len(calls) == 4
+    assert libraries.loaded(lambda: None, refuse, (OSError,)) is None
+
+
 def test_a_library_another_process_holds_is_not_pruned(cache):
     import fcntl
 

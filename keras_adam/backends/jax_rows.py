@@ -118,15 +118,15 @@ def _target(layout):
 
 
 def _register(layout):
-    library = rows.build(layout, "jax", (_HANDLER, [jax.ffi.include_dir()]))
-    if library is None:
-        return None
-    try:
+    def load(library):
         loaded = ctypes.CDLL(library)
-        step = loaded.keras_adam_step
-    except (OSError, AttributeError):
-        libraries.forget(library)  # (the next process compiles it again)
+        return loaded, loaded.keras_adam_step
+
+    found = libraries.loaded(lambda: rows.build(layout, "jax", (_HANDLER, [jax.ffi.include_dir()])),
+                             load, (OSError, AttributeError))
+    if found is None:
         return None
+    loaded, step = found
     name = "keras_adam_step_" + "_".join(str(int(x)) for x in layout)
     try:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(step), platform="cpu")

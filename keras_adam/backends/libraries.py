@@ -20,7 +20,7 @@ A library loaded is marked used (its modification time), and each time a
 library is compiled into the directory, those unused for `STALE_DAYS`
 days are removed (a machine that moved on to another framework version,
 or an edited source, leaves its old ones behind); one that fails to load
-is removed at once (`forget`), so the next process compiles it again.
+is removed at once (`forget`) and compiled again (`loaded`).
 """
 
 import contextlib
@@ -274,13 +274,34 @@ def _written(path):
 def forget(library):
     """Removes `library`, given by `compiled` from the cache directory, where it
     is still the file given (one that failed to load: the next process that
-    wants it compiles it again; one compiled again meanwhile is left)."""
+    wants it compiles it again; one compiled again meanwhile is left).
+    Returns whether `library` was the cache's (removed, or replaced since)."""
     given = _GIVEN.pop(library, None)
     if given is None:
-        return
+        return False
     with contextlib.suppress(OSError), _exclusive(library + ".lock"):
         if _file(os.stat(library)) == given:
             os.remove(library)
+    return True
+
+
+def loaded(build, load, errors):
+    """`load(build())`: the library `build` gives (a path, or None) loaded by
+    `load`, or None. Where loading raises one of `errors` and the library
+    came from the cache directory (a file damaged there, or cut short), it
+    is forgotten and built once more, compiled afresh, and loaded again: a
+    process does not run without its compiled code for the rest of its
+    life, nor does the next one meet the same file."""
+    for _ in range(2):
+        library = build()
+        if library is None:
+            return None
+        try:
+            return load(library)
+        except errors:
+            if not forget(library):  # (this process's own: compiling again changes nothing)
+                return None
+    return None
 
 
 def _used(path):

@@ -239,16 +239,12 @@ def _registered_with(kind, holder, build, layout):
 def _load_loop(layout):
     """`layout`'s loop compiled and loaded (kept loaded while the ops may call
     it), or None."""
-    library = rows.build(layout, "tf")
-    if library is None:
-        return None
-    try:
+    def load(library):
         loaded = ctypes.CDLL(library)
         getattr(loaded, "keras_adam_blocks_many" if layout[0] else "keras_adam_rows_many")
-    except (OSError, AttributeError):
-        libraries.forget(library)  # (the next process compiles it again)
-        return None
-    return loaded
+        return loaded
+
+    return libraries.loaded(lambda: rows.build(layout, "tf"), load, (OSError, AttributeError))
 
 
 def _build_op():
@@ -260,21 +256,22 @@ def _build_op():
         return None
     flags = ["-O2", "-shared", "-fPIC", "-w", *tf.sysconfig.get_compile_flags()]
     links = tf.sysconfig.get_link_flags()
-    library = libraries.compiled("tf_op", _identity((_OP_SOURCE, _HEADER), flags, links, cxx),
-                                 lambda path: rows.run([cxx, *flags, _OP_SOURCE, "-o", path,
-                                                        *links]), rows.directory)
-    if library is None:
-        return None
-    try:
+
+    def build():
+        return libraries.compiled(
+            "tf_op", _identity((_OP_SOURCE, _HEADER), flags, links, cxx),
+            lambda path: rows.run([cxx, *flags, _OP_SOURCE, "-o", path, *links]),
+            rows.directory)
+
+    def load(library):
         module = tf.load_op_library(library)
         registry = ctypes.CDLL(library).keras_adam_tf_register
-    except (tf.errors.OpError, OSError, AttributeError):
-        libraries.forget(library)  # (the next process compiles it again)
-        return None
-    registry.restype = None
-    registry.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    module.register = registry
-    return module
+        registry.restype = None
+        registry.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        module.register = registry
+        return module
+
+    return libraries.loaded(build, load, (tf.errors.OpError, OSError, AttributeError))
 
 
 def _build_xla():
@@ -297,18 +294,20 @@ def _build_xla():
                      "kept in %s)", os.path.dirname(path))
         return rows.run([cxx, *flags, _XLA_SOURCE, "-o", path, *links], timeout=600)
 
-    library = libraries.compiled("tf_xla", _identity((_XLA_SOURCE, _HEADER), flags, links, cxx),
-                                 make, rows.directory)
-    if library is None:
-        return None
-    try:
+    def load(library):
         module = tf.load_op_library(library)
         loaded = ctypes.CDLL(library)
         register = loaded.keras_adam_xla_register
         register_loop = loaded.keras_adam_xla_register_loop
-    except (tf.errors.OpError, OSError, AttributeError):
-        libraries.forget(library)  # (the next process compiles it again)
+        return module, register, register_loop
+
+    found = libraries.loaded(
+        lambda: libraries.compiled("tf_xla", _identity((_XLA_SOURCE, _HEADER), flags, links,
+                                                       cxx), make, rows.directory),
+        load, (tf.errors.OpError, OSError, AttributeError))
+    if found is None:
         return None
+    module, register, register_loop = found
     register.restype, register.argtypes = None, []
     register_loop.restype = None
     register_loop.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]

@@ -365,21 +365,17 @@ def _function(layout):
         return _FUNCTIONS[layout]
     with _LOCK:
         if layout not in _FUNCTIONS:
-            _FUNCTIONS[layout] = _load(rows.build(layout, "torch"), layout[0])
+            _FUNCTIONS[layout] = libraries.loaded(
+                lambda: rows.build(layout, "torch"),
+                lambda library: _load(library, layout[0]), (OSError, AttributeError))
         return _FUNCTIONS[layout]
 
 
 def _load(library, eight_bit):
-    if library is None:
-        return None
     name = "keras_adam_blocks" if eight_bit else "keras_adam_rows"
-    try:
-        loaded = ctypes.CDLL(library)
-        one, many = getattr(loaded, name), getattr(loaded, name + "_many")
-        keys = loaded.keras_adam_stream_keys  # (the keys of `many`'s streams)
-    except (OSError, AttributeError):
-        libraries.forget(library)  # (the next process compiles it again)
-        return None
+    loaded = ctypes.CDLL(library)
+    one, many = getattr(loaded, name), getattr(loaded, name + "_many")
+    keys = loaded.keras_adam_stream_keys  # (the keys of `many`'s streams)
     one.restype, many.restype = None, ctypes.c_int
     integer, pointer = ctypes.c_int64, ctypes.c_void_p
     one.argtypes = [integer, integer] + [pointer] * (11 if eight_bit else 8) + [ctypes.c_int]
