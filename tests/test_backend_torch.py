@@ -927,6 +927,21 @@ def test_the_rows_loop_writes_nan_where_the_compiled_step_does(monkeypatch, mome
             np.testing.assert_array_equal(a, b)
 
 
+def _three_bfloat16_steps(monkeypatch):
+    """A variable's value after three steps with bfloat16 moments, its compiled
+    functions made afresh."""
+    from keras_adam import _whole
+
+    monkeypatch.setattr(_whole, "_SHARED", {})
+    rng = np.random.default_rng(3)
+    variables = [keras.Variable(rng.normal(size=(40, 30)), dtype="float32")]
+    optimizer = keras_adam.Adam(learning_rate=1e-2, moment_dtype="bfloat16")
+    for _ in range(3):
+        optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=(40, 30)), "float32")],
+                        variables)
+    return variables[0].numpy()
+
+
 @pytest.mark.parametrize("compiler", ["absent", "failing"])
 def test_without_a_c_compiler_the_rows_take_the_compiled_step(monkeypatch, compiler):
     """Where no C compiler is found, or it fails (`CC=false`: every set of
@@ -934,18 +949,10 @@ def test_without_a_c_compiler_the_rows_take_the_compiled_step(monkeypatch, compi
     runs (the same bits as ever: the oracle is the loop switched off)."""
     import shutil
 
-    from keras_adam import _whole
     from keras_adam.backends import torch_rows
 
     def run():
-        monkeypatch.setattr(_whole, "_SHARED", {})
-        rng = np.random.default_rng(3)
-        variables = [keras.Variable(rng.normal(size=(40, 30)), dtype="float32")]
-        optimizer = keras_adam.Adam(learning_rate=1e-2, moment_dtype="bfloat16")
-        for _ in range(3):
-            optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=(40, 30)), "float32")],
-                            variables)
-        return variables[0].numpy()
+        return _three_bfloat16_steps(monkeypatch)
 
     monkeypatch.setattr(torch_rows, "enabled", False)
     want = run()
@@ -966,22 +973,14 @@ def test_a_damaged_loop_in_the_cache_is_compiled_again_in_the_process(tmp_path, 
     overwritten) fails to load: it is removed, compiled afresh and loaded,
     and the step runs the loop in this very process. Oracle: the loop's
     bits against the compiled function's (`torch_rows.enabled` off)."""
-    from keras_adam import _whole
     from keras_adam.backends import rows
     from keras_adam.backends import torch_rows
 
     monkeypatch.setenv("KERAS_ADAM_CACHE_DIR", str(tmp_path / "cache"))
 
     def run():
-        monkeypatch.setattr(_whole, "_SHARED", {})
         monkeypatch.setattr(torch_rows, "_FUNCTIONS", {})
-        rng = np.random.default_rng(3)
-        variables = [keras.Variable(rng.normal(size=(40, 30)), dtype="float32")]
-        optimizer = keras_adam.Adam(learning_rate=1e-2, moment_dtype="bfloat16")
-        for _ in range(3):
-            optimizer.apply([keras.ops.convert_to_tensor(rng.normal(size=(40, 30)), "float32")],
-                            variables)
-        return variables[0].numpy()
+        return _three_bfloat16_steps(monkeypatch)
 
     monkeypatch.setattr(torch_rows, "enabled", False)
     want = run()
