@@ -358,6 +358,54 @@ def test_a_directory_others_could_write_to_is_refused(tmp_path, monkeypatch):
     assert libraries.directory() is None
 
 
+def _acl(*entries):
+    """Linux's system.posix_acl_access of (tag, permissions, id) entries."""
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_a_directory_whose_acl_lets_others_write_above_it_is_refused(tmp_path, monkeypatch):
+    # A directory above the cache writable by this user's own group passes on
+    # its mode bits; a POSIX ACL there may still give another user or group
+    # write access (its named entries, under the mask, which the mode's
+    # group bits show). Oracle: the ACL's meaning, entry by entry.
+    import errno
+
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    os.chmod(parent, 0o775)
+    os.chown(parent, -1, os.getgid())
+    monkeypatch.setenv("KERAS_ADAM_CACHE_DIR", str(parent / "cache"))
+    acls = {}
+
+    def getxattr(path, name, *args, **kwargs):
+        if os.fspath(path) in acls and name == "system.posix_acl_access":
+            return acls[os.fspath(path)]
+        raise OSError(errno.ENODATA, "No data available")
+
+    monkeypatch.setattr(os, "getxattr", getxattr)
+    assert libraries.directory() == str(parent / "cache")  # (no ACL: the mode tells)
+    none = 0xFFFFFFFF  # (the id of entries that name no one)
+    owner, group, other = (0x01, 0o7, none), (0x04, 0o7, none), (0x20, 0o5, none)
+    rules = [
+        ([(0x02, 0o7, os.getuid() + 1), (0x10, 0o7, none)], None),  # another user writes
+        ([(0x08, 0o7, os.getgid() + 1), (0x10, 0o7, none)], None),  # another group writes
+        ([(0x02, 0o7, os.getuid() + 1), (0x10, 0o5, none)], str(parent / "cache")),  # masked
+        ([(0x02, 0o5, os.getuid() + 1), (0x10, 0o7, none)], str(parent / "cache")),  # reads
+        ([(0x02, 0o7, os.getuid()), (0x10, 0o7, none)], str(parent / "cache")),  # this user
+    ]
+    for named, want in rules:
+        acls[str(parent)] = _acl(owner, *named[:1], group, *named[1:], other)
+        assert libraries.directory() == want, named
+    acls[str(parent)] = b"\x01\x00"  # (unreadable: taken as others writing)
+    assert libraries.directory() is None
+    # A sticky directory (as /tmp): no one renames what is not theirs, ACL or not.
+    acls[str(parent)] = _acl(owner, (0x02, 0o7, os.getuid() + 1), group, (0x10, 0o7, none), other)
+    os.chmod(parent, 0o1775)
+    assert libraries.directory() == str(parent / "cache")
+
+
 def test_a_link_to_the_directory_gives_its_real_path(tmp_path, monkeypatch):
     real = tmp_path / "real"
     real.mkdir(mode=0o700)

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 import time
@@ -55,7 +56,8 @@ def directory():
     user's or root's, writable by its group only where that is this user's
     own group (as a umask of 002 makes ~/.cache), and by others only where
     it has the sticky bit (as /tmp: no one may then rename what is not
-    theirs)."""
+    theirs); a POSIX ACL on it may give write access to no other user or
+    group (`_acl_writers`)."""
     where = os.environ.get("KERAS_ADAM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "keras_adam")
@@ -72,14 +74,40 @@ def directory():
             status = os.stat(above)
             shared = status.st_mode & 0o002 or (
                 status.st_mode & 0o020 and status.st_gid != os.getgid())
-            if status.st_uid not in (0, os.getuid()) or (
-                    shared and not status.st_mode & stat.S_ISVTX):
+            sticky = status.st_mode & stat.S_ISVTX
+            if status.st_uid not in (0, os.getuid()) or (shared and not sticky) or (
+                    status.st_mode & 0o020 and not sticky and _acl_writers(above)):
                 return None
             if os.path.dirname(above) == above:
                 return where
             above = os.path.dirname(above)
     except OSError:
         return None
+
+
+# POSIX ACL entries' tags (Linux's system.posix_acl_access): a named user, a
+# named group, and the mask that bounds them and the owning group.
+_ACL_USER, _ACL_GROUP, _ACL_MASK = 0x02, 0x08, 0x10
+
+
+def _acl_writers(path):
+    """Whether the POSIX access ACL of `path` lets a user other than this one,
+    or a group other than this user's own, write there: a named entry with
+    write permission under the mask. Linux keeps the ACL in the extended
+    attribute system.posix_acl_access (4 bytes of version, then 8 per
+    entry: tag, permissions, id); where there is none, the mode bits tell
+    all. One that cannot be read is taken as letting others write."""
+    try:
+        acl = os.getxattr(path, "system.posix_acl_access")
+    except (OSError, AttributeError):  # no ACL, a file system without them, not Linux
+        return False
+    if len(acl) < 4 or (len(acl) - 4) % 8 or struct.unpack_from("<I", acl)[0] != 2:
+        return True
+    entries = [struct.unpack_from("<HHI", acl, offset) for offset in range(4, len(acl), 8)]
+    mask = next((permissions for tag, permissions, _ in entries if tag == _ACL_MASK), 0o7)
+    return any(permissions & mask & 0o2 and (
+        (tag == _ACL_USER and who != os.getuid()) or (tag == _ACL_GROUP and who != os.getgid()))
+        for tag, permissions, who in entries)
 
 
 def key(*parts):

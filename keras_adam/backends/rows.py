@@ -125,15 +125,9 @@ def directory():
 
 def _vendor():
     """The CPU's vendor as Linux names it (`vendor_id`: "GenuineIntel",
-    "AuthenticAMD"), or None where /proc/cpuinfo does not say."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return None
+    "AuthenticAMD"), or None where /proc/cpuinfo does not say (read once
+    per process, with the rest of what identifies the CPU: `libraries.cpu`)."""
+    return dict(libraries.cpu() or ()).get("vendor_id")
 
 
 def prefetch_macros(vendor=None):
