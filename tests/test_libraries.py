@@ -6,6 +6,7 @@ the tests' own functions) and the files on disk."""
 
 import multiprocessing
 import os
+import pathlib
 import shutil
 import time
 
@@ -223,6 +224,10 @@ def test_a_library_the_cache_cannot_keep_is_moved_not_compiled_again(
     with open(path, "rb") as f:
         assert f.read() == b"library 1"
     assert not [n for n in os.listdir(cache) if n.endswith((".so", ".partial"))]
+    # Without a directory of the process's own: none, compiled once, nothing left.
+    assert libraries.compiled("other", "x", _maker(calls), lambda: None) is None
+    assert len(calls) == 2
+    assert not [n for n in os.listdir(cache) if n.endswith((".so", ".partial"))]
 
 
 def test_a_compiler_that_fails_in_the_cache_tries_the_process_directory(cache, tmp_path):
@@ -311,6 +316,25 @@ def test_a_library_that_fails_to_load_is_compiled_again_once(cache, tmp_path):
                             refuse, (OSError,)) is None
     assert len(loads) == 1 and len(calls) == 4
     assert libraries.loaded(lambda: None, refuse, (OSError,)) is None
+    # Compiled by this very call and failing: not compiled a second time (the
+    # same sources give the same file), but removed for the next process.
+    loads.clear()
+    fresh = lambda: libraries.compiled("fresh", "x", _maker(calls), _no_fallback)  # noqa: E731
+    assert libraries.loaded(fresh, refuse, (OSError,)) is None
+    assert len(loads) == 1 and len(calls) == 5
+    assert not [n for n in os.listdir(cache)
+                if n.startswith("keras_adam_fresh") and n.endswith(".so")]
+    # Found in the cache, opened, but a symbol missing (an error not in
+    # `again`): the file stays loaded under its path, so it is not retried.
+    fresh()
+
+    def lacks(path):
+        loads.append(path)
+        raise AttributeError("keras_adam_step")
+
+    loads.clear()
+    assert libraries.loaded(fresh, lacks, (OSError, AttributeError)) is None
+    assert len(loads) == 1 and len(calls) == 6
 
 
 def test_a_library_another_process_holds_is_not_pruned(cache):
@@ -380,12 +404,22 @@ def test_a_directory_whose_acl_lets_others_write_above_it_is_refused(tmp_path, m
     acls = {}
 
     def getxattr(path, name, *args, **kwargs):
-        if os.fspath(path) in acls and name == "system.posix_acl_access":
-            return acls[os.fspath(path)]
+        path = os.path.realpath(path)
+        if path in acls and name == "system.posix_acl_access":
+            return acls[path]
         raise OSError(errno.ENODATA, "No data available")
 
-    monkeypatch.setattr(os, "getxattr", getxattr)
+    monkeypatch.setattr(os, "getxattr", getxattr, raising=False)
+    parent = pathlib.Path(os.path.realpath(parent))
     assert libraries.directory() == str(parent / "cache")  # (no ACL: the mode tells)
+    # As `getfattr -e hex -n system.posix_acl_access` prints the ACL of
+    # `setfacl -m u:1001:rwx` on a directory of mode 775 (user::rwx, user:1001:rwx,
+    # group::rwx, mask::rwx, other::r-x), written out by hand: another user writes.
+    acls[str(parent)] = bytes.fromhex(
+        "02000000" "01000700ffffffff" "02000700e9030000" "04000700ffffffff"
+        "10000700ffffffff" "20000500ffffffff")
+    assert os.getuid() != 1001 or libraries.directory() == str(parent / "cache")
+    assert os.getuid() == 1001 or libraries.directory() is None
     none = 0xFFFFFFFF  # (the id of entries that name no one)
     owner, group, other = (0x01, 0o7, none), (0x04, 0o7, none), (0x20, 0o5, none)
     rules = [
@@ -398,8 +432,16 @@ def test_a_directory_whose_acl_lets_others_write_above_it_is_refused(tmp_path, m
     for named, want in rules:
         acls[str(parent)] = _acl(owner, *named[:1], group, *named[1:], other)
         assert libraries.directory() == want, named
-    acls[str(parent)] = b"\x01\x00"  # (unreadable: taken as others writing)
+    acls[str(parent)] = b"\x01\x00"  # (unparsable: taken as others writing)
     assert libraries.directory() is None
+    acls.clear()
+
+    def unreadable(path, name, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "getxattr", unreadable, raising=False)
+    assert libraries.directory() is None
+    monkeypatch.setattr(os, "getxattr", getxattr, raising=False)
     # A sticky directory (as /tmp): no one renames what is not theirs, ACL or not.
     acls[str(parent)] = _acl(owner, (0x02, 0o7, os.getuid() + 1), group, (0x10, 0o7, none), other)
     os.chmod(parent, 0o1775)

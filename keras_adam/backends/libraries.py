@@ -24,6 +24,7 @@ is removed at once (`forget`) and compiled again (`loaded`).
 """
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -56,8 +57,8 @@ def directory():
     user's or root's, writable by its group only where that is this user's
     own group (as a umask of 002 makes ~/.cache), and by others only where
     it has the sticky bit (as /tmp: no one may then rename what is not
-    theirs); a POSIX ACL on it may give write access to no other user or
-    group (`_acl_writers`)."""
+    theirs); on Linux, a POSIX ACL on it may give write access to no other
+    user or group (`_acl_writers`)."""
     where = os.environ.get("KERAS_ADAM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "keras_adam")
@@ -88,6 +89,8 @@ def directory():
 # POSIX ACL entries' tags (Linux's system.posix_acl_access): a named user, a
 # named group, and the mask that bounds them and the owning group.
 _ACL_USER, _ACL_GROUP, _ACL_MASK = 0x02, 0x08, 0x10
+# What getxattr says where a file has no ACL, or its file system keeps none.
+_NO_ACL = {errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def _acl_writers(path):
@@ -95,12 +98,15 @@ def _acl_writers(path):
     or a group other than this user's own, write there: a named entry with
     write permission under the mask. Linux keeps the ACL in the extended
     attribute system.posix_acl_access (4 bytes of version, then 8 per
-    entry: tag, permissions, id); where there is none, the mode bits tell
-    all. One that cannot be read is taken as letting others write."""
+    entry: tag, permissions, id); where there is none, or the system has
+    no such attributes, the mode bits tell all. One that cannot be read or
+    parsed is taken as letting others write."""
     try:
         acl = os.getxattr(path, "system.posix_acl_access")
-    except (OSError, AttributeError):  # no ACL, a file system without them, not Linux
+    except AttributeError:  # (not Linux: its ACLs are not read)
         return False
+    except OSError as error:  # none there, or a file system without them
+        return error.errno not in _NO_ACL
     if len(acl) < 4 or (len(acl) - 4) % 8 or struct.unpack_from("<I", acl)[0] != 2:
         return True
     entries = [struct.unpack_from("<HHI", acl, offset) for offset in range(4, len(acl), 8)]
@@ -216,8 +222,9 @@ def compiled(name, identity, make, fallback):
     told), or where compiling into the directory fails (a full disk or
     quota, a read-only file system, a failing compiler), it is compiled
     into `fallback()`, a directory of this process's (or None), under the
-    same key where there is one; one compiled there that the directory
-    then cannot keep (its fsync or rename failing) is moved there instead.
+    same key where there is one; one compiled into the cache directory
+    that the directory then cannot keep (its fsync or rename failing) is
+    moved into `fallback()` instead.
     """
     if identity is not None:
         identity = (identity, [os.environ.get(v) for v in ENVIRONMENT])
@@ -239,7 +246,7 @@ def _cached(where, name, identity, make, fallback):
     with _exclusive(library + ".lock"):
         if _written(library):
             _used(library)
-            return _given(library)
+            return _given(library, found=True)
         # Written under a name of its own, then renamed: a process that
         # does not wait never loads half a file.
         handle, partial = tempfile.mkstemp(suffix=".partial", prefix=PREFIX, dir=where)
@@ -251,16 +258,20 @@ def _cached(where, name, identity, make, fallback):
                 with open(partial, "rb") as written:
                     os.fsync(written.fileno())  # (on disk before its name: a crash leaves no stub)
                 os.replace(partial, library)
+                partial = None
             except OSError:
                 # Compiled, but the directory keeps no more (a full disk at
                 # fsync, a rename refused): moved to this process's own
-                # directory, not compiled a second time (up to a minute).
-                return _moved(partial, fallback, f"{name}_{key(identity)}.so")
+                # directory (removed at its exit), not compiled a second
+                # time (up to a minute).
+                moved, partial = _moved(partial, fallback, f"{name}_{key(identity)}.so"), None
+                return moved
         finally:
-            with contextlib.suppress(OSError):
-                os.remove(partial)
+            if partial is not None:  # (a name no longer ours once renamed or moved)
+                with contextlib.suppress(OSError):
+                    os.remove(partial)
     prune(where)
-    return _given(library)
+    return _given(library, found=False)
 
 
 def _moved(partial, fallback, name):
@@ -282,8 +293,9 @@ def _moved(partial, fallback, name):
 _GIVEN = {}
 
 
-def _given(library):
-    _GIVEN[library] = _file(os.stat(library))
+def _given(library, found):
+    # (`found`: taken from the cache as it was, not compiled by this process)
+    _GIVEN[library] = (_file(os.stat(library)), found)
     return library
 
 
@@ -303,31 +315,34 @@ def forget(library):
     """Removes `library`, given by `compiled` from the cache directory, where it
     is still the file given (one that failed to load: the next process that
     wants it compiles it again; one compiled again meanwhile is left).
-    Returns whether `library` was the cache's (removed, or replaced since)."""
+    Returns whether `library` was found in the cache, not compiled by this
+    process: compiling it again may then give one that loads."""
     given = _GIVEN.pop(library, None)
     if given is None:
         return False
     with contextlib.suppress(OSError), _exclusive(library + ".lock"):
-        if _file(os.stat(library)) == given:
+        if _file(os.stat(library)) == given[0]:
             os.remove(library)
-    return True
+    return given[1]
 
 
-def loaded(build, load, errors):
+def loaded(build, load, errors, again=(OSError,)):
     """`load(build())`: the library `build` gives (a path, or None) loaded by
-    `load`, or None. Where loading raises one of `errors` and the library
-    came from the cache directory (a file damaged there, or cut short), it
-    is forgotten and built once more, compiled afresh, and loaded again: a
+    `load`, or None where that raises one of `errors`. Where it raises one
+    of `again` (nothing loaded: the file could not be opened as a library)
+    and the library was found in the cache directory (damaged there, or
+    cut short), it is forgotten, compiled afresh and loaded once more: a
     process does not run without its compiled code for the rest of its
-    life, nor does the next one meet the same file."""
-    for _ in range(2):
+    life. (A library opened, whose symbols were then missing, stays loaded
+    under its path, which would give it again.)"""
+    for attempt in range(2):
         library = build()
         if library is None:
             return None
         try:
             return load(library)
-        except errors:
-            if not forget(library):  # (this process's own: compiling again changes nothing)
+        except errors as error:
+            if not forget(library) or attempt or not isinstance(error, again):
                 return None
     return None
 

@@ -271,7 +271,8 @@ def _build_op():
         module.register = registry
         return module
 
-    return libraries.loaded(build, load, (tf.errors.OpError, OSError, AttributeError))
+    return libraries.loaded(build, load, (tf.errors.OpError, OSError, AttributeError),
+                            again=(tf.errors.NotFoundError,))
 
 
 def _build_xla():
@@ -304,7 +305,7 @@ def _build_xla():
     found = libraries.loaded(
         lambda: libraries.compiled("tf_xla", _identity((_XLA_SOURCE, _HEADER), flags, links,
                                                        cxx), make, rows.directory),
-        load, (tf.errors.OpError, OSError, AttributeError))
+        load, (tf.errors.OpError, OSError, AttributeError), again=(tf.errors.NotFoundError,))
     if found is None:
         return None
     module, register, register_loop = found
