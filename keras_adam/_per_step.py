@@ -29,6 +29,11 @@ class Step:
         self._memo = {}
 
     @property
+    def parent(self):
+        """The step this one scales (`scaled`: a group's learning rate), or None."""
+        return self._parent
+
+    @property
     def t(self):
         """t = iterations + 1 (Algorithm 1's 1-based step), as a tensor, made once.
 

@@ -276,7 +276,32 @@ def test_the_step_number_is_the_counter_a_stateless_scope_gives():
         with keras.StatelessScope(state_mapping=[(counter, torch.tensor(41))]):
             step = _per_step.Step(counter, 1e-3)
             assert step.number() == 42 == int(step.t)
+            assert step.scaled(0.5).number() == 42  # (a group's: the step it scales)
         assert _per_step.Step(counter, 1e-3).number() == 5
+
+
+def test_a_groups_step_reads_the_counter_and_device_once(monkeypatch):
+    # A group's step (`Step.scaled`) takes t, and whether the step runs on the
+    # CPU, from the step it scales: Keras's device and the counter are asked
+    # once per step, not once per group. Oracle: the parent's values, and
+    # the count of asks.
+    from keras_adam import _per_step
+    from keras_adam.backends import torch as torch_backend
+
+    asked = []
+    real = torch_backend._keras_device
+    monkeypatch.setattr(torch_backend, "_keras_device", lambda: asked.append(1) or real())
+    with keras.device("cpu"):
+        counter = keras.Variable(6, dtype="int64", trainable=False)
+        rate = keras.Variable(1e-3, dtype="float32", trainable=False)
+        step = _per_step.Step(counter, rate)
+        groups = [step.scaled(m) for m in (0.5, 0.25, 2.0)]
+        hyper = _scalar_hyper()
+        for group, m in zip(groups, (0.5, 0.25, 2.0)):
+            numbers = group.scalar_numbers(hyper, "float32")
+            assert group.number() == step.number() == 7
+            assert numbers[0] == np.float32(np.float32(1e-3) * np.float32(m))  # (lr)
+    assert len(asked) == 1
 
 
 def test_the_streams_positions_are_checked_once_per_batch():

@@ -193,6 +193,8 @@ def _numbers(step):
     """(t, lr) of `step` as Python numbers, read once per step (each `.item()`
     costs some microseconds, asked by every kernel call and decay)."""
     def read():
+        if step.parent is not None:  # a group's: t as the step it scales read it
+            return _numbers(step.parent)[0], _number(_values(step)[1])
         iterations, lr = (_number(x) for x in _values(step))
         return int(iterations) + 1, lr
 
@@ -203,8 +205,14 @@ def _on_cpu(step):
     """Whether `step`'s counter and learning rate, and the tensors Keras makes now,
     are on the CPU (asked once per step): there, `step_scalars` makes the
     tensors `_rule.step_scalars` would make."""
-    return step.memo("torch: on the CPU", lambda: _keras_device().type == "cpu" and not any(
-        isinstance(x, torch.Tensor) and not x.is_cpu for x in _values(step)))
+    def ask():
+        if step.parent is not None:  # a group's: the step it scales asked for the rest
+            lr = _values(step)[1]
+            return _on_cpu(step.parent) and not (isinstance(lr, torch.Tensor) and not lr.is_cpu)
+        return _keras_device().type == "cpu" and not any(
+            isinstance(x, torch.Tensor) and not x.is_cpu for x in _values(step))
+
+    return step.memo("torch: on the CPU", ask)
 
 
 def _values(step):
@@ -212,6 +220,8 @@ def _values(step):
     # outside Keras's scopes its own tensor (`value` asks them, some
     # microseconds a read), within one what `value` gives there.
     def read():
+        if step.parent is not None:  # a group's: the counter as the step it scales read it
+            return [_values(step.parent)[0], getattr(step.lr, "value", step.lr)]
         direct = not _keras_scope_active()
         return [own_tensor(x) if direct and isinstance(x, keras.Variable)
                 else getattr(x, "value", x) for x in (step.iterations, step.lr)]
