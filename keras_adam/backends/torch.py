@@ -324,9 +324,8 @@ def _bias_factors(log_beta_1, log_beta_2, t):
         steps = np.array([f32(first + i) for i in range(_BIAS_STEPS)])  # each rounded alone
         exponents = np.concatenate([steps * log_beta_1, steps * log_beta_2,
                                     (steps + f32(1.0)) * log_beta_1])
-        if len(_BIAS) >= _BIAS_KEPT:  # (each optimizer's and group's betas)
-            _BIAS.clear()
-        block = _BIAS[key] = np.split(-torch.expm1(torch.from_numpy(exponents)).numpy(), 3)
+        block = _keep(_BIAS, _BIAS_KEPT, key,  # (each optimizer's and group's betas)
+                      np.split(-torch.expm1(torch.from_numpy(exponents)).numpy(), 3))
     i = t - first
     return block[0][i], block[1][i], block[2][i]
 
@@ -345,10 +344,19 @@ def _square_root(x):
     key = int(x.view(np.uint32))
     root = _ROOTS.get(key)
     if root is None:
-        if len(_ROOTS) >= _ROOTS_KEPT:
-            _ROOTS.clear()
-        root = _ROOTS[key] = torch.sqrt(torch.from_numpy(np.array([x]))).numpy()[0]
+        root = _keep(_ROOTS, _ROOTS_KEPT, key,
+                     torch.sqrt(torch.from_numpy(np.array([x]))).numpy()[0])
     return root
+
+
+def _keep(cache, kept, key, value):
+    """`value`, kept in `cache` under `key`; the cache emptied first where it holds
+    `kept` values (a schedule's or a run's values, each step new, would
+    otherwise grow it without end)."""
+    if len(cache) >= kept:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def step_scalars(hyper, step, dtype):
@@ -388,16 +396,11 @@ def _scalar_tensors(values):
     """0-d float32 CPU tensors of `values` (NumPy float32 values, or None: None)."""
     bits = np.array([0.0 if x is None else x for x in values], np.float32).view(np.uint32)
     tensors = []
-    for key in enumerate(bits.tolist()):
-        if values[key[0]] is None:
-            tensors.append(None)
-            continue
-        tensor = _TENSORS.get(key)
-        if tensor is None:
-            if len(_TENSORS) >= _TENSORS_KEPT:  # a schedule's values, each step new
-                _TENSORS.clear()
-            tensor = _TENSORS[key] = torch.scalar_tensor(
-                float(values[key[0]]), dtype=torch.float32, device=_CPU)
+    for field, (x, key) in enumerate(zip(values, bits.tolist())):
+        tensor = None if x is None else _TENSORS.get((field, key))
+        if tensor is None and x is not None:
+            tensor = _keep(_TENSORS, _TENSORS_KEPT, (field, key), torch.scalar_tensor(
+                float(x), dtype=torch.float32, device=_CPU))
         tensors.append(tensor)
     return tensors
 
