@@ -127,3 +127,51 @@ def test_prefetching_changes_no_bit():
 def test_prefetching_is_compiled_off_for_amd_cpus_only():
     assert rows.prefetch_macros("AuthenticAMD") == ["-DAHEAD=0"]
     assert rows.prefetch_macros("GenuineIntel") == []
+
+
+def _blocks_in_numpy(block_count, length):
+    """_blocks' three steps as NumPy's float32 operations, one rounding each in
+    rows.c's order (NumPy's +, *, / and sqrt are IEEE float32's, its rint
+    rounds half to even as C's rintf): keras_adam._quantize's decoding, the
+    moment bound, the rule, the absmax and the codes, block by block."""
+    rng = np.random.default_rng(4)
+    f = np.float32
+    size = block_count * length
+    theta = rng.normal(size=size).astype(f)
+    m = rng.integers(-127, 128, size=size).astype(np.int8)
+    v = rng.integers(0, 256, size=size).astype(np.uint8)
+    m_scale = np.full(block_count, 1e-2, f)
+    v_scale = np.full(block_count, 1e-4, f)
+    b1, one_b1, b2, one_b2, _, alpha, epsilon, _, _, bound = SCALARS
+    m_unit, v_unit = f(1.0 / (127.0 * 127.0)), f(1.0 / (255.0 * 255.0))
+    for _ in range(3):
+        g = rng.normal(size=size).astype(f)
+        j = m.astype(f)
+        half = j * np.abs(j) * m_unit
+        m_values = half * np.abs(half) * np.repeat(m_scale, length)
+        k = v.astype(f)
+        square = k * k * v_unit
+        fourth = square * square
+        v_values = fourth * fourth * np.repeat(v_scale, length)
+        v_values = np.maximum(v_values, m_values * m_values / bound)
+        m_values = b1 * m_values + one_b1 * g
+        v_values = b2 * v_values + one_b2 * (g * g)
+        theta = theta - alpha * m_values / (np.sqrt(v_values) + epsilon)
+        m_scale = np.abs(m_values).reshape(block_count, length).max(axis=1)
+        v_scale = v_values.reshape(block_count, length).max(axis=1)
+        m_inverse = np.repeat(f(1) / np.where(m_scale > 0, m_scale, f(1)), length)
+        v_inverse = np.repeat(f(1) / np.where(v_scale > 0, v_scale, f(1)), length)
+        j = np.rint(np.sqrt(np.sqrt(np.abs(m_values) * m_inverse)) * f(127))
+        m = np.where(m_values < 0, -j, j).astype(np.int8)
+        v = np.rint(np.sqrt(np.sqrt(np.sqrt(v_values * v_inverse))) * f(255)).astype(np.uint8)
+    return [theta, m, m_scale, v, v_scale]
+
+
+@pytest.mark.parametrize("length", [1, 15, 63, 64, 65, 127, 250, 256, 1000])
+def test_blocks_of_every_length_have_the_bits_of_numpys_step(length):
+    """The 8-bit loop runs each block in whole multiples of its vector lanes,
+    a block's last elements in copies padded with zeros: lengths below,
+    at and past those multiples (and this machine's vector widths) must
+    give the bits of the same operations run by NumPy, element by element."""
+    library = _loaded(EIGHT_BIT, "test_lengths", ["-DAHEAD=0"])
+    _assert_same_bits(_blocks(library, 7, length), _blocks_in_numpy(7, length))
